@@ -1,0 +1,64 @@
+"""`avs-dist` command line: each subcommand lives in its own module and parses its own flags."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function taking argv, one-line help). Imports are lazy so that
+# `avs-dist synth` does not pay for torch.distributed, DeepSpeed or submitit.
+COMMANDS = {
+    "synth": ("avs_dist.data.synth:main", "write a synthetic dataset in the AVSBench layout"),
+    "pack": ("avs_dist.data.pack:main", "pack an AVSBench download into WebDataset shards"),
+    "inspect": ("avs_dist.data.inspect:main", "check a shard set against its manifest and show a sample"),
+    "train": ("avs_dist.train:cli", "train (one process, or --nproc N local processes)"),
+    "eval": ("avs_dist.evaluate:main", "evaluate a checkpoint: AVSBench mIoU/F, batch-size-free, audio gap"),
+    "predict": ("avs_dist.predict:main", "write mask PNGs and overlays for frames + audio or a shard set"),
+    "submit": ("launch.submit:main", "submit a training run to Slurm with submitit"),
+    "demo": ("avs_dist.demo:main", "synth -> pack -> 2-process training -> eval, on CPU"),
+}
+BENCH = {
+    "data": ("avs_dist.data.bench:main", "shard loader vs per-file loader, videos/s per core"),
+    "model": ("avs_dist.bench_model:main", "training-step throughput, memory and FLOPs of model variants"),
+    "train": ("avs_dist.bench_train:main", "end-to-end trainer throughput from shards vs synthetic input"),
+}
+
+
+def _usage(table: dict, prog: str) -> str:
+    width = max(len(k) for k in table)
+    lines = [f"usage: {prog} <command> [args]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in table.items()]
+    return "\n".join(lines)
+
+
+def _run(target: str, argv: list[str]) -> int:
+    module, func = target.split(":")
+    if module.startswith("launch."):
+        # launch/ is a top-level folder of entry points next to the package (repo checkouts).
+        import os
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    result = getattr(importlib.import_module(module), func)(argv)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    table = dict(COMMANDS, bench=("", "benchmarks: " + ", ".join(BENCH)))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(table, "avs-dist"))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name == "bench":
+        if not rest or rest[0] in ("-h", "--help") or rest[0] not in BENCH:
+            print(_usage(BENCH, "avs-dist bench"))
+            return 0 if not rest or rest[0] in ("-h", "--help") else 2
+        return _run(BENCH[rest[0]][0], rest[1:])
+    if name not in COMMANDS:
+        print(f"avs-dist: unknown command {name!r}\n\n{_usage(table, 'avs-dist')}", file=sys.stderr)
+        return 2
+    return _run(COMMANDS[name][0], rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

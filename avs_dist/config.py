@@ -1,0 +1,310 @@
+"""Run configuration: dataclasses, TOML presets shipped in the package, dotted overrides.
+
+A config is data. ``load_config("tiny", ["optim.lr=3e-4"])`` starts from the dataclass
+defaults, applies the preset TOML (a name in ``avs_dist/configs`` or a path), then the
+overrides, and validates the result, so a typo or an impossible value fails before any
+process starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist or a value that cannot work."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards"  # shard set written by `avs-dist pack`
+    image_size: int = 224  # frames and masks are resized to this (square) when smaller than stored
+    crop_size: int = 224  # crops are resized to this
+    batch_videos: int = 4  # videos per rank per micro-step (5 frames each)
+    eval_batch_videos: int = 4  # AVSBench test batch: 4 videos = 20 frames
+    num_workers: int = 2  # loader processes per rank
+    hflip: bool = True  # same horizontal flip for a video's frames, masks and crops
+    shuffle_buffer: int = 64  # videos held per worker for in-stream shuffling
+    prefetch_factor: int = 2
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 50  # ResNet encoder depth: 18, 34 or 50
+    decoder_channels: int = 256
+    tpavi_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    tpavi_mode: str = "dot"  # "dot" (audio-visual) or "self" (visual-only ablation)
+    tpavi_impl: str = "factorized"  # "factorized" (exact, fast) or "reference" (quadratic oracle)
+    audio_input: str = "logmel"  # "logmel" runs the frozen VGGish; "embedding" takes 128-d
+    crop_branch: bool = False  # the seed's second ResNet on the 5 sounding-object crops
+    crop_depth: int = 50
+    crop_hidden: int = 512
+    crop_relu: str = "between"  # "between" the two linears (sane), "end" (the seed's), "none"
+    num_classes: int = 23
+    pretrained_backbone: str = ""  # torchvision ResNet state dict (local file)
+    pretrained_crop_backbone: str = ""
+    vggish_weights: str = ""  # vggish-10086976.pth (local file); random init when empty
+    init_from: str = ""  # our checkpoint or an AVSBench reference checkpoint to start from
+    channels_last: bool = True  # used on GPU only
+
+
+@dataclass
+class LossConfig:
+    bce_weight: float = 1.0  # S4: first frame only; MS3: all frames (the masks present)
+    avm: bool = False
+    avm_weight: float = 0.0  # lambda_1 in AVSBench
+    avm_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    crop_ce: bool = False
+    crop_ce_weight: float = 1.0
+    crop_pair: bool = False
+    crop_pair_weight: float = 1.0
+    crop_audio: bool = False
+    crop_audio_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # "adam" or "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1  # micro-steps per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    max_steps: int = 0  # optimizer steps; 0 means `epochs` full epochs
+    seed: int = 123
+    strategy: str = "ddp"  # "ddp", "zero1", "zero2", "zero3"
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"
+    sync_bn: bool = False  # SyncBatchNorm; otherwise BN buffers are averaged before eval/ckpt
+    eval_every_epochs: int = 1
+    eval_every_steps: int = 0  # 0: only at epoch ends
+    ckpt_every_steps: int = 200
+    keep_last: int = 3
+    log_every_steps: int = 10  # terminal lines; metrics.jsonl gets every step
+    image_every_steps: int = 200  # TensorBoard overlay grids
+    audio_gap_eval: bool = True  # also evaluate with mismatched audio at the end
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    subset: str = "s4"  # "s4" or "ms3"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "subset": ("s4", "ms3"),
+    "model.depth": (18, 34, 50),
+    "model.crop_depth": (18, 34, 50),
+    "model.tpavi_mode": ("dot", "self"),
+    "model.tpavi_impl": ("factorized", "reference"),
+    "model.audio_input": ("logmel", "embedding"),
+    "model.crop_relu": ("between", "end", "none"),
+    "optim.name": ("adam", "adamw"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.strategy": ("ddp", "zero1", "zero2", "zero3"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(path: str, value, hint):
+    """Check `value` against the dataclass field type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj, mapping: dict, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in mapping.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} is a section; set its keys, e.g. {path}.<key>=...")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, hints[key]))
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings need no quotes on the command line
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["optim.lr=3e-4", "model.tpavi_stages=[0,1]"] -> nested dict."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _parse_value(text.strip())
+    return nested
+
+
+def preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+        raise ConfigError(f"unknown config preset {name_or_path!r} (presets: {known})")
+    return candidate
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if name_or_path:
+        path = preset_path(name_or_path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        data.setdefault("name", path.stem)
+        _apply(cfg, data)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a saved config (checkpoints, run dirs) with the same checks."""
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _get(cfg: Config, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    problems = []
+    positive = ["data.image_size", "data.crop_size", "data.batch_videos", "data.eval_batch_videos",
+                "model.decoder_channels", "model.crop_hidden", "model.num_classes", "optim.grad_accum",
+                "train.keep_last", "train.log_every_steps", "train.ckpt_every_steps"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            problems.append(f"{key} must be > 0 (got {_get(cfg, key)})")
+    for key in ["data.num_workers", "train.epochs", "train.max_steps", "optim.warmup_steps",
+                "optim.grad_clip", "optim.weight_decay", "train.eval_every_steps", "train.eval_every_epochs",
+                "train.image_every_steps", "data.shuffle_buffer"]:
+        if _get(cfg, key) < 0:
+            problems.append(f"{key} must be >= 0 (got {_get(cfg, key)})")
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        problems.append("train.epochs and train.max_steps are both 0: nothing to train")
+    if not 0 < cfg.optim.lr < 1:
+        problems.append(f"optim.lr must be in (0, 1) (got {cfg.optim.lr})")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio must be in [0, 1] (got {cfg.optim.min_lr_ratio})")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        problems.append(f"optim.betas must be two numbers in [0, 1) (got {cfg.optim.betas})")
+    for key in ["model.tpavi_stages", "loss.avm_stages"]:
+        stages = _get(cfg, key)
+        if any(s not in (0, 1, 2, 3) for s in stages) or len(set(stages)) != len(stages):
+            problems.append(f"{key} must be distinct stages from 0..3 (got {stages})")
+    if cfg.loss.avm:
+        missing = sorted(set(cfg.loss.avm_stages) - set(cfg.model.tpavi_stages))
+        if missing:
+            problems.append(f"loss.avm_stages {missing} have no TPAVI (model.tpavi_stages={cfg.model.tpavi_stages})")
+        if cfg.model.tpavi_mode != "dot":
+            problems.append("loss.avm needs model.tpavi_mode='dot' (it uses the audio features)")
+    crop_terms = [t for t in ("crop_ce", "crop_pair", "crop_audio") if getattr(cfg.loss, t)]
+    if crop_terms and not cfg.model.crop_branch:
+        problems.append(f"loss terms {crop_terms} need model.crop_branch=true")
+    if cfg.subset == "ms3" and cfg.loss.crop_ce:
+        problems.append("loss.crop_ce needs categories; MS3 has none")
+    if cfg.model.decoder_channels % 2:
+        problems.append("model.decoder_channels must be even (TPAVI halves it)")
+    if cfg.train.precision == "fp16" and cfg.train.strategy == "ddp":
+        pass  # GradScaler handles it
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Saved as JSON (lossless for these types) beside a TOML a person can re-run."""
+    path = Path(path)
+    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    path.with_suffix(".toml").write_text(dump_toml(to_dict(cfg)))
+
+
+def dump_toml(data: dict) -> str:
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    top = [f"{k} = {fmt(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    sections = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            sections.append(f"\n[{k}]\n" + "\n".join(f"{kk} = {fmt(vv)}" for kk, vv in v.items()))
+    return "\n".join(top) + "\n" + "\n".join(sections) + "\n"
