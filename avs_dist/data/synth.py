@@ -1,0 +1,401 @@
+"""`avs-dist synth`: a synthetic dataset in the exact AVSBench-object layout.
+
+Every path of ingestion (CSV readers, PNG frames and masks, wav, .pkl log-mel, labelImg
+XML) runs on it, and it is a real audio-visual task: each frame shows 2-3 objects of
+different classes on a textured background; a class has its own look (shape, colour,
+pattern) and its own sound (two tones at class-specific mel bands, amplitude-modulated at a
+class-specific rate). Only the sounding object(s) are in the mask, and the distractors are
+classes that sound in other videos, so a model that ignores the audio cannot tell which
+object to segment.
+
+S4 (`Single-source/`): one sounding object among 2-3. MS3 (`Multi-sources/`): two sounding
+objects among 3; the wav is the mix and the mask the union.
+Boxes: labelImg XML of the sounding object(s) for every frame, written to
+`{out}/boxes/{Single-source|Multi-sources}/{name}/{name}_{i}.xml` (one <object> per sounding
+object), outside the AVSBench tree because AVSBench has no boxes; pack with
+`--boxes {out}/boxes/Single-source`. The XML <path> is the frame's path relative to `out`
+so that the files do not depend on where they are written.
+
+Same arguments and seed -> byte-identical files. Clips are 5 s, except every fourth video
+(4.2 s), whose last log-mel example is a repeat, as in AVSBench.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import csv
+import math
+import shutil
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from avs_dist.data import audio as audio_mod
+from avs_dist.data import layout
+from avs_dist.data.boxes import box_from_mask, write_voc_xml
+from avs_dist.data.classes import S4_CLASSES
+
+FRAMES = layout.FRAMES_PER_VIDEO
+SUBSET_IDS = {"s4": 1, "ms3": 2}
+BOX_DIR = "boxes"
+SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "cross")
+PATTERNS = ("solid", "hstripes", "vstripes", "checker")
+NAME_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+SHORT_CLIP_S = 4.2
+CLIP_S = 5.0
+GRID = 3  # objects live in distinct cells of a GRID x GRID layout, so they never overlap
+OBJECT_FRACTION = (0.20, 0.27)  # object side as a fraction of the frame side
+NOISE_STD = 0.002
+
+
+# ---------------------------------------------------------------------------------------
+# what a class looks and sounds like (a pure function of its index)
+
+
+def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
+
+
+def class_style(c: int) -> dict:
+    """Shape, pattern and colours of class c. (shape, pattern) is unique for the 23 classes
+    and each class has its own hue (class_pool spreads the classes it uses, so their hues are
+    far apart). All class colours are saturated; backgrounds are nearly grey, so no
+    background pixel matches one."""
+    hue = c / 23.0
+    return {
+        "shape": SHAPES[c % len(SHAPES)],
+        "pattern": PATTERNS[(c // len(SHAPES)) % len(PATTERNS)],
+        "primary": _rgb(hue, 0.9, 0.95),
+        "secondary": _rgb(hue, 0.9, 0.5),
+    }
+
+
+def class_colours(c: int) -> set[tuple[int, int, int]]:
+    st = class_style(c)
+    return {st["primary"]} if st["pattern"] == "solid" else {st["primary"], st["secondary"]}
+
+
+def mel_band_centers_hz() -> np.ndarray:
+    edges = np.linspace(audio_mod.hz_to_mel(audio_mod.MEL_LOW_HZ), audio_mod.hz_to_mel(audio_mod.MEL_HIGH_HZ),
+                        audio_mod.NUM_BANDS + 2)
+    return 700.0 * np.expm1(edges[1:-1] / 1127.0)
+
+
+def class_bands(c: int) -> tuple[int, int]:
+    """(main, second) mel band of class c: mains 8, 10, .., 52 are distinct; seconds are odd,
+    so they never sit on another class's main band."""
+    main = 8 + 2 * c
+    return main, main + 5
+
+
+def class_sound(c: int, seconds: float, rng: np.random.Generator, amplitude: float) -> np.ndarray:
+    """16 kHz float samples of class c: a tone at the centre of its main band (jittered a
+    fifth of a band in mel), a weaker one in its second band, modulated at 2-6 Hz."""
+    n = int(round(seconds * audio_mod.SAMPLE_RATE))
+    t = np.arange(n) / audio_mod.SAMPLE_RATE
+    step = (audio_mod.hz_to_mel(audio_mod.MEL_HIGH_HZ) - audio_mod.hz_to_mel(audio_mod.MEL_LOW_HZ)) / (audio_mod.NUM_BANDS + 1)
+    centers_mel = audio_mod.hz_to_mel(mel_band_centers_hz())
+    out = np.zeros(n)
+    for band, gain in zip(class_bands(c), (1.0, 0.4)):
+        mel = centers_mel[band] + rng.uniform(-0.2, 0.2) * step
+        f = 700.0 * math.expm1(mel / 1127.0)
+        out += gain * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+    rate, depth = 2.0 + (c % 5), 0.5
+    envelope = (1.0 + depth * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))) / (1.0 + depth)
+    return amplitude * envelope * out / 1.4
+
+
+# ---------------------------------------------------------------------------------------
+# pictures
+
+
+def _shape_mask(shape: str, s: int) -> np.ndarray:
+    img = Image.new("L", (s, s), 0)
+    d = ImageDraw.Draw(img)
+    e = s - 1
+    if shape == "circle":
+        d.ellipse([0, 0, e, e], fill=1)
+    elif shape == "square":
+        m = round(0.1 * s)
+        d.rectangle([m, m, e - m, e - m], fill=1)
+    elif shape == "triangle":
+        d.polygon([(e / 2, 0), (e, e), (0, e)], fill=1)
+    elif shape == "diamond":
+        d.polygon([(e / 2, 0), (e, e / 2), (e / 2, e), (0, e / 2)], fill=1)
+    elif shape == "hexagon":
+        d.polygon([(e / 2 + e / 2 * math.cos(a), e / 2 + e / 2 * math.sin(a))
+                   for a in np.arange(6) * math.pi / 3], fill=1)
+    elif shape == "cross":
+        a, b = round(s / 3), round(2 * s / 3) - 1
+        d.rectangle([a, 0, b, e], fill=1)
+        d.rectangle([0, a, e, b], fill=1)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return np.asarray(img, dtype=bool)
+
+
+def _pattern(style: dict, s: int) -> np.ndarray:
+    period = max(2, s // 4)
+    y, x = np.mgrid[0:s, 0:s] // period
+    alt = {"solid": np.zeros((s, s), bool), "hstripes": y % 2 == 1, "vstripes": x % 2 == 1,
+           "checker": (x + y) % 2 == 1}[style["pattern"]]
+    return np.where(alt[..., None], np.array(style["secondary"], np.uint8), np.array(style["primary"], np.uint8))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Low-saturation texture: a grey-ish tint (channel spread <= 24) plus coarse and fine
+    luminance noise added equally to all channels."""
+    base = rng.integers(80, 171) + rng.integers(-12, 13, size=3)
+    coarse = rng.integers(-14, 15, size=(8, 8)).astype(np.float32)
+    coarse = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))
+    fine = rng.integers(-6, 7, size=(size, size))
+    return (base[None, None, :] + np.round(coarse)[..., None] + fine[..., None]).astype(np.int32)
+
+
+def _place_objects(rng: np.random.Generator, size: int, classes: list[int]) -> list[dict]:
+    """Each object gets its own grid cell, a side length and a drift that keeps all five
+    positions inside the cell."""
+    cell = size / GRID
+    cells = rng.permutation(GRID * GRID)[: len(classes)]
+    objects = []
+    for c, cell_id in zip(classes, cells):
+        side = max(4, int(round(rng.uniform(*OBJECT_FRACTION) * size)))
+        side = min(side, int(cell) - 1)
+        free = cell - side
+        origin = np.array([cell_id % GRID, cell_id // GRID]) * cell
+        drift = rng.uniform(-0.6, 0.6, size=2) * free
+        lo = origin + np.maximum(0.0, -drift)
+        hi = origin + free - np.maximum(0.0, drift)
+        start = lo + rng.random(2) * (hi - lo)
+        objects.append({"cls": int(c), "side": side, "start": start, "drift": drift})
+    return objects
+
+
+def render_video(rng: np.random.Generator, size: int, objects: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Frames uint8 [5, size, size, 3] and an object-id map uint8 [5, size, size]
+    (0 = background, j + 1 = objects[j])."""
+    bg = _background(rng, size)
+    frames = np.empty((FRAMES, size, size, 3), np.uint8)
+    ids = np.zeros((FRAMES, size, size), np.uint8)
+    for t in range(FRAMES):
+        noise = rng.integers(-3, 4, size=(size, size, 1))
+        frame = np.clip(bg + noise, 0, 255).astype(np.uint8)
+        for j, ob in enumerate(objects):
+            style = class_style(ob["cls"])
+            s = ob["side"]
+            x0, y0 = (int(round(v)) for v in ob["start"] + ob["drift"] * t / (FRAMES - 1))
+            x0, y0 = min(max(0, x0), size - s), min(max(0, y0), size - s)
+            shape = _shape_mask(style["shape"], s)
+            region = frame[y0:y0 + s, x0:x0 + s]
+            region[shape] = _pattern(style, s)[shape]
+            ids[t, y0:y0 + s, x0:x0 + s][shape] = j + 1
+        frames[t] = frame
+    return frames, ids
+
+
+# ---------------------------------------------------------------------------------------
+# dataset plan
+
+
+def split_sizes(n: int) -> dict[str, int]:
+    if n < 3:
+        raise ValueError(f"--videos must be at least 3 (one per split), got {n}")
+    val = max(1, round(0.15 * n))
+    test = max(1, round(0.15 * n))
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def class_pool(n_train: int) -> list[int]:
+    """Classes used: about three train videos per class (2..23 classes), spread evenly over
+    the 23 so that their colours and sounds are far apart; never more than the train videos,
+    so every class used appears in train."""
+    k = min(23, n_train, max(3, n_train // 3))
+    k = max(k, min(2, n_train))
+    return sorted({int(i * 23 / k) for i in range(k)})
+
+
+def _video_name(rng: np.random.Generator, dash: bool) -> str:
+    chars = [NAME_ALPHABET[i] for i in rng.integers(0, len(NAME_ALPHABET), size=11)]
+    if dash:  # names like "-_wznbUu3DY": a leading dash (breaks naive shells) and an underscore
+        chars[0] = "-"
+        chars[1 + int(rng.integers(0, 9))] = "_"
+    return "".join(chars)
+
+
+def plan_subset(subset: str, n: int, seed: int) -> list[dict]:
+    """One dict per video, in CSV order."""
+    rng = np.random.default_rng([seed, SUBSET_IDS[subset], 0])
+    sizes = split_sizes(n)
+    pool = class_pool(sizes["train"])
+    videos, names = [], set()
+    for split in layout.SPLITS:
+        for k in range(sizes[split]):
+            name = _video_name(rng, dash=len(videos) % 5 == 0)
+            while name in names:
+                name = _video_name(rng, dash=False)
+            names.add(name)
+            main = pool[k % len(pool)]
+            others = [c for c in pool if c != main] + [c for c in range(len(S4_CLASSES)) if c not in pool]
+            if subset == "s4":
+                n_objects = 3 if rng.random() < 0.5 else 2
+                sounding = [main]
+            else:
+                n_objects = 3
+                sounding = [main, others[int(rng.integers(0, min(len(others), max(1, len(pool) - 1))))]]
+            rest = [c for c in others if c not in sounding]
+            n_pool_rest = len([c for c in rest if c in pool])
+            if n_pool_rest >= n_objects - len(sounding):
+                rest = [c for c in rest if c in pool]
+            distractors = [rest[i] for i in rng.permutation(len(rest))[: n_objects - len(sounding)]]
+            videos.append({"name": name, "split": split, "sounding": sounding,
+                           "distractors": [int(c) for c in distractors],
+                           "start": int(rng.integers(0, 7))})
+    order = rng.permutation(len(videos))  # AVSBench CSVs are not grouped by split either
+    videos = [videos[i] for i in order]
+    for i, v in enumerate(videos):
+        v["seconds"] = SHORT_CLIP_S if i % 4 == 1 else CLIP_S
+        v["index"] = i
+    return videos
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+
+
+def _write_wav(path: Path, samples: np.ndarray) -> None:
+    pcm = np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(audio_mod.SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())
+
+
+def _write_png(path: Path, img: Image.Image) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+
+
+def _mask_image(mask: np.ndarray, subset: str) -> Image.Image:
+    if subset == "s4":  # binary masks, read back with convert('1')
+        return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")  # MS3 masks are palette images
+    img.putpalette([0, 0, 0, 255, 255, 255])
+    return img
+
+
+def _write_csv(root: Path, subset: str, videos: list[dict]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ("s4_meta_data.csv" if subset == "s4" else "ms3_meta_data.csv"), "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        if subset == "s4":
+            w.writerow(layout.S4_HEADER)
+            for v in videos:
+                w.writerow([v["name"], v["start"], S4_CLASSES[v["sounding"][0]], v["split"]])
+        else:
+            w.writerow(layout.MS3_HEADER)
+            for v in videos:
+                w.writerow([v["name"], v["split"]])
+
+
+def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool) -> dict:
+    videos = plan_subset(subset, n, seed)
+    root = layout.subset_root(out, subset)
+    _write_csv(root, subset, videos)
+    records = layout.read_subset(out, subset)
+    box_root = out / BOX_DIR / layout.SUBSET_DIRS[subset]
+    for v, rec in zip(videos, records):
+        rng = np.random.default_rng([seed, SUBSET_IDS[subset], 1 + v["index"]])
+        classes = v["sounding"] + v["distractors"]
+        objects = _place_objects(rng, size, classes)
+        frames, ids = render_video(rng, size, objects)
+        sounding_ids = list(range(1, len(v["sounding"]) + 1))
+        for t, path in enumerate(rec.frame_paths):
+            _write_png(path, Image.fromarray(frames[t], mode="RGB"))
+        for t, path in zip(rec.mask_frames, rec.mask_paths):
+            _write_png(path, _mask_image(np.isin(ids[t], sounding_ids), subset))
+        amp = 0.4 if subset == "s4" else 0.28
+        wav = sum(class_sound(c, v["seconds"], rng, amp * rng.uniform(0.75, 1.0)) for c in v["sounding"])
+        wav = wav + rng.normal(0.0, NOISE_STD, size=len(wav))
+        _write_wav(rec.wav_path, wav)
+        rec.logmel_path.parent.mkdir(parents=True, exist_ok=True)
+        audio_mod.save_logmel_pkl(rec.logmel_path, audio_mod.logmel_from_wav(rec.wav_path))
+        if xml:
+            for t, frame_path in enumerate(rec.frame_paths):
+                boxes = [{"name": S4_CLASSES[c], "box": box_from_mask(ids[t] == j)}
+                         for j, c in zip(sounding_ids, v["sounding"])]
+                write_voc_xml(box_root / rec.name / f"{rec.name}_{t + 1}.xml", frame_path.name, size, size,
+                              [b for b in boxes if b["box"] is not None], folder=frame_path.parent.name,
+                              image_path=frame_path.relative_to(out).as_posix())
+        v["category"] = S4_CLASSES[v["sounding"][0]] if subset == "s4" else None
+    return {
+        "root": str(root),
+        "boxes": str(box_root) if xml else None,
+        "splits": {s: sum(v["split"] == s for v in videos) for s in layout.SPLITS},
+        "classes": sorted({S4_CLASSES[c] for v in videos for c in v["sounding"]}),
+        "videos": [{"name": v["name"], "split": v["split"], "category": v["category"],
+                    "sounding": [S4_CLASSES[c] for c in v["sounding"]],
+                    "distractors": [S4_CLASSES[c] for c in v["distractors"]],
+                    "seconds": v["seconds"]} for v in videos],
+    }
+
+
+def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "both", seed: int = 0,
+             xml: bool = True, force: bool = False) -> dict:
+    """Write the synthetic dataset under `out`; returns a summary (per subset: root, boxes
+    folder, split sizes, classes, and every video's name, split, sounding and distractor
+    classes, in CSV order). Refuses to write into an existing subset folder unless `force`,
+    which first deletes that subset's folder and its boxes folder."""
+    if subset not in ("s4", "ms3", "both"):
+        raise ValueError(f"subset must be s4, ms3 or both, got {subset!r}")
+    if size < 32:
+        raise ValueError(f"size must be at least 32 px, got {size}")
+    split_sizes(videos)  # rejects videos < 3
+    out = Path(out)
+    subsets = ["s4", "ms3"] if subset == "both" else [subset]
+    for s in subsets:
+        targets = [layout.subset_root(out, s), out / BOX_DIR / layout.SUBSET_DIRS[s]]
+        for d in targets:
+            if d.exists():
+                if not force:
+                    raise FileExistsError(f"{d} already exists: choose another --out or pass --force to replace it")
+                shutil.rmtree(d)
+    summary = {"out": str(out), "seed": seed, "size": size, "videos_per_subset": videos, "subsets": {}}
+    for s in subsets:
+        summary["subsets"][s] = write_subset(out, s, videos, size, seed, xml)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="avs-dist synth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="dataset root (gets Single-source/, Multi-sources/, boxes/)")
+    p.add_argument("--videos", type=int, default=30, help="videos per subset, split ~70/15/15 (default 30)")
+    p.add_argument("--size", type=int, default=224, help="frame side in pixels (default 224, like AVSBench)")
+    p.add_argument("--subset", choices=("s4", "ms3", "both"), default="both")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-xml", action="store_true", help="do not write labelImg box XML")
+    p.add_argument("--force", action="store_true", help="replace existing subset folders under --out")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        summary = generate(args.out, videos=args.videos, size=args.size, subset=args.subset, seed=args.seed,
+                           xml=not args.no_xml, force=args.force)
+    except (ValueError, FileExistsError) as e:
+        print(f"avs-dist synth: {e}", file=sys.stderr)
+        return 2
+    for s, info in summary["subsets"].items():
+        splits = " / ".join(f"{n} {k}" for k, n in info["splits"].items())
+        print(f"{s}: {splits} videos, {len(info['classes'])} classes -> {info['root']}")
+        if info["boxes"]:
+            print(f"{s}: box XML -> {info['boxes']}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
