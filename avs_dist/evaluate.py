@@ -1,0 +1,353 @@
+"""`avs-dist eval`: AVSBench mIoU / F of a checkpoint, batch-size-free figures, and the audio gap.
+
+The audio gap measures how much the model relies on the sound: every video is segmented a
+second time with the audio of another video, and
+
+    audio_gap = miou(matched audio) - miou(mismatched audio)
+
+with the batch-size-free per-frame mIoU (metrics.py), over the same frames on both sides.
+A model that ignores audio has a gap of exactly 0.
+
+Partners (see AudioBank): a video of class c gets the audio of one of the first 4 videos
+(CSV order) of the next class present in the split, so the mismatched sound is always of
+another class when the split has two; videos without a class (MS3) get one of the split's
+first 4 videos other than themselves. The choice depends only on the split, not on batch
+size, world size or loader workers. The mismatched pass is a second pass over the loader.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from avs_dist.metrics import StreamingEvaluator
+
+_BATCH_TENSORS = ("frames", "audio", "masks", "mask_valid", "crops")
+
+
+# ---- loading a model ----
+
+def _resolve_checkpoint_file(path: Path) -> Path:
+    """A checkpoint folder, a checkpoints/ or run folder (best, else latest complete), or a file."""
+    if path.is_file():
+        return path
+    if (path / "model.pt").is_file():
+        return path / "model.pt"
+    for sub in ("checkpoints", "best"):
+        if (path / sub).is_dir():
+            return _resolve_checkpoint_file(path / sub)
+    steps = sorted(p for p in path.glob("step_*") if (p / "model.pt").is_file() and (p / "COMPLETE.json").is_file())
+    if steps:
+        return steps[-1] / "model.pt"
+    raise FileNotFoundError(f"{path}: no model.pt here, and no best/ or complete step_*/ checkpoint below it")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _from_state_dict(build_model, cfg, state: dict):
+    """Build on the meta device and adopt the checkpoint's tensors (skips the random init of
+    ~100M parameters); a real build if something is not in the state dict."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, load_weights=False)
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # non-persistent buffers
+        model = build_model(cfg.model, load_weights=False)
+        model.load_state_dict(state)
+    return model
+
+
+def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
+                       config_overrides: list[str] | None = None):
+    """-> (model in eval mode on `device`, Config) from our checkpoint or an AVSBench .pth.
+
+    `path` is a checkpoint folder (or a run / checkpoints folder: best/, else the latest
+    complete step), its model.pt, or an AVSBench reference state dict (loaded into the
+    `s4_avsbench` preset; it holds no VGGish, so pass `vggish_weights`). Our checkpoints
+    carry their VGGish weights, so `vggish_weights` is ignored for them.
+    """
+    from avs_dist.config import config_from_dict, load_config, parse_overrides, to_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    file = _resolve_checkpoint_file(path)
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+    from avs_dist.models.system import build_model
+    from avs_dist.models.weights import is_reference_checkpoint, load_reference_checkpoint
+
+    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+        cfg = config_from_dict(_merge(obj["config"], parse_overrides(config_overrides or [])))
+        # every weight (VGGish included) is in the checkpoint: the files named at training
+        # time need not exist where inference runs, and random init would be wasted
+        try:
+            model = _from_state_dict(build_model, cfg, obj["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{file}: the weights do not fit the model its config describes: {e}") from None
+    elif isinstance(obj, dict) and is_reference_checkpoint(obj.get("state_dict", obj)):
+        cfg = load_config("s4_avsbench", config_overrides)
+        data = to_dict(cfg)
+        data["model"].update(vggish_weights=vggish_weights or "", pretrained_backbone="", init_from="")
+        cfg = config_from_dict(data)
+        if not vggish_weights:
+            print(f"warning: {file} is an AVSBench reference checkpoint, which holds no VGGish weights; "
+                  "without --vggish-weights the audio features are random", file=sys.stderr)
+        model = build_model(cfg.model)
+        load_reference_checkpoint(model, file)
+    else:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
+                         f"nor an AVSBench reference state dict; found {keys}")
+    return model.to(device).eval(), cfg
+
+
+# ---- evaluation loop ----
+
+def autocast(device: torch.device, precision: str = "auto"):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16 (got {precision!r})")
+    return torch.autocast(device.type, dtype=dtypes[precision])
+
+
+def segment(model, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    """Mask logits [B*T,1,H,W] (float32) for frames [B,T,3,H,W] and audio.
+
+    The crop branch only feeds training losses, never the masks, so it is detached for the
+    call: inference needs no crops and does not pay for a second ResNet.
+    """
+    crop = getattr(model, "crop", None)
+    if isinstance(crop, torch.nn.Module):
+        model.crop = None
+    try:
+        out = model(frames, audio)
+    finally:
+        if isinstance(crop, torch.nn.Module):
+            model.crop = crop
+    return (out["logits"] if isinstance(out, dict) else out).float()
+
+
+class AudioBank:
+    """Partner audio for the mismatched pass, the same on every rank and for every batching.
+
+    It keeps, per class label, the audio of the first `per_class` videos of the split (CSV
+    order), merged over ranks. The partner of a video of class c is one of those videos of
+    the next class present in the split (cyclic in the reference class order), picked by
+    the video's index modulo their number; for videos without a class (MS3, label -1) it is
+    one of the split's first `per_class` videos other than itself. Only a split of a single
+    class falls back to other videos of the same class.
+    """
+
+    def __init__(self, per_class: int = 4):
+        self.per_class = per_class
+        self.entries: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.audio = None  # [M,T,...] on the device after freeze()
+        self.rows: dict[int, list[tuple[int, int]]] = {}  # label -> [(video index, row of self.audio)]
+
+    def add(self, audio: torch.Tensor, labels: list[int], indices: list[int]) -> None:
+        for a, label, index in zip(audio, labels, indices):
+            kept = self.entries.setdefault(int(label), [])
+            if len(kept) < self.per_class or index < kept[-1][0]:
+                kept.append((int(index), a.detach().to("cpu", copy=True)))
+                kept.sort(key=lambda e: e[0])
+                del kept[self.per_class:]
+
+    def freeze(self, device, group=None) -> int:
+        """Merge the ranks' entries, move them to `device`; returns how many videos it holds."""
+        if dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size(group)
+            dist.all_gather_object(parts, self.entries, group=group)
+            self.entries = {}
+            for part in parts:
+                for label, kept in part.items():
+                    self.add(torch.stack([a for _, a in kept]), [label] * len(kept), [i for i, _ in kept])
+        flat = [(label, index, a) for label in sorted(self.entries) for index, a in self.entries[label]]
+        self.rows = {}
+        for row, (label, index, _) in enumerate(flat):
+            self.rows.setdefault(label, []).append((index, row))
+        if flat:
+            self.audio = torch.stack([a for _, _, a in flat]).to(device)
+        return len(flat)
+
+    def partner_rows(self, labels: list[int], indices: list[int]) -> list[int]:
+        out = []
+        known = sorted(k for k in self.rows if k >= 0)
+        for label, index in zip(labels, indices):
+            if label >= 0 and len(known) > 1:
+                others = [k for k in known if k != label]
+                cands = self.rows[next((k for k in others if k > label), others[0])]
+            else:
+                cands = [e for e in self.rows.get(label, []) if e[0] != index]
+            if not cands:  # e.g. the only video of its kind: any other video
+                cands = [e for k in sorted(self.rows) for e in self.rows[k] if e[0] != index]
+            if not cands:
+                raise ValueError("the audio gap needs at least two videos")
+            out.append(cands[index % len(cands)][1])
+        return out
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    for k in _BATCH_TENSORS:
+        if k in out and torch.is_tensor(out[k]):
+            out[k] = out[k].to(device, non_blocking=True)
+    return out
+
+
+def _labels(batch: dict) -> list[int]:
+    n = batch["frames"].shape[0]
+    return batch["label"].tolist() if "label" in batch else [-1] * n
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = True,
+             precision: str = "auto", group=None) -> dict:
+    """Run `model` over an eval loader and return the metrics (see StreamingEvaluator).
+
+    `loader` is a re-iterable of batches (eval_loader's result, a list) or a callable
+    returning a fresh iterable; the audio gap iterates it twice (matched, then mismatched
+    audio from the AudioBank built in the first pass). Every rank calls this with its own
+    share of the videos; the result (the same on every rank) covers all of them; `group` is
+    the process group for the gathers (default: world). With `audio_gap` it adds
+    `audio_gap`, `miou_mismatched`, `f_mismatched` (None for a split of one video).
+    """
+    device = torch.device(device)
+    if audio_gap and isinstance(loader, Iterator):
+        raise TypeError("the audio gap iterates the loader twice: pass a list, eval_loader(...) "
+                        "or a callable that returns a fresh iterable, not an iterator")
+    fresh = loader if callable(loader) else (lambda: loader)
+    # DDP / DeepSpeed wrappers: evaluation needs no gradient hooks, and the crop-branch
+    # switch in `segment` is an attribute of the inner model
+    if isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    was_training = model.training
+    model.eval()
+    matched = StreamingEvaluator(batch_videos)
+    mismatched = StreamingEvaluator(batch_videos) if audio_gap else None
+    bank = AudioBank()
+    try:
+        for batch in fresh():
+            if audio_gap:  # from the host copy: no device sync
+                bank.add(batch["audio"], _labels(batch), batch["index"].tolist())
+            batch = _to_device(batch, device)
+            with autocast(device, precision):
+                logits = segment(model, batch["frames"], batch["audio"])
+            matched.update(logits, batch)
+        paired = audio_gap and bank.freeze(device, group) >= 2
+        if paired:
+            for batch in fresh():
+                rows = bank.partner_rows(_labels(batch), batch["index"].tolist())
+                batch = _to_device(batch, device)
+                other_audio = bank.audio[torch.tensor(rows).to(device, non_blocking=True)]
+                with autocast(device, precision):
+                    logits = segment(model, batch["frames"], other_audio)
+                mismatched.update(logits, batch)
+    finally:
+        model.train(was_training)
+    res = matched.result(group)
+    order = ["miou_avsbench", "f_avsbench", "miou", "f"]
+    if audio_gap:
+        mis = mismatched.result(group) if paired else {"miou": None, "f": None}
+        gap = res["miou"] - mis["miou"] if paired else None
+        res.update(audio_gap=gap, miou_mismatched=mis["miou"], f_mismatched=mis["f"])
+        order += ["audio_gap", "miou_mismatched", "f_mismatched"]
+    return {**{k: res[k] for k in order}, **res}
+
+
+# ---- command line ----
+
+def print_result(result: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if value is None:
+            table.add_row(key, "n/a")
+        elif isinstance(value, (int, float)):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="avs-dist eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, its model.pt, a run/checkpoints folder, or an AVSBench .pth")
+    p.add_argument("--shards", required=True, help="shard set written by `avs-dist pack`")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-videos", type=int, default=None,
+                   help="AVSBench test batch in videos for the batch-dependent figures (default: config, 4)")
+    p.add_argument("--vggish-weights", default=None, help="vggish-10086976.pth (for AVSBench reference checkpoints)")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--no-audio-gap", action="store_true", help="skip the mismatched-audio pass")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: config)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.image_size=224)")
+    args = p.parse_args(argv)
+
+    from avs_dist import distributed
+    from avs_dist.data.loader import eval_loader
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = distributed.setup() if world > 1 else None
+    if d is not None:
+        device = d.device
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank = d.rank if d else 0
+    try:
+        model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
+        batch_videos = args.batch_videos or cfg.data.eval_batch_videos
+        if batch_videos < 1:
+            raise ValueError(f"--batch-videos must be >= 1 (got {batch_videos})")
+        cfg.data.eval_batch_videos = batch_videos
+        if args.num_workers is not None:
+            cfg.data.num_workers = args.num_workers
+        loader = eval_loader(args.shards, args.split, cfg.data, rank, world)
+        result = evaluate(model, loader, device, batch_videos=batch_videos, audio_gap=not args.no_audio_gap,
+                          precision=args.precision, group=d.control if d else None)
+        # an empty split has no figures: null in JSON rather than the non-standard NaN
+        result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
+        result.update(split=args.split, checkpoint=str(Path(args.checkpoint).resolve()),
+                      shards=str(Path(args.shards).resolve()), world_size=world)
+        if rank == 0:
+            print_result(result, f"{args.split}: {args.checkpoint}")
+            if args.out:
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(out.name + ".tmp")
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
+                os.replace(tmp, out)
+    finally:
+        if d is not None:
+            distributed.teardown()
+    if d is not None:
+        distributed.hard_exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""`avs-dist predict`: mask PNGs and overlays a person can look at.
+
+Input is either a shard set (`avs-dist pack` output: every video of --split, CSV order) or
+a folder of one video: 5 image files (sorted by name) and one .wav (log-mel as AVSBench
+computes it), or a folder of such video folders. For each video `name` it writes
+
+    {out}/{name}/{name}_{i}_mask.png      0 / 255, i = 1..5 like the AVSBench frame names
+    {out}/{name}/{name}_{i}_overlay.png   the frame, the predicted mask tinted red, outlined in yellow
+
+Frames are resized to the model's image size for the model; masks and overlays come back
+at the size of the input frames (logits upsampled bilinearly, then sigmoid > 0.5 as in
+AVSBench).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from avs_dist.data.layout import FRAMES_PER_VIDEO
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+TINT = np.array([255, 40, 40], dtype=np.float32)  # red fill for the predicted foreground
+CONTOUR = np.array([255, 255, 0], dtype=np.uint8)  # yellow outline
+ALPHA = 0.45
+
+
+class PredictInputError(ValueError):
+    """An input that is neither a shard set nor a folder of 5 frames and a wav."""
+
+
+def prepare_frames(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [T,H,W,3] -> float32 [T,3,size,size], ImageNet-normalised like the loaders."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-2:] != (size, size):
+        shrink = x.shape[-1] > size or x.shape[-2] > size  # as data/loader.py resizes
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict_masks(model, frames: np.ndarray, audio: np.ndarray, size: int, device, precision="auto") -> np.ndarray:
+    """One video: uint8 frames [T,H,W,3] + log-mel [T,(1,)96,64] -> bool masks [T,H,W] at frame size."""
+    from avs_dist.evaluate import autocast, segment
+
+    device = torch.device(device)
+    x = prepare_frames(frames, size).unsqueeze(0).to(device)
+    a = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(1, frames.shape[0], 1, 96, 64).to(device)
+    with autocast(device, precision):
+        logits = segment(model, x, a)  # [T,1,size,size]
+    h, w = frames.shape[1:3]
+    if logits.shape[-2:] != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return (torch.sigmoid(logits[:, 0]) > 0.5).cpu().numpy()
+
+
+def overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The frame with the mask tinted and a one-pixel contour drawn just outside it (so the
+    whole predicted region stays visible under the tint)."""
+    out = frame.astype(np.float32)
+    out[mask] = (1 - ALPHA) * out[mask] + ALPHA * TINT
+    out = out.round().clip(0, 255).astype(np.uint8)
+    m = Image.fromarray(mask.astype(np.uint8) * 255)
+    dilated = np.asarray(m.filter(ImageFilter.MaxFilter(3))) > 0
+    out[dilated & ~mask] = CONTOUR
+    return out
+
+
+def write_video(out_dir: Path, name: str, frames: np.ndarray, masks: np.ndarray) -> list[Path]:
+    folder = out_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (frame, mask) in enumerate(zip(frames, masks), start=1):
+        mask_path = folder / f"{name}_{i}_mask.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        over_path = folder / f"{name}_{i}_overlay.png"
+        Image.fromarray(overlay(frame, mask)).save(over_path)
+        written += [mask_path, over_path]
+    return written
+
+
+# ---- inputs ----
+
+def read_folder_video(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """5 image files (sorted by name) and one .wav -> (uint8 [5,H,W,3], log-mel [5,1,96,64])."""
+    from avs_dist.data.audio import logmel_from_wav
+
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    wavs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav")
+    if len(images) != FRAMES_PER_VIDEO:
+        raise PredictInputError(f"{folder}: expected {FRAMES_PER_VIDEO} image files, found {len(images)}"
+                                + (f" ({', '.join(p.name for p in images[:8])})" if images else ""))
+    if len(wavs) != 1:
+        raise PredictInputError(f"{folder}: expected exactly one .wav file, found {len(wavs)}")
+    frames = []
+    for p in images:
+        try:
+            with Image.open(p) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise PredictInputError(f"{p}: not a readable image ({e})") from None
+    if len({f.shape for f in frames}) != 1:
+        raise PredictInputError(f"{folder}: the frames differ in size: {[f.shape[:2] for f in frames]}")
+    return np.stack(frames), logmel_from_wav(wavs[0])
+
+
+def _is_video_folder(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".wav" for p in folder.iterdir())
+
+
+def iter_inputs(path: Path, split: str):
+    """(name, uint8 frames [5,H,W,3], log-mel) for a shard set, a video folder, or a folder of them."""
+    from avs_dist.data.shards import MANIFEST, iter_videos
+
+    if not path.exists():
+        raise PredictInputError(f"input {path} does not exist")
+    if path.is_dir() and (path / MANIFEST).is_file():
+        for video in iter_videos(path, split):
+            yield video["name"], video["frames"], video["audio"]
+        return
+    if not path.is_dir():
+        raise PredictInputError(f"input {path} is a file; give a shard set or a folder of 5 frames and a .wav")
+    if _is_video_folder(path):
+        yield (path.name, *read_folder_video(path))
+        return
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and _is_video_folder(p))
+    if not subs:
+        raise PredictInputError(f"{path}: not a shard set (no manifest.json), and neither it nor its "
+                                "subfolders hold 5 frames and a .wav")
+    for sub in subs:
+        yield (sub.name, *read_folder_video(sub))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="avs-dist predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, model.pt, or AVSBench .pth")
+    p.add_argument("--input", required=True, help="a shard set, a folder of 5 frames + .wav, or a folder of those")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="test", help="split to predict when --input is a shard set")
+    p.add_argument("--limit", type=int, default=0, help="stop after this many videos (0: all)")
+    p.add_argument("--vggish-weights", default=None, help="vggish-10086976.pth (AVSBench reference checkpoints)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    args = p.parse_args(argv)
+
+    from avs_dist.evaluate import load_for_inference
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights)
+    out = Path(args.out)
+    count = 0
+    for name, frames, audio in iter_inputs(Path(args.input), args.split):
+        masks = predict_masks(model, frames, audio, cfg.data.image_size, device, args.precision)
+        write_video(out, name, frames, masks)
+        count += 1
+        print(f"{name}: foreground {masks.mean():.1%} of pixels", flush=True)
+        if args.limit and count >= args.limit:
+            break
+    if count == 0:
+        print(f"no videos found in {args.input} (split {args.split})", file=sys.stderr)
+        return 1
+    print(f"wrote masks and overlays of {count} video(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

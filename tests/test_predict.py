@@ -1,0 +1,85 @@
+"""`avs-dist predict` on a shard set and on a folder of frames + wav."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from avs_dist.predict import PredictInputError, iter_inputs, main, overlay
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from avs_dist.config import load_config, to_dict
+    from avs_dist.models.system import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    folder = tmp_path_factory.mktemp("ckpt") / "step_00000000"
+    folder.mkdir()
+    torch.save({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg), "step": 0, "epoch": 0,
+                "metrics": {}}, folder / "model.pt")
+    return folder
+
+
+def _check_outputs(folder, name, size):
+    for i in range(1, 6):
+        mask = np.asarray(Image.open(folder / name / f"{name}_{i}_mask.png"))
+        assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
+        over = Image.open(folder / name / f"{name}_{i}_overlay.png")
+        assert over.mode == "RGB" and over.size == size[::-1]
+
+
+def test_overlay_tints_mask_and_draws_contour():
+    frame = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    out = overlay(frame, mask)
+    assert (out[0, 0] == 100).all()  # background untouched
+    assert tuple(out[1, 2]) == (255, 255, 0) and tuple(out[6, 6]) == (255, 255, 0)  # outline outside
+    for y, x in ((2, 2), (3, 3)):
+        inside = out[y, x].astype(int)
+        assert inside[0] > 100 and inside[1] < 100  # tinted red
+
+
+def test_predict_shard_set(s4_shards, checkpoint, tmp_path):
+    from avs_dist.data.shards import iter_videos
+
+    first = next(iter_videos(s4_shards, "test"))
+    assert main(["--checkpoint", str(checkpoint), "--input", str(s4_shards), "--out", str(tmp_path),
+                 "--split", "test", "--limit", "1", "--device", "cpu"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [first["name"]]
+    _check_outputs(tmp_path, first["name"], first["frames"].shape[1:3])
+
+
+def test_predict_folder_from_synth(synth_root, checkpoint, tmp_path):
+    root = synth_root / "Single-source" / "s4_data"
+    wav = sorted(root.glob("audio_wav/*/*/*.wav"))[0]
+    name = wav.stem
+    frames = sorted(root.glob(f"visual_frames/*/*/{name}/*.png"))
+    assert len(frames) == 5
+    video = tmp_path / "myclip"
+    video.mkdir()
+    for f in frames:  # larger than the model's 64 px: masks come back at the frames' size
+        Image.open(f).convert("RGB").resize((80, 72)).save(video / f.name)
+    shutil.copy(wav, video / "sound.wav")
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(checkpoint), "--input", str(video), "--out", str(out), "--device", "cpu"]) == 0
+    _check_outputs(out, "myclip", (72, 80))
+    # a folder of video folders gives the same video
+    (name2, frames2, audio2), = iter_inputs(tmp_path, "test")
+    (_, frames1, audio1), = iter_inputs(video, "test")
+    assert name2 == "myclip" and np.array_equal(frames1, frames2) and np.array_equal(audio1, audio2)
+    assert frames1.shape == (5, 72, 80, 3) and audio1.shape == (5, 1, 96, 64)
+
+
+def test_predict_bad_inputs(tmp_path):
+    with pytest.raises(PredictInputError, match="does not exist"):
+        list(iter_inputs(tmp_path / "nope", "test"))
+    with pytest.raises(PredictInputError, match="not a shard set"):
+        list(iter_inputs(tmp_path, "test"))
+    (tmp_path / "a.wav").write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(tmp_path / "f1.png")
+    with pytest.raises(PredictInputError, match="expected 5 image files, found 1"):
+        list(iter_inputs(tmp_path, "test"))
