@@ -1,0 +1,109 @@
+"""`avs-dist inspect SHARD_DIR`: counts per split, sha256 check, one sample shown.
+
+Exit status 1 when the set is incomplete (no manifest) or a shard does not match the
+manifest (missing, wrong size, wrong sha256).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
+from avs_dist.data.shards import ShardError, iter_videos, read_manifest, verify_shards
+
+
+def sample_strip(video: dict) -> np.ndarray:
+    """uint8 [3*H, 5*W, 3]: frames, masks (red over the frame; grey where no mask), crops."""
+    frames = video["frames"]
+    _, h, w, _ = frames.shape
+    masks = np.full_like(frames, 64)
+    for m, k in zip(video["masks"], video["mask_frames"]):
+        overlay = frames[k].copy()
+        overlay[m > 0] = (0.5 * overlay[m > 0] + [127, 0, 0]).astype(np.uint8)
+        masks[k] = overlay
+    from PIL import Image
+
+    crops = np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BILINEAR)) for c in video["crops"]])
+    rows = [np.concatenate(list(r), axis=1) for r in (frames, masks, crops)]
+    return np.concatenate(rows, axis=0)
+
+
+def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{manifest['subset']} shard set ({manifest['created']})")
+    for col in ("split", "videos", "shards", "MB"):
+        t.add_column(col, justify="right" if col != "split" else "left")
+    for split in SPLITS:
+        s = manifest["splits"][split]
+        mb = sum(e["bytes"] for e in manifest["shards"] if e["split"] == split) / 1e6
+        t.add_row(split, str(s["videos"]), str(s["shards"]), f"{mb:.1f}")
+    console.print(t)
+    opts = manifest["options"]
+    console.print(f"options: image_format={opts['image_format']} crop_size={opts['crop_size']} "
+                  f"shard_videos={opts['shard_videos']} boxes={opts['boxes']}")
+    if manifest["skipped"]:
+        console.print(f"[yellow]{len(manifest['skipped'])} videos were skipped when packing:")
+        for b in manifest["skipped"]:
+            console.print(f"  {b['name']} ({b['split']}): " + "; ".join(b["problems"]))
+    if report["ok"]:
+        console.print(f"[green]sha256 OK for all {report['checked']} shards")
+    else:
+        console.print(f"[red]{len(report['problems'])} of {report['checked']} shards do not match the manifest:")
+        for p in report["problems"]:
+            console.print(f"  [red]{p}")
+    if report["extra"]:
+        console.print(f"[yellow]files not in the manifest: {', '.join(report['extra'])}")
+    if video is None:
+        return
+    v = Table(title=f"sample: {video['split']}[{video['index']}]")
+    v.add_column("field")
+    v.add_column("value")
+    for k in ("name", "category", "label", "split", "index", "row", "audio_source"):
+        v.add_row(k, str(video[k]))
+    for k in ("frames", "crops", "masks", "audio"):
+        a = video[k]
+        v.add_row(k, f"{a.dtype} {list(a.shape)} min {a.min():.3g} max {a.max():.3g} mean {a.mean():.3g}")
+    v.add_row("mask_frames", str(video["mask_frames"].tolist()))
+    for i in range(FRAMES_PER_VIDEO):
+        v.add_row(f"box {i + 1}", f"{np.round(video['boxes'][i], 1).tolist()} ({video['box_source'][i]})")
+    console.print(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="avs-dist inspect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("shard_dir")
+    ap.add_argument("--split", choices=SPLITS, default=None, help="split of the sample shown (default: first non-empty)")
+    ap.add_argument("--index", type=int, default=0, help="position of the sample in its split")
+    ap.add_argument("--save-png", default=None, help="write a frames / masks / crops strip of the sample here")
+    a = ap.parse_args(argv)
+    from rich.console import Console
+
+    console = Console()
+    try:
+        manifest = read_manifest(a.shard_dir)
+        report = verify_shards(a.shard_dir)
+        split = a.split or next((s for s in SPLITS if manifest["splits"][s]["videos"]), None)
+        video = None
+        if split is not None and report["ok"]:
+            if not 0 <= a.index < manifest["splits"][split]["videos"]:
+                raise ShardError(f"--index {a.index}: {split} has {manifest['splits'][split]['videos']} videos")
+            video = next(v for i, v in enumerate(iter_videos(a.shard_dir, split)) if i == a.index)
+    except ShardError as e:
+        print(f"avs-dist inspect: {e}", file=sys.stderr)
+        return 1
+    _show(console, manifest, report, video)
+    if a.save_png and video is not None:
+        from PIL import Image
+
+        Path(a.save_png).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sample_strip(video)).save(a.save_png)
+        console.print(f"wrote {a.save_png}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""WebDataset loaders for training and evaluation, with exact, resumable data order.
+
+Training (`train_loader`). Per epoch the train split (N videos) is laid out as one
+sequence: the shards in an order drawn from (seed, epoch), each shard's videos in CSV order.
+The sequence is extended by wrapping around to S * W * B videos, S = `steps_per_epoch` =
+ceil(N / (W * B)) for W ranks and B videos per batch, so every rank yields exactly S batches
+(DDP needs equal counts) and every video is seen at least once per epoch. Rank r takes the
+r-th contiguous block of S * B videos; within a rank, DataLoader worker w takes a contiguous
+run of whole batches (the first S % nw workers one batch more). A worker streams its shard
+segments interleaved at random (seeded), passes raw samples through a seeded shuffle buffer
+(`cfg.shuffle_buffer` videos), then decodes, flips and collates. The torch DataLoader takes
+batches from its workers round-robin, so the rank's batch sequence is a pure function of
+(seed, epoch, rank, world_size, num_workers). `start_batch=k` resumes at the rank's k-th
+batch: each worker drops the raw (undecoded) samples of the batches before k, and the
+workers' roles are rotated so the round-robin continues where it stopped.
+
+Augmentation: with `cfg.hflip`, each video is mirrored horizontally with probability 1/2;
+its frames, masks and crops are flipped together (the batch's `hflip` says which). Nothing
+else by default.
+
+Evaluation (`eval_loader`): the split in CSV order, cut into contiguous blocks per rank
+(sizes differ by at most one video) and per worker; every video exactly once, no padding,
+batches of `cfg.eval_batch_videos` (a worker's last batch may be smaller), no augmentation.
+Batches carry `index` (position in the split) to restore CSV order.
+
+A batch is a dict (B videos; H = W = cfg.image_size, c = cfg.crop_size):
+  frames float32 [B,5,3,H,W] ImageNet-normalised; masks float32 [B,5,H,W] 0/1 (zeros where
+  there is no mask); mask_valid bool [B,5]; crops float32 [B,5,3,c,c] normalised;
+  audio float32 [B,5,1,96,64]; label int64 [B] (-1 for MS3); index int64 [B];
+  hflip bool [B]; name list[str].
+Frames and crops are resized (bilinear, antialiased when shrinking) when the stored size
+differs from the configured one; masks with nearest.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avs_dist.data.layout import FRAMES_PER_VIDEO
+from avs_dist.data.shards import ShardError, decode_sample, iter_raw, read_manifest, split_shards
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def steps_per_epoch(manifest, world_size: int, batch_videos: int) -> int:
+    """Batches every rank yields per training epoch: ceil(N_train / (world_size * batch_videos)).
+
+    `manifest`: the dict from read_manifest, or a shard folder."""
+    if not isinstance(manifest, dict):
+        manifest = read_manifest(manifest)
+    n = manifest["splits"]["train"]["videos"]
+    if n == 0:
+        raise ShardError("the shard set has no train videos")
+    return math.ceil(n / (world_size * batch_videos))
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _sequence(entries: list[dict], order) -> list[tuple[str, int, str]]:
+    return [(entries[i]["path"], pos, key) for i in order for pos, key in enumerate(entries[i]["keys"])]
+
+
+def _segments(items: list[tuple[str, int, str]]) -> list[tuple[str, list[str]]]:
+    """Cut (path, position, key) runs into per-shard segments read in one forward pass."""
+    segs: list[tuple[str, list[str]]] = []
+    last = None
+    for path, pos, key in items:
+        if last is None or path != last[0] or pos <= last[1]:
+            segs.append((path, []))
+        segs[-1][1].append(key)
+        last = (path, pos)
+    return segs
+
+
+def _split_batches(n_batches: int, parts: int) -> list[tuple[int, int]]:
+    """(first batch, count) per part; the first n_batches % parts parts get one more."""
+    out, start = [], 0
+    for w in range(parts):
+        n = n_batches // parts + (w < n_batches % parts)
+        out.append((start, n))
+        start += n
+    return out
+
+
+def train_plan(entries: list[dict], seed: int, epoch: int, rank: int, world_size: int,
+               batch_videos: int, num_workers: int) -> list[list[tuple[str, list[str]]]]:
+    """Per worker role: the shard segments [(path, [keys])] it reads this epoch (see module doc)."""
+    rng = np.random.default_rng([seed, epoch, 0])
+    seq = _sequence(entries, rng.permutation(len(entries)))
+    n = len(seq)
+    if n == 0:
+        raise ShardError("the shard set has no train videos")
+    steps = math.ceil(n / (world_size * batch_videos))
+    per_rank = steps * batch_videos
+    mine = [seq[i % n] for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    return [_segments(mine[first * batch_videos:(first + count) * batch_videos])
+            for first, count in _split_batches(steps, max(1, num_workers))]
+
+
+def eval_plan(entries: list[dict], rank: int, world_size: int, batch_videos: int,
+              num_workers: int) -> list[list[tuple[str, list[str]]]]:
+    seq = _sequence(entries, range(len(entries)))
+    n = len(seq)
+    mine = seq[rank * n // world_size:(rank + 1) * n // world_size]
+    n_batches = math.ceil(len(mine) / batch_videos)
+    return [_segments(mine[first * batch_videos:(first + count) * batch_videos])
+            for first, count in _split_batches(n_batches, max(1, num_workers))]
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _read_segment(path: str, keys: list[str]):
+    wanted = set(keys)
+    stream = iter_raw([path], select=wanted.__contains__)
+    done = 0
+    for key, raw in zip(keys, stream):
+        if raw["__key__"] != key:
+            raise ShardError(f"{path}: found sample {raw['__key__']}, the manifest lists {key} next")
+        done += 1
+        yield raw
+    if done < len(keys):
+        raise ShardError(f"{path}: ends before sample {keys[done]} listed in the manifest")
+
+
+def _interleave(segments, rng: np.random.Generator):
+    """Draw from all segments at once, each step from one chosen in proportion to what it has left."""
+    streams = [_read_segment(p, k) for p, k in segments]
+    left = np.array([len(k) for _, k in segments], dtype=np.float64)
+    while left.sum() > 0:
+        i = rng.choice(len(streams), p=left / left.sum())
+        left[i] -= 1
+        yield next(streams[i])
+
+
+def _worker_role(num_workers: int, start_batch: int) -> int:
+    info = torch.utils.data.get_worker_info()
+    worker = 0 if info is None else info.id
+    # The DataLoader always starts its round-robin at worker 0; on resume, worker 0 must
+    # produce the rank's batch `start_batch`, which belongs to role start_batch % nw.
+    return (worker + start_batch) % max(1, num_workers)
+
+
+def _train_source(plan, seed, epoch, rank, num_workers, start_batch, batch_videos, shuffle_buffer, hflip):
+    import webdataset as wds
+
+    role = _worker_role(num_workers, start_batch)
+    nw = max(1, num_workers)
+    segments = plan[role]
+    n = sum(len(k) for _, k in segments)
+    skip = batch_videos * sum(1 for j in range(start_batch) if j % nw == role)
+    stream = _interleave(segments, np.random.default_rng([seed, epoch, rank, role, 1]))
+    if shuffle_buffer > 1:
+        shuffle_seed = int(np.random.SeedSequence([seed, epoch, rank, role, 2]).generate_state(1)[0])
+        stream = wds.shuffle(bufsize=shuffle_buffer, initial=shuffle_buffer,
+                             rng=random.Random(shuffle_seed))(stream)
+    # Flips are drawn per stream position up front, so skipping does not shift them.
+    flips = np.random.default_rng([seed, epoch, rank, role, 3]).random(n) < 0.5 if hflip else np.zeros(n, bool)
+    for pos, raw in enumerate(stream):
+        if pos < skip:
+            continue  # raw bytes only: nothing decoded
+        raw["__hflip__"] = bool(flips[pos])
+        yield raw
+
+
+def _eval_source(plan, num_workers):
+    for raw in _interleave_in_order(plan[_worker_role(num_workers, 0)]):
+        raw["__hflip__"] = False
+        yield raw
+
+
+def _interleave_in_order(segments):
+    for path, keys in segments:
+        yield from _read_segment(path, keys)
+
+
+def _decode(raw: dict) -> dict:
+    video = decode_sample(raw)
+    video["hflip"] = raw["__hflip__"]
+    return video
+
+
+# ----------------------------------------------------------------------------- collation
+
+
+def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """[..., C, H, W] float -> [..., C, size, size]."""
+    if x.shape[-2:] == (size, size):
+        return x
+    lead = x.shape[:-3]
+    y = x.reshape(-1, *x.shape[-3:])
+    if mode == "nearest":
+        y = F.interpolate(y, size=(size, size), mode="nearest")
+    else:
+        shrink = y.shape[-1] > size or y.shape[-2] > size
+        y = F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return y.reshape(*lead, *y.shape[-3:])
+
+
+def _mean_inv_std() -> tuple[torch.Tensor, torch.Tensor]:
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD) * 255.0)
+    return torch.tensor(IMAGENET_MEAN) * 255.0 * inv_std, inv_std
+
+
+def _alloc(shape, dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker it is born in shared memory, so
+    handing the batch to the main process does not copy it again."""
+    t = torch.empty(shape, dtype=dtype)
+    return t.share_memory_() if torch.utils.data.get_worker_info() is not None else t
+
+
+def _images(stacks: list[np.ndarray], size: int, normalize: bool) -> torch.Tensor:
+    """uint8 [5,h,w,3] per video (already flipped) -> [B,5,3,size,size]: float normalised,
+    or uint8 when `normalize` is False (normalisation then happens on the device)."""
+    if any(s.shape != stacks[0].shape for s in stacks):
+        return torch.cat([_images([s], size, normalize) for s in stacks])
+    B, (T, h, w, C) = len(stacks), stacks[0].shape
+    if (h, w) == (size, size) and not normalize:
+        buf = _alloc((B, T, h, w, C), torch.uint8)
+        np.stack(stacks, out=buf.numpy())
+        return buf.permute(0, 1, 4, 2, 3)  # channels-last view; to_device makes it contiguous on the GPU
+    x = torch.from_numpy(np.stack(stacks)).permute(0, 1, 4, 2, 3)  # a view: no copy yet
+    if (h, w) != (size, size):
+        x = _resize(x.float(), size, "bilinear")
+        if not normalize:
+            return x.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        # One pass from uint8 to contiguous float, then one fused scale-and-shift.
+        x = _alloc(x.shape, torch.float32).copy_(x)
+    shift, scale = _mean_inv_std()
+    return x.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
+
+
+def _masks(videos: list[dict], size: int, flips: list[bool], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,5,size,size] masks (zeros where a frame has none) and mask_valid [B,5]."""
+    B = len(videos)
+    valid = np.zeros((B, FRAMES_PER_VIDEO), dtype=bool)
+    if any(v["frames"].shape != videos[0]["frames"].shape for v in videos):
+        parts = [_masks([v], size, [f], dtype) for v, f in zip(videos, flips)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    h, w = videos[0]["frames"].shape[1:3]
+    # numpy: single-threaded fills are far cheaper than torch's for these small arrays
+    out = np.zeros((B, FRAMES_PER_VIDEO, h, w), dtype=np.uint8)
+    for b, (v, flip) in enumerate(zip(videos, flips)):
+        frames = v["mask_frames"]
+        out[b, frames] = v["masks"][:, :, ::-1] if flip else v["masks"]
+        valid[b, frames] = True
+    masks = torch.from_numpy(out)
+    if (h, w) != (size, size):
+        masks = _resize(masks[:, :, None].float(), size, "nearest")[:, :, 0]
+    return _alloc(masks.shape, dtype).copy_(masks), torch.from_numpy(valid)
+
+
+def collate(videos: list[dict], image_size: int, crop_size: int, normalize: bool = True) -> dict:
+    """Decoded videos -> the training / eval batch (see module docstring).
+
+    normalize=False keeps frames and crops uint8 [B,5,3,H,W] (channels-last strides, as
+    decoded) and masks uint8: a quarter of the bytes to move between processes and no
+    transpose on the CPU; `to_device` finishes the batch on the GPU.
+    """
+    flips = [bool(v["hflip"]) for v in videos]
+    # Flipping the uint8 arrays is free: np.stack copies the reversed views anyway.
+    frames = [v["frames"][:, :, ::-1] if f else v["frames"] for v, f in zip(videos, flips)]
+    crops = [v["crops"][:, :, ::-1] if f else v["crops"] for v, f in zip(videos, flips)]
+    masks, valid = _masks(videos, image_size, flips, torch.float32 if normalize else torch.uint8)
+    audio = _alloc((len(videos), *videos[0]["audio"].shape), torch.float32)
+    np.stack([v["audio"] for v in videos], out=audio.numpy())
+    return {
+        "frames": _images(frames, image_size, normalize),
+        "masks": masks,
+        "mask_valid": valid,
+        "crops": _images(crops, crop_size, normalize),
+        "audio": audio[:, :, None],
+        "label": torch.tensor([v["label"] for v in videos], dtype=torch.int64),
+        "index": torch.tensor([v["index"] for v in videos], dtype=torch.int64),
+        "hflip": torch.tensor(flips),
+        "name": [v["name"] for v in videos],
+    }
+
+
+def to_device(batch: dict, device, non_blocking: bool = True) -> dict:
+    """Move a batch to `device`; uint8 frames / crops / masks (collate(normalize=False)) are
+    normalised there, so the result always matches the batch contract."""
+    out = {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    shift, scale = (t.to(device).view(3, 1, 1) for t in _mean_inv_std())
+    for k in ("frames", "crops"):
+        if out[k].dtype == torch.uint8:
+            out[k] = out[k].float().contiguous().mul_(scale).sub_(shift)
+    if out["masks"].dtype == torch.uint8:
+        out["masks"] = out["masks"].float()
+    return out
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+class Batches:
+    """An epoch's batches: iterable, with len() = the number of batches it yields.
+
+    With a `device`, each batch is moved there and finished by `to_device`."""
+
+    def __init__(self, loader, length: int, device=None):
+        self.loader, self.length, self.device = loader, length, device
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        if self.device is None:
+            return iter(self.loader)
+        return (to_device(b, self.device) for b in self.loader)
+
+
+def _loader(source, cfg_data, batch_videos: int, partial: bool, num_workers: int, device):
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(
+        source,
+        wds.map(_decode),
+        wds.batched(batch_videos, collation_fn=functools.partial(
+            collate, image_size=cfg_data.image_size, crop_size=cfg_data.crop_size,
+            normalize=device is None), partial=partial),
+    )
+    return wds.WebLoader(
+        pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=cfg_data.prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def train_loader(shard_dir: str | Path, cfg_data, rank: int, world_size: int, seed: int, epoch: int,
+                 start_batch: int = 0, device=None) -> Batches:
+    """Batches of `cfg_data.batch_videos` videos for one epoch of one rank (module docstring).
+
+    Every rank yields steps_per_epoch(...) - start_batch batches. `device` (e.g. "cuda:0"):
+    workers send uint8 images and the batch is normalised on that device (same values;
+    saves most of the loader's CPU); None: float batches on the CPU.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    manifest = read_manifest(shard_dir)
+    steps = steps_per_epoch(manifest, world_size, cfg_data.batch_videos)
+    if not 0 <= start_batch <= steps:
+        raise ValueError(f"start_batch {start_batch} is not in [0, {steps}] (batches per epoch)")
+    nw = cfg_data.num_workers
+    plan = train_plan(split_shards(shard_dir, "train", manifest), seed, epoch, rank, world_size,
+                      cfg_data.batch_videos, nw)
+    source = functools.partial(_train_source, plan, seed, epoch, rank, nw, start_batch,
+                               cfg_data.batch_videos, cfg_data.shuffle_buffer, cfg_data.hflip)
+    return Batches(_loader(source, cfg_data, cfg_data.batch_videos, False, nw, device), steps - start_batch, device)
+
+
+def eval_loader(shard_dir: str | Path, split: str, cfg_data, rank: int = 0, world_size: int = 1,
+                max_videos: int | None = None, device=None) -> Batches:
+    """Every video of `split` exactly once across ranks and workers, in batches of
+    `cfg_data.eval_batch_videos` carrying `index`; ranks may get different batch counts.
+
+    `max_videos`: only the first N videos of the split (quick checks, benchmarks);
+    `device`: as in train_loader."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    entries = split_shards(shard_dir, split)
+    if max_videos is not None:
+        kept, left = [], max_videos
+        for e in entries:
+            if left > 0:
+                kept.append(dict(e, keys=e["keys"][:left]))
+                left -= len(kept[-1]["keys"])
+        entries = kept
+    nw = cfg_data.num_workers
+    plan = eval_plan(entries, rank, world_size, cfg_data.eval_batch_videos, nw)
+    length = sum(math.ceil(sum(len(k) for _, k in segs) / cfg_data.eval_batch_videos) for segs in plan)
+    source = functools.partial(_eval_source, plan, nw)
+    return Batches(_loader(source, cfg_data, cfg_data.eval_batch_videos, True, nw, device), length, device)

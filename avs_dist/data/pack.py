@@ -1,0 +1,483 @@
+"""`avs-dist pack`: validate an AVSBench download, then write WebDataset shards + manifest.
+
+One shard set per subset: ``{split}-{k:05d}.tar`` for train / val / test, videos in CSV
+order, ``shard_videos`` videos per shard, and ``manifest.json`` (see shards.py).
+
+Each video is one WebDataset sample, key ``{index:06d}`` (its position in the split):
+
+- frames: ``frames.npy`` uint8 [5,H,W,3] (``--image-format npy``, the default: raw,
+  lossless, ~100x faster to decode than PNG) or ``frame0.png`` .. ``frame4.png`` (lossless)
+  or ``frame0.jpg`` .. (``--image-format jpeg``, lossy);
+- crops: the same with ``crops`` / ``crop{i}``: each frame's sounding-object box cropped
+  and resized to ``crop_size`` x ``crop_size`` (PIL bilinear on the exact sub-pixel box);
+- ``masks.npy`` uint8 0/1 [M,H,W] (any non-zero mask pixel is foreground);
+- ``audio.npy`` float32 [5,96,64] VGGish log-mel;
+- ``meta.json``: name, category, label, split, index, row (CSV row), mask_frames, boxes,
+  box_source, audio_source, frame_size.
+
+Bad input. Every video is validated first (all files decoded). By default any bad video
+stops the pack with one report listing every bad video, the file and the reason, and
+nothing is written. ``--skip-bad`` packs the rest and records the skipped videos and why in
+the manifest; ``index`` is then the position among the packed videos of the split.
+
+Atomic publishing. Shards are written as ``*.tar.tmp`` and renamed; ``manifest.json`` is
+written last (temp + rename), so a directory without a manifest is an incomplete pack.
+A rerun deletes the shards and temp files of an incomplete run and rebuilds. A complete
+shard set (a manifest exists) is never touched unless ``--overwrite`` is given; with it, the
+old set is removed only after the new input has validated.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from avs_dist.data.classes import S4_CLASSES, class_index
+from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS, SUBSET_DIRS, LayoutError, VideoRecord, read_subset, subset_root
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_FORMATS = ("npy", "png", "jpeg")
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.tar(\.tmp)?$")
+CSV_NAMES = {"s4": "s4_meta_data.csv", "ms3": "ms3_meta_data.csv"}
+
+
+class PackError(RuntimeError):
+    """The input cannot be packed as asked; `problems` lists every bad video when known."""
+
+    def __init__(self, message: str, problems: list[dict] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    image_format: str = "npy"
+    jpeg_quality: int = 95
+    crop_size: int = 224
+    shard_videos: int = 64
+    boxes: str | None = None  # root of the labelImg XML tree (None: boxes from masks)
+    skip_bad: bool = False
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_rgb(path: Path, problems: list[str]) -> np.ndarray | None:
+    if not path.is_file():
+        problems.append(f"{path}: frame not found")
+        return None
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        problems.append(f"{path}: unreadable image ({e})")
+        return None
+
+
+def _read_mask(path: Path, hw: tuple[int, int] | None, problems: list[str]) -> np.ndarray | None:
+    if not path.is_file():
+        problems.append(f"{path}: mask not found")
+        return None
+    try:
+        with Image.open(path) as im:
+            # Mode 'P' (MS3) holds palette indices: index 0 is background, as in mode 'L'/'1'.
+            arr = np.asarray(im if im.mode in ("1", "L", "P", "I", "I;16") else im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        problems.append(f"{path}: unreadable mask ({e})")
+        return None
+    if arr.ndim == 3:
+        arr = arr.any(axis=-1)
+    if hw is not None and arr.shape != hw:
+        problems.append(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} (WxH), its frame is {hw[1]}x{hw[0]}")
+        return None
+    return (arr != 0).astype(np.uint8)
+
+
+def _crop(frame: np.ndarray, box, size: int) -> np.ndarray:
+    # PIL resamples the exact (float) box region, so no rounding of the box is needed.
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1)))
+
+
+def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta CSV",
+               with_crops: bool = True) -> tuple[dict | None, list[str]]:
+    """Read and check every file of one video: (arrays, []) or (None, ["path: reason", ...]).
+
+    All problems of the video are collected, not only the first one.
+    """
+    from avs_dist.data.audio import AudioError, load_audio
+    from avs_dist.data.boxes import BoxError, boxes_for_video
+
+    problems: list[str] = []
+    label = -1
+    try:
+        label = class_index(rec.category)
+    except KeyError as e:
+        problems.append(f"{csv_path}: row {rec.row + 2}: {e.args[0]}")
+
+    frames_dir = rec.frame_paths[0].parent
+    if not frames_dir.is_dir():
+        problems.append(f"{frames_dir}: frame folder not found (no frames for this CSV row)")
+        frames = [None] * FRAMES_PER_VIDEO
+    else:
+        frames = [_read_rgb(p, problems) for p in rec.frame_paths]
+    hw = None
+    good = [f for f in frames if f is not None]
+    if good:
+        hw = good[0].shape[:2]
+        for p, f in zip(rec.frame_paths, frames):
+            if f is not None and f.shape[:2] != hw:
+                problems.append(f"{p}: frame is {f.shape[1]}x{f.shape[0]}, frame 1 is {hw[1]}x{hw[0]}")
+
+    masks_dir = rec.mask_paths[0].parent if rec.mask_paths else None
+    if masks_dir is not None and not masks_dir.is_dir():
+        problems.append(f"{masks_dir}: mask folder not found")
+        masks = [None] * len(rec.mask_paths)
+    else:
+        masks = [_read_mask(p, hw, problems) for p in rec.mask_paths]
+
+    audio, audio_source = None, None
+    try:
+        audio, audio_source = load_audio(rec)
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.shape != (FRAMES_PER_VIDEO, 1, 96, 64):
+            problems.append(f"{rec.logmel_path}: audio features have shape {list(audio.shape)}, expected [5, 1, 96, 64]")
+            audio = None
+    except AudioError as e:
+        problems.append(str(e) if str(rec.logmel_path) in str(e) or str(rec.wav_path) in str(e)
+                        else f"{rec.logmel_path}: {e}")
+
+    boxes, box_source = None, None
+    if hw is not None and all(m is not None for m in masks) and all(f is not None for f in frames):
+        try:
+            boxes, box_source = boxes_for_video(rec, hw, dict(zip(rec.mask_frames, masks)), opts.boxes)
+            boxes = np.asarray(boxes, dtype=np.float32)
+            h, w = hw
+            for i, b in enumerate(boxes):
+                x0, y0, x1, y1 = (float(v) for v in b)
+                if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                    problems.append(f"frame {i + 1} of {rec.name}: box {[x0, y0, x1, y1]} ({box_source[i]}) "
+                                    f"is empty or outside the {w}x{h} image")
+        except BoxError as e:
+            problems.append(str(e))
+
+    if problems:
+        return None, problems
+    video = {
+        "frames": np.stack(frames),
+        "masks": np.stack(masks) if masks else np.zeros((0, *hw), np.uint8),
+        "mask_frames": list(rec.mask_frames),
+        "audio": audio[:, 0],
+        "audio_source": audio_source,
+        "boxes": boxes,
+        "box_source": list(box_source),
+        "label": label,
+    }
+    if with_crops:
+        video["crops"] = np.stack([_crop(f, b, opts.crop_size) for f, b in zip(frames, boxes)])
+    return video, []
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _image(arr: np.ndarray, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    else:
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_sample(video: dict, meta: dict, opts: PackOptions) -> dict:
+    """Arrays + meta -> {"__key__", suffix: bytes} for one WebDataset sample."""
+    sample = {"__key__": f"{meta['index']:06d}"}
+    for name, stack in (("frame", video["frames"]), ("crop", video["crops"])):
+        if opts.image_format == "npy":
+            sample[f"{name}s.npy"] = _npy(stack)
+        else:
+            ext = "png" if opts.image_format == "png" else "jpg"
+            for i, img in enumerate(stack):
+                sample[f"{name}{i}.{ext}"] = _image(img, opts.image_format, opts.jpeg_quality)
+    sample["masks.npy"] = _npy(video["masks"].astype(np.uint8))
+    sample["audio.npy"] = _npy(video["audio"].astype(np.float32))
+    sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+    return sample
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile streams into it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha.update(b)
+        self.bytes += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord, int]],
+                 opts: PackOptions, csv_path: str) -> dict:
+    """Write one whole shard (runs in a worker process); returns its manifest entry."""
+    import webdataset as wds
+
+    final = Path(out) / file
+    tmp = final.with_name(file + ".tmp")
+    keys = []
+    with open(tmp, "wb") as f:
+        hw = _HashingWriter(f)
+        # mtime=0: the same input gives byte-identical shards (stable sha256 across rebuilds).
+        with wds.TarWriter(hw, encoder=False, mtime=0.0) as tw:
+            for rec, index in items:
+                video, problems = load_video(rec, opts, csv_path)
+                if video is None:
+                    raise PackError(f"{rec.name}: changed while packing: " + "; ".join(problems))
+                meta = {
+                    "name": rec.name, "subset": rec.subset, "category": rec.category,
+                    "label": video["label"], "split": split, "index": index, "row": rec.row,
+                    "mask_frames": video["mask_frames"], "boxes": video["boxes"].tolist(),
+                    "box_source": video["box_source"], "audio_source": video["audio_source"],
+                    "frame_size": list(video["frames"].shape[1:3]),
+                }
+                sample = encode_sample(video, meta, opts)
+                keys.append(sample["__key__"])
+                tw.write(sample)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return {"file": file, "split": split, "videos": len(items), "keys": keys,
+            "sha256": hw.sha.hexdigest(), "bytes": hw.bytes}
+
+
+def _validate_chunk(recs: list[VideoRecord], opts: PackOptions, csv_path: str) -> list[list[str]]:
+    return [load_video(r, opts, csv_path, with_crops=False)[1] for r in recs]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def _map_chunks(fn, chunks, args, progress, task, pool) -> list:
+    """fn(chunk, *args) for every chunk, in order, in the pool or in-process; advances `task` by len(chunk)."""
+    results = [None] * len(chunks)
+    if pool is None:
+        for i, chunk in enumerate(chunks):
+            results[i] = fn(chunk, *args)
+            progress.advance(task, len(chunk))
+        return results
+    futures = {pool.submit(fn, chunk, *args): i for i, chunk in enumerate(chunks)}
+    for fut in as_completed(futures):
+        i = futures[fut]
+        results[i] = fut.result()
+        progress.advance(task, len(chunks[i]))
+    return results
+
+
+def _format_problems(bad: list[dict]) -> str:
+    lines = []
+    for b in bad:
+        lines.append(f"  {b['name']} ({b['split']}, CSV row {b['row'] + 2}):")
+        lines += [f"    {p}" for p in b["problems"]]
+    return "\n".join(lines)
+
+
+def _clean_incomplete(out: Path) -> list[str]:
+    removed = []
+    for p in sorted(out.iterdir()):
+        if SHARD_NAME.match(p.name) or p.name == MANIFEST + ".tmp":
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+    _fsync_dir(out)
+
+
+def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Path | None = None,
+         workers: int = 1, skip_bad: bool = False, image_format: str = "npy", jpeg_quality: int = 95,
+         crop_size: int = 224, shard_videos: int = 64, overwrite: bool = False,
+         progress: bool = True, log=print) -> dict:
+    """Pack one subset of an AVSBench download into `out`; returns the manifest.
+
+    `boxes`: root of the labelImg XML tree handed to ``boxes_for_video``; when None and
+    ``<data_root>/boxes`` exists, that folder is used (`avs-dist synth` writes it there).
+    Raises PackError (bad videos without `skip_bad`, or a complete set without `overwrite`).
+    """
+    if subset not in SUBSET_DIRS:
+        raise PackError(f"--subset {subset!r}: expected s4 or ms3")
+    if image_format not in IMAGE_FORMATS:
+        raise PackError(f"--image-format {image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}")
+    if not 1 <= jpeg_quality <= 100:
+        raise PackError(f"--jpeg-quality {jpeg_quality}: expected 1..100")
+    if crop_size < 1 or shard_videos < 1 or workers < 1:
+        raise PackError("--crop-size, --shard-videos and --workers must be positive")
+    data_root = Path(data_root)
+    if boxes is None and (data_root / "boxes").is_dir():
+        boxes = data_root / "boxes"
+    if boxes is not None and not Path(boxes).is_dir():
+        raise PackError(f"--boxes {boxes}: folder not found")
+    if boxes is not None and (Path(boxes) / SUBSET_DIRS[subset]).is_dir():
+        # One XML tree for both subsets, split like the download (Single-source/, Multi-sources/).
+        boxes = Path(boxes) / SUBSET_DIRS[subset]
+    opts = PackOptions(image_format, jpeg_quality, crop_size, shard_videos,
+                       str(boxes) if boxes is not None else None, skip_bad)
+    out = Path(out)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise PackError(f"{out} already holds a complete shard set ({MANIFEST}); "
+                        f"pass --overwrite to rebuild it, or choose another --out")
+
+    records = read_subset(data_root, subset)
+    csv_path = str(subset_root(data_root, subset) / CSV_NAMES[subset])
+    t0 = time.time()
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        with _progress(progress) as bar:
+            # Validation decodes everything once: the report must be complete before any
+            # shard is written, and with --skip-bad the shard layout depends on it.
+            task = bar.add_task("validate", total=len(records))
+            chunk = max(1, min(16, len(records) // (4 * workers) or 1))
+            chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]
+            found = [p for c in _map_chunks(_validate_chunk, chunks, (opts, csv_path), bar, task, pool)
+                     for p in c]
+            bad = [{"name": r.name, "split": r.split, "row": r.row, "problems": p}
+                   for r, p in zip(records, found) if p]
+            if bad and not skip_bad:
+                raise PackError(
+                    f"{len(bad)} of {len(records)} {subset} videos are bad; nothing was written "
+                    f"(fix them, or pass --skip-bad to pack the rest):\n{_format_problems(bad)}", bad)
+            if bad:
+                log(f"skipping {len(bad)} bad videos (recorded in {MANIFEST}):\n{_format_problems(bad)}")
+
+            out.mkdir(parents=True, exist_ok=True)
+            if (out / MANIFEST).exists():  # --overwrite: unpublish first, so a crash leaves "incomplete"
+                (out / MANIFEST).unlink()
+                _fsync_dir(out)
+            removed = _clean_incomplete(out)
+            if removed:
+                log(f"removed {len(removed)} files of a previous incomplete or replaced pack in {out}")
+
+            bad_rows = {b["row"] for b in bad}
+            jobs = []
+            for split in SPLITS:
+                good = [r for r in records if r.split == split and r.row not in bad_rows]
+                items = list(zip(good, range(len(good))))
+                for k, i in enumerate(range(0, len(items), shard_videos)):
+                    jobs.append((f"{split}-{k:05d}.tar", split, items[i:i + shard_videos]))
+            task = bar.add_task("write shards", total=sum(len(j[2]) for j in jobs))
+            entries = [None] * len(jobs)
+            if pool is None:
+                for n, (file, split, items) in enumerate(jobs):
+                    entries[n] = _write_shard(str(out), file, split, items, opts, csv_path)
+                    bar.advance(task, len(items))
+            else:
+                futures = {pool.submit(_write_shard, str(out), file, split, items, opts, csv_path): n
+                           for n, (file, split, items) in enumerate(jobs)}
+                for fut in as_completed(futures):
+                    n = futures[fut]
+                    entries[n] = fut.result()
+                    bar.advance(task, len(jobs[n][2]))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    _fsync_dir(out)
+    splits = {s: {"videos": sum(e["videos"] for e in entries if e["split"] == s),
+                  "shards": sum(1 for e in entries if e["split"] == s)} for s in SPLITS}
+    manifest = {
+        "format": "avs-dist-shards",
+        "schema_version": SCHEMA_VERSION,
+        "subset": subset,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "classes": list(S4_CLASSES),
+        "options": {**asdict(opts), "data_root": str(data_root)},
+        "splits": splits,
+        "shards": entries,
+        "skipped": bad,
+    }
+    _write_manifest(out, manifest)
+    counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in splits.items())
+    log(f"packed {subset} into {out} in {time.time() - t0:.1f}s: {counts}"
+        + (f"; skipped {len(bad)} bad videos" if bad else ""))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="avs-dist pack", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-root", required=True, help="folder holding Single-source/ and/or Multi-sources/")
+    ap.add_argument("--subset", required=True, choices=("s4", "ms3"))
+    ap.add_argument("--out", required=True, help="shard folder to write (one per subset)")
+    ap.add_argument("--boxes", default=None, help="labelImg XML root (default: <data-root>/boxes if present, "
+                    "else boxes are derived from masks)")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    ap.add_argument("--skip-bad", action="store_true", help="pack the good videos, record bad ones in the manifest")
+    ap.add_argument("--image-format", choices=IMAGE_FORMATS, default="npy",
+                    help="frames and crops: raw uint8 npy (lossless, fastest to read; default), png (lossless, "
+                         "smaller, ~3 cores per GPU to decode), jpeg (lossy)")
+    ap.add_argument("--jpeg-quality", type=int, default=95)
+    ap.add_argument("--crop-size", type=int, default=224)
+    ap.add_argument("--shard-videos", type=int, default=64)
+    ap.add_argument("--overwrite", action="store_true", help="rebuild a complete shard set in --out")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        pack(a.data_root, a.subset, a.out, boxes=a.boxes, workers=a.workers, skip_bad=a.skip_bad,
+             image_format=a.image_format, jpeg_quality=a.jpeg_quality, crop_size=a.crop_size,
+             shard_videos=a.shard_videos, overwrite=a.overwrite, progress=not a.no_progress)
+    except (PackError, LayoutError) as e:
+        print(f"avs-dist pack: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

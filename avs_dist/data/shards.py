@@ -1,0 +1,164 @@
+"""Reading a shard set written by `avs-dist pack`: manifest, checksums, videos.
+
+``manifest.json`` (written last; its absence means the pack did not complete)::
+
+    format "avs-dist-shards", schema_version 1, subset "s4" | "ms3", created,
+    classes        the 23 S4 classes in reference order (label = position)
+    options        packing options (image_format, jpeg_quality, crop_size, shard_videos,
+                   boxes, skip_bad, data_root)
+    splits         {split: {"videos": n, "shards": k}}
+    shards         [{"file", "split", "videos", "keys", "sha256", "bytes"}] in split, CSV order
+    skipped        [{"name", "split", "row", "problems": ["path: reason", ...]}]
+
+``iter_videos(shard_dir, split)`` yields one dict per video, in CSV order:
+
+    frames       uint8 [5,H,W,3]     the 5 frames, RGB, bit-identical to the source PNGs
+    crops        uint8 [5,c,c,3]     sounding-object crops (box -> crop -> bilinear resize)
+    masks        uint8 [M,H,W] 0/1   ground-truth masks (S4 train: M=1, else 5)
+    mask_frames  int64 [M]           0-based frame index of each mask
+    audio        float32 [5,96,64]   VGGish log-mel (equal to the .pkl in float32)
+    name, category (str or None for MS3), label (int, -1 for MS3), split,
+    index        position in the split (CSV order; with --skip-bad, among packed videos)
+    row          0-based row in the meta CSV
+    boxes        float32 [5,4] (xmin, ymin, xmax, ymax), 0-based pixel corners, exclusive max
+    box_source   list[5] of "xml" | "mask" | "nearest_mask" | "full_frame"
+    audio_source "pkl" | "wav"
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A shard set that is missing, incomplete, or does not match its manifest."""
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """The manifest of a complete shard set. ShardError if it is missing (incomplete pack)."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        hint = " (an incomplete pack: rerun avs-dist pack)" if Path(shard_dir).is_dir() else ""
+        raise ShardError(f"{path} not found: {shard_dir} is not a complete shard set{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format") != "avs-dist-shards" or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: format {manifest.get('format')!r} schema {manifest.get('schema_version')!r}, "
+                         f"expected 'avs-dist-shards' schema {SCHEMA_VERSION}")
+    return manifest
+
+
+def split_shards(shard_dir: str | Path, split: str, manifest: dict | None = None) -> list[dict]:
+    """Manifest entries of one split's shards, in CSV order, with "path" added."""
+    manifest = manifest or read_manifest(shard_dir)
+    if split not in SPLITS:
+        raise ShardError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    return [dict(e, path=str(Path(shard_dir) / e["file"])) for e in manifest["shards"] if e["split"] == split]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shards(shard_dir: str | Path) -> dict:
+    """Check every shard against the manifest (presence, size, sha256).
+
+    Returns ``{"ok": bool, "checked": n, "problems": ["file: reason", ...],
+    "extra": [shard-like files not in the manifest]}``.
+    """
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    problems = []
+    for e in manifest["shards"]:
+        path = shard_dir / e["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != e["bytes"]:
+            problems.append(f"{path}: {size} bytes, manifest says {e['bytes']}")
+            continue
+        digest = sha256_file(path)
+        if digest != e["sha256"]:
+            problems.append(f"{path}: sha256 {digest[:16]}..., manifest says {e['sha256'][:16]}...")
+    listed = {e["file"] for e in manifest["shards"]}
+    extra = sorted(p.name for p in shard_dir.glob("*.tar*") if p.name not in listed)
+    return {"ok": not problems, "checked": len(manifest["shards"]), "problems": problems, "extra": extra}
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _image(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _stack(raw: dict, name: str) -> np.ndarray:
+    if f"{name}s.npy" in raw:
+        return _npy(raw[f"{name}s.npy"])
+    for ext in ("png", "jpg"):
+        if f"{name}0.{ext}" in raw:
+            return np.stack([_image(raw[f"{name}{i}.{ext}"]) for i in range(FRAMES_PER_VIDEO)])
+    raise ShardError(f"{raw.get('__url__')}: sample {raw.get('__key__')} has no {name}s")
+
+
+def decode_sample(raw: dict) -> dict:
+    """One raw WebDataset sample (suffix -> bytes) -> the video dict described above."""
+    try:
+        meta = json.loads(raw["meta.json"])
+        video = {
+            "frames": _stack(raw, "frame"),
+            "crops": _stack(raw, "crop"),
+            "masks": _npy(raw["masks.npy"]),
+            "mask_frames": np.asarray(meta["mask_frames"], dtype=np.int64),
+            "audio": _npy(raw["audio.npy"]),
+            "boxes": np.asarray(meta["boxes"], dtype=np.float32),
+        }
+    except KeyError as e:
+        raise ShardError(f"{raw.get('__url__')}: sample {raw.get('__key__')} lacks {e.args[0]}") from None
+    for k in ("name", "category", "label", "split", "index", "row", "box_source", "audio_source"):
+        video[k] = meta[k]
+    return video
+
+
+def iter_raw(paths: list[str], select=None):
+    """Raw samples (suffix -> bytes) of the given tar files, in order.
+
+    `select(key) -> bool` picks samples by key before their bytes are read into memory.
+    """
+    import webdataset as wds
+
+    select_files = None if select is None else (lambda fname: select(fname.split(".", 1)[0]))
+    for path in paths:
+        if not Path(path).is_file():
+            raise ShardError(f"{path}: shard listed in the manifest is missing")
+    return wds.tarfile_samples([{"url": p} for p in paths], select_files=select_files)
+
+
+def iter_videos(shard_dir: str | Path, split: str):
+    """Every video of `split` as a dict of numpy arrays (see the module docstring), CSV order."""
+    entries = split_shards(shard_dir, split)
+    for raw in iter_raw([e["path"] for e in entries]):
+        yield decode_sample(raw)

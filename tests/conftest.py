@@ -1,0 +1,41 @@
+"""Shared fixtures: a small synthetic AVSBench download and its packed shard sets.
+
+Session-scoped and cheap (a few seconds in all): 12 videos per subset at 64x64
+(8 train / 2 val / 2 test), crops of 32x32, 4 videos per shard (several train shards).
+"""
+from __future__ import annotations
+
+import pytest
+
+SYNTH_VIDEOS = 12
+SYNTH_SIZE = 64
+CROP_SIZE = 32
+SHARD_VIDEOS = 4
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    from avs_dist.data import synth
+
+    root = tmp_path_factory.mktemp("synth")
+    synth.generate(root, videos=SYNTH_VIDEOS, size=SYNTH_SIZE, subset="both", seed=0)
+    return root
+
+
+def _pack(tmp_path_factory, root, subset):
+    from avs_dist.data.pack import pack
+
+    out = tmp_path_factory.mktemp(f"{subset}_shards")
+    pack(root, subset, out, crop_size=CROP_SIZE, shard_videos=SHARD_VIDEOS, workers=1,
+         progress=False, log=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def s4_shards(tmp_path_factory, synth_root):
+    return _pack(tmp_path_factory, synth_root, "s4")
+
+
+@pytest.fixture(scope="session")
+def ms3_shards(tmp_path_factory, synth_root):
+    return _pack(tmp_path_factory, synth_root, "ms3")

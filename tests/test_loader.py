@@ -1,0 +1,170 @@
+"""Train / eval loaders with 2 ranks x 2 workers (rank and world size passed in, no process group)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from avs_dist.config import DataConfig
+from avs_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, eval_loader, steps_per_epoch, train_loader
+from avs_dist.data.shards import iter_videos, read_manifest
+
+WORLD = 2
+
+
+def _cfg(**kw):
+    base = dict(image_size=64, crop_size=32, batch_videos=3, eval_batch_videos=3, num_workers=2,
+                shuffle_buffer=4, prefetch_factor=2)
+    return DataConfig(**{**base, **kw})
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    """Normalised [...,3,H,W] -> uint8 [...,H,W,3]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    y = (x * std + mean) * 255.0
+    assert (y - y.round()).abs().max() < 1e-3
+    return y.round().to(torch.uint8).movedim(-3, -1).numpy()
+
+
+def _epoch(shards, cfg, seed=0, epoch=0, start_batch=0):
+    return [list(train_loader(shards, cfg, r, WORLD, seed, epoch, start_batch)) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_eval_every_video_exactly_once(s4_shards, split):
+    cfg = _cfg(eval_batch_videos=2)
+    n = read_manifest(s4_shards)["splits"][split]["videos"]
+    seen = []
+    for rank in range(WORLD):
+        loader = eval_loader(s4_shards, split, cfg, rank, WORLD)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for b in batches:
+            assert 1 <= len(b["index"]) <= 2 and b["frames"].shape[1:] == (5, 3, 64, 64)
+            assert not b["hflip"].any()
+            seen += b["index"].tolist()
+    assert sorted(seen) == list(range(n))
+
+    ref = {v["index"]: v for v in iter_videos(s4_shards, split)}
+    b = next(iter(eval_loader(s4_shards, split, cfg, 1, WORLD)))
+    for i, idx in enumerate(b["index"].tolist()):
+        np.testing.assert_array_equal(_uint8(b["frames"][i]), ref[idx]["frames"])
+        np.testing.assert_array_equal(_uint8(b["crops"][i]), ref[idx]["crops"])
+        assert b["name"][i] == ref[idx]["name"] and b["label"][i] == ref[idx]["label"]
+        np.testing.assert_array_equal(b["audio"][i, :, 0].numpy(), ref[idx]["audio"])
+
+
+def test_train_epoch_covers_all_with_equal_counts(s4_shards):
+    cfg = _cfg()
+    manifest = read_manifest(s4_shards)
+    n = manifest["splits"]["train"]["videos"]
+    steps = steps_per_epoch(manifest, WORLD, cfg.batch_videos)
+    assert steps == math.ceil(n / (WORLD * cfg.batch_videos)) == 2
+    per_rank = _epoch(s4_shards, cfg)
+    assert [len(b) for b in per_rank] == [steps] * WORLD
+    assert all(len(train_loader(s4_shards, cfg, r, WORLD, 0, 0)) == steps for r in range(WORLD))
+    seen = [i for batches in per_rank for b in batches for i in b["index"].tolist()]
+    assert len(seen) == steps * WORLD * cfg.batch_videos
+    assert set(seen) == set(range(n))  # every video at least once; the rest wraps around
+    b = per_rank[0][0]
+    assert b["frames"].shape == (3, 5, 3, 64, 64) and b["frames"].dtype == torch.float32
+    assert b["masks"].shape == (3, 5, 64, 64) and b["crops"].shape == (3, 5, 3, 32, 32)
+    assert b["audio"].shape == (3, 5, 1, 96, 64) and b["label"].dtype == torch.int64
+    # S4 train has a mask for frame 1 only
+    assert b["mask_valid"].tolist() == [[True, False, False, False, False]] * 3
+    assert b["masks"][:, 1:].abs().sum() == 0 and b["masks"][:, 0].sum() > 0
+
+
+def _signature(per_rank):
+    return [[(b["index"].tolist(), b["hflip"].tolist()) for b in batches] for batches in per_rank]
+
+
+def test_train_deterministic_and_shuffled(s4_shards):
+    cfg = _cfg(batch_videos=2)
+    a, b = _epoch(s4_shards, cfg, seed=5, epoch=1), _epoch(s4_shards, cfg, seed=5, epoch=1)
+    assert _signature(a) == _signature(b)
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x["frames"], y["frames"]) and torch.equal(x["masks"], y["masks"])
+    orders = {str(_signature(_epoch(s4_shards, cfg, seed=5, epoch=e))) for e in range(4)}
+    assert len(orders) > 1  # epochs differ
+    flat = [i for batches in a for bt in batches for i in bt["index"].tolist()]
+    assert flat != sorted(flat)
+
+
+@pytest.mark.parametrize("start", [1, 2, 3])
+def test_start_batch_resumes_exactly(s4_shards, start):
+    cfg = _cfg(batch_videos=1)  # 4 batches per rank over 2 workers: resumes at both worker phases
+    full = _epoch(s4_shards, cfg, seed=3, epoch=2)
+    resumed = _epoch(s4_shards, cfg, seed=3, epoch=2, start_batch=start)
+    assert _signature(resumed) == [s[start:] for s in _signature(full)]
+    for r in range(WORLD):
+        assert len(train_loader(s4_shards, cfg, r, WORLD, 3, 2, start)) == len(full[r]) - start
+        for x, y in zip(resumed[r], full[r][start:]):
+            assert torch.equal(x["frames"], y["frames"]) and torch.equal(x["crops"], y["crops"])
+
+
+def test_flip_is_consistent(s4_shards):
+    cfg = _cfg(batch_videos=2)
+    ref = {v["index"]: v for v in iter_videos(s4_shards, "train")}
+    flipped = unflipped = 0
+    for batches in _epoch(s4_shards, cfg, seed=1, epoch=0) + _epoch(s4_shards, cfg, seed=1, epoch=1):
+        for b in batches:
+            for i, idx in enumerate(b["index"].tolist()):
+                v = ref[idx]
+                frames, crops, mask = v["frames"], v["crops"], v["masks"][0]
+                if b["hflip"][i]:
+                    frames, crops, mask = frames[:, :, ::-1], crops[:, :, ::-1], mask[:, ::-1]
+                    flipped += 1
+                else:
+                    unflipped += 1
+                np.testing.assert_array_equal(_uint8(b["frames"][i]), frames)
+                np.testing.assert_array_equal(_uint8(b["crops"][i]), crops)
+                np.testing.assert_array_equal(b["masks"][i, 0].numpy(), mask.astype(np.float32))
+    assert flipped and unflipped
+    cfg.hflip = False
+    assert not any(b["hflip"].any() for batches in _epoch(s4_shards, cfg) for b in batches)
+
+
+def test_resize_and_ms3_masks(ms3_shards):
+    cfg = _cfg(image_size=48, crop_size=24, num_workers=0)
+    b = next(iter(eval_loader(ms3_shards, "val", cfg)))
+    assert b["frames"].shape[-2:] == (48, 48) and b["crops"].shape[-2:] == (24, 24)
+    assert b["masks"].shape[-2:] == (48, 48) and set(b["masks"].unique().tolist()) <= {0.0, 1.0}
+    assert b["mask_valid"].all() and (b["label"] == -1).all()
+    t = next(iter(train_loader(ms3_shards, cfg, 0, 1, 0, 0)))
+    assert t["mask_valid"].all() and t["frames"].shape == (3, 5, 3, 48, 48)
+
+
+def test_uint8_transport_matches_contract(s4_shards):
+    cfg = _cfg(batch_videos=2, image_size=48, crop_size=24)
+    ref = _epoch(s4_shards, cfg, seed=2, epoch=0)[1]
+    dev = list(train_loader(s4_shards, cfg, 1, WORLD, 2, 0, device="cpu"))
+    assert len(dev) == len(ref)
+    for x, y in zip(dev, ref):
+        assert x["index"].tolist() == y["index"].tolist() and x["hflip"].tolist() == y["hflip"].tolist()
+        for k in ("frames", "crops", "masks"):
+            assert x[k].dtype == torch.float32 and x[k].shape == y[k].shape
+        torch.testing.assert_close(x["frames"], y["frames"], atol=0.05, rtol=0)  # uint8 rounding after resize
+        torch.testing.assert_close(x["masks"], y["masks"])
+    same = next(iter(eval_loader(s4_shards, "val", _cfg(), device="cpu")))
+    want = next(iter(eval_loader(s4_shards, "val", _cfg())))
+    torch.testing.assert_close(same["frames"], want["frames"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(same["crops"], want["crops"], atol=1e-5, rtol=0)
+
+
+def test_bench_data_smoke(s4_shards, synth_root, tmp_path):
+    import json
+
+    from avs_dist.data.bench import main as bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["--data-root", str(synth_root), "--shards", str(s4_shards), "--videos", "4",
+                       "--workers", "0", "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["videos"] == 4 and result["machine"]["torch"] == torch.__version__
+    for k in ("shard_loader", "shard_loader_uint8", "per_file_loader"):
+        assert result[k]["videos"] == 4 and result[k]["videos_per_cpu_s"] > 0
+    assert result["ratio_per_core"] > 0
