@@ -1,0 +1,253 @@
+"""`avs-dist bench model`: training-step throughput, peak memory and FLOPs of model variants.
+
+Each variant times full training steps (forward, losses, backward, Adam step) on synthetic
+tensors already on the device: median of --steps steps after warm-up, with a device
+synchronisation around each step on GPU. FLOPs are counted once per variant with
+torch.utils.flop_counter.FlopCounterMode over one forward + backward. Variants differ in
+precision (fp32 / bf16 autocast), memory format (NCHW / channels_last), TPAVI implementation
+(reference / factorized), branches (one: AVSModel; two: + crop branch and its losses) and
+batch size. Names read `{impl}_{precision}_{cl|nchw}_{one|two}_b{B}`; --variants takes a
+comma-separated list of names or shell patterns (e.g. 'factorized_bf16_*').
+
+Presets: `cpu` (ResNet-18, 32 decoder channels, 64 px; about a minute on 2 cores) and `full`
+(ResNet-50, 256 channels, 224 px: the configurations of docs perf-baseline, for one GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from .config import LossConfig, ModelConfig
+from .losses import compute_losses
+from .models import build_model, to_channels_last
+
+
+@dataclasses.dataclass
+class Variant:
+    impl: str  # "factorized" | "reference"
+    precision: str  # "fp32" | "bf16"
+    channels_last: bool
+    two_branch: bool
+    batch: int  # videos per step (5 frames each)
+
+    @property
+    def name(self) -> str:
+        return (f"{self.impl}_{self.precision}_{'cl' if self.channels_last else 'nchw'}_"
+                f"{'two' if self.two_branch else 'one'}_b{self.batch}")
+
+
+def _v(spec: str) -> Variant:
+    impl, prec, fmt, branches, b = spec.split("_")
+    return Variant(impl, prec, fmt == "cl", branches == "two", int(b[1:]))
+
+
+PRESETS = {
+    "cpu": {
+        "model": dict(depth=18, decoder_channels=32, crop_depth=18, crop_hidden=64),
+        "image": 64, "crop": 32, "warmup": 1, "steps": 3,
+        "variants": [_v(s) for s in (
+            "reference_fp32_nchw_one_b2", "factorized_fp32_nchw_one_b2", "factorized_fp32_cl_one_b2",
+            "factorized_fp32_nchw_two_b2", "factorized_bf16_nchw_one_b2", "factorized_fp32_nchw_one_b1")],
+    },
+    "full": {
+        "model": dict(depth=50, decoder_channels=256, crop_depth=50, crop_hidden=512),
+        "image": 224, "crop": 224, "warmup": 5, "steps": 20,
+        "variants": [_v(s) for s in (
+            "reference_fp32_nchw_one_b4", "factorized_fp32_nchw_one_b4",
+            "reference_bf16_cl_one_b4", "factorized_bf16_cl_one_b4",
+            "reference_bf16_cl_one_b16", "reference_bf16_cl_two_b16",
+            "factorized_bf16_cl_one_b16", "factorized_bf16_cl_two_b16",
+            "factorized_bf16_nchw_one_b16", "factorized_bf16_nchw_two_b16",
+            "factorized_bf16_cl_one_b8", "factorized_bf16_cl_one_b32", "factorized_bf16_cl_two_b32")],
+    },
+}
+
+
+def synthetic_batch(batch: int, image: int, crop: int, device: torch.device, frames: int = 5) -> dict:
+    g = torch.Generator().manual_seed(0)
+    valid = torch.zeros(batch, frames, dtype=torch.bool)
+    valid[:, 0] = True  # S4 training supervises the first frame only
+    cpu = {
+        "frames": torch.randn(batch, frames, 3, image, image, generator=g),
+        "audio": torch.randn(batch, frames, 1, 96, 64, generator=g),
+        "crops": torch.randn(batch, frames, 3, crop, crop, generator=g),
+        "masks": (torch.rand(batch, frames, image, image, generator=g) > 0.5).float(),
+        "mask_valid": valid,
+        "label": torch.randint(0, 23, (batch,), generator=g),
+    }
+    return {k: v.to(device) for k, v in cpu.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_peak_gib() -> float:
+    # ru_maxrss is KiB on Linux: the process's high-water mark, so it never decreases across variants.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warmup: int) -> dict:
+    mcfg = ModelConfig(**preset["model"], tpavi_impl=v.impl, crop_branch=v.two_branch,
+                       channels_last=v.channels_last)
+    lcfg = LossConfig(crop_ce=v.two_branch, crop_pair=v.two_branch, crop_audio=v.two_branch)
+    torch.manual_seed(0)
+    model = build_model(mcfg, load_weights=False).to(device)
+    if v.channels_last:
+        to_channels_last(model)
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = synthetic_batch(v.batch, preset["image"], preset["crop"], device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.precision == "bf16")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(batch["frames"], batch["audio"], batch["crops"] if v.two_branch else None)
+            total, _ = compute_losses(out, batch, lcfg)
+        total.backward()
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak, mem_kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
+    else:
+        peak, mem_kind = _rss_peak_gib(), "process_peak_rss"
+
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    opt.zero_grad(set_to_none=True)
+    with counter:
+        with autocast:
+            out = model(batch["frames"], batch["audio"], batch["crops"] if v.two_branch else None)
+            total, _ = compute_losses(out, batch, lcfg)
+        total.backward()
+    flops = counter.get_total_flops()
+
+    frames = v.batch * 5
+    med = statistics.median(times)
+    del model, opt, batch
+    return {
+        "name": v.name, **dataclasses.asdict(v), "frames_per_step": frames,
+        "ms_per_step_median": med * 1e3, "ms_per_step_all": [t * 1e3 for t in times],
+        "frames_per_s": frames / med, "peak_mem_gib": peak, "mem_kind": mem_kind,
+        "gflop_per_frame": flops / frames / 1e9, "achieved_tflop_s": flops / med / 1e12,
+    }
+
+
+def select(variants: list[Variant], patterns: str | None) -> list[Variant]:
+    if not patterns:
+        return variants
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = [v for v in variants if any(fnmatch.fnmatchcase(v.name, p) for p in pats)]
+    known = {v.name for v in variants}
+    for p in pats:  # a full name outside the preset's list is still a valid variant
+        if p not in known and not any(ch in p for ch in "*?["):
+            try:
+                chosen.append(_v(p))
+            except ValueError:
+                raise SystemExit(f"bench model: variant {p!r} is not a preset variant or a name like "
+                                 f"'factorized_bf16_cl_two_b16' (preset variants: {', '.join(sorted(known))})")
+    if not chosen:
+        raise SystemExit(f"bench model: --variants {patterns!r} matches none of: {', '.join(sorted(known))}")
+    return chosen
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _write_json(path: str, report: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="avs-dist bench model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--steps", type=int, help="timed steps per variant (preset default: cpu 3, full 20)")
+    ap.add_argument("--warmup", type=int, help="untimed steps first (preset default: cpu 1, full 5)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    ap.add_argument("--variants", help="comma-separated names or patterns, e.g. 'factorized_bf16_cl_*'")
+    ap.add_argument("--list", action="store_true", help="list the preset's variants and exit")
+    args = ap.parse_args(argv)
+    preset = PRESETS[args.preset]
+    variants = select(preset["variants"], args.variants)
+    if args.list:
+        print("\n".join(v.name for v in variants))
+        return 0
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("bench model: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device(dev)
+    steps = args.steps if args.steps is not None else preset["steps"]
+    warmup = args.warmup if args.warmup is not None else preset["warmup"]
+    if steps < 1 or warmup < 0:
+        print("bench model: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+
+    report = {
+        "device": _device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "preset": args.preset, "model": preset["model"], "image": preset["image"], "crop": preset["crop"],
+        "steps": steps, "warmup": warmup, "results": [],
+    }
+    print(f"device {report['device']}, torch {report['torch']}, preset {args.preset}, "
+          f"{steps} steps after {warmup} warm-up")
+    header = f"{'variant':36} {'ms/step':>9} {'frames/s':>9} {'peak GiB':>9} {'GFLOP/fr':>9} {'TFLOP/s':>8}"
+    print(header)
+    for v in variants:
+        try:
+            r = run_variant(v, preset, device, steps, warmup)
+        except torch.cuda.OutOfMemoryError as e:
+            r = {"name": v.name, **dataclasses.asdict(v), "error": f"out of memory: {str(e).splitlines()[0]}"}
+        except Exception as e:  # one failing variant must not lose the others' numbers
+            r = {"name": v.name, **dataclasses.asdict(v), "error": f"{type(e).__name__}: {e}"}
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        report["results"].append(r)
+        if args.out:  # after every variant, so a run cut short keeps what it measured
+            _write_json(args.out, report)
+        if "error" in r:
+            print(f"{v.name:36} ERROR {r['error']}")
+        else:
+            print(f"{v.name:36} {r['ms_per_step_median']:9.1f} {r['frames_per_s']:9.1f} {r['peak_mem_gib']:9.2f} "
+                  f"{r['gflop_per_frame']:9.2f} {r['achieved_tflop_s']:8.3f}", flush=True)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 1 if all("error" in r for r in report["results"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Training losses: mask BCE, AVM (AVSBench), and the seed's three crop-branch terms.
+
+`total, terms = compute_losses(out, batch, cfg.loss)`. `terms` maps each enabled term's name
+(bce, avm, crop_ce, crop_pair, crop_audio) to its UNWEIGHTED value, not detached; `total` is
+the sum of weight * term. Everything is a masked mean over tensors: no boolean indexing or
+.item(), so no host synchronisation in the training step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LossConfig
+
+AVM_EPS = 1e-6  # -log(relu(cos) + eps), and the masked-pooling denominator, as AVSBench
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(values * weights) / max(sum(weights), 1): 0 rather than NaN when nothing counts."""
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
+
+
+def bce_loss(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Pixel-mean BCE over the frames with a ground-truth mask.
+
+    logits [B*T, 1, H, W], masks [B, T, H, W] 0/1, valid bool [B, T]. S4 training marks only
+    frame 0 valid (the reference's first-frame loss), MS3 all five. Equal to the reference's
+    BCELoss(sigmoid(logits)) except where the latter clamps log() at -100.
+    """
+    b, t = valid.shape
+    target = masks.reshape(b * t, 1, *masks.shape[-2:]).to(logits.dtype)
+    per_frame = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2, 3))
+    return _masked_mean(per_frame.float(), valid.reshape(-1))
+
+
+def avm_loss(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
+    """AVSBench audio-visual matching loss, averaged over `stages`.
+
+    Per stage: the predicted mask (sigmoid, average-pooled to the stage size, > 0.5) pools
+    the stage's visual map; loss = mean over frames of -log(relu(cos(pooled, a'_t)) + 1e-6).
+    The thresholded mask carries no gradient, so it is built from detached logits.
+    """
+    by_stage = {s: (v, a) for s, v, a in avm}
+    missing = [s for s in stages if s not in by_stage]
+    if missing:
+        raise ValueError(f"AVM loss: no TPAVI audio-visual output for stages {missing} (have {sorted(by_stage)})")
+    prob = torch.sigmoid(logits.detach().float())
+    total = 0.0
+    for s in stages:
+        visual, audio = by_stage[s]
+        mask = (F.adaptive_avg_pool2d(prob, visual.shape[-2:]) > 0.5).to(visual.dtype)  # [B*T, 1, h, w]
+        pooled = (visual * mask).sum(dim=(2, 3)) / (mask.sum(dim=(2, 3)) + AVM_EPS)  # [B*T, C]
+        cos = F.cosine_similarity(pooled.float(), audio.reshape(-1, audio.shape[-1]).float(), dim=-1)
+        total = total + (-torch.log(F.relu(cos) + AVM_EPS)).mean()
+    return total / len(stages)
+
+
+def crop_ce_loss(crop_logits: torch.Tensor, label: torch.Tensor, frames: int) -> torch.Tensor:
+    """Cross-entropy of every crop against its video's class; label -1 (MS3) is ignored."""
+    target = label.repeat_interleave(frames)
+    ce = F.cross_entropy(crop_logits.float(), target.clamp_min(0), reduction="none")
+    return _masked_mean(ce, target >= 0)
+
+
+def crop_pair_loss(crop_embed: torch.Tensor, frames: int) -> torch.Tensor:
+    """Mean L2 distance (torch PairwiseDistance) over all pairs of a video's crop embeddings."""
+    e = crop_embed.float().reshape(-1, frames, crop_embed.shape[-1])
+    i, j = torch.triu_indices(frames, frames, offset=1, device=e.device)
+    return nn.PairwiseDistance(p=2)(e[:, i].reshape(-1, e.shape[-1]), e[:, j].reshape(-1, e.shape[-1])).mean()
+
+
+def crop_audio_loss(crop_proj: torch.Tensor, audio_proj: torch.Tensor) -> torch.Tensor:
+    """1 - cos(each crop's projection, its video's mean-audio projection), mean over crops."""
+    b = audio_proj.shape[0]
+    crops = crop_proj.float().reshape(b, -1, crop_proj.shape[-1])
+    return (1 - F.cosine_similarity(crops, audio_proj.float()[:, None], dim=-1)).mean()
+
+
+def compute_losses(out: dict, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+    frames = batch["mask_valid"].shape[1]
+    terms = {"bce": bce_loss(out["logits"], batch["masks"], batch["mask_valid"])}
+    weights = {"bce": cfg.bce_weight}
+    if cfg.avm:
+        terms["avm"], weights["avm"] = avm_loss(out["logits"], out["avm"], cfg.avm_stages), cfg.avm_weight
+    crop_terms = [t for t in ("crop_ce", "crop_pair", "crop_audio") if getattr(cfg, t)]
+    if crop_terms and out.get("crop_logits") is None:
+        raise ValueError(f"loss terms {crop_terms} need the crop branch's outputs (model.crop_branch=true and crops)")
+    if cfg.crop_ce:
+        terms["crop_ce"], weights["crop_ce"] = crop_ce_loss(out["crop_logits"], batch["label"], frames), cfg.crop_ce_weight
+    if cfg.crop_pair:
+        terms["crop_pair"], weights["crop_pair"] = crop_pair_loss(out["crop_embed"], frames), cfg.crop_pair_weight
+    if cfg.crop_audio:
+        if out.get("audio_proj") is None:
+            raise ValueError("loss.crop_audio needs audio features (out['audio_proj'] is None)")
+        terms["crop_audio"] = crop_audio_loss(out["crop_proj"], out["audio_proj"])
+        weights["crop_audio"] = cfg.crop_audio_weight
+    total = sum(weights[k] * v for k, v in terms.items())
+    return total, terms

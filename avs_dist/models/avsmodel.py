@@ -1,0 +1,145 @@
+"""AVSModel: ResNet encoder, ASPP heads, TPAVI, fusion decoder (avsbench-format.md §3).
+
+Submodule names follow the AVSBench reference `Pred_endecoder` so that its checkpoints map
+onto ours with one rename (models/weights.py): resnet, conv1..conv4 (.conv2d_list),
+tpavi_b1..tpavi_b4, path1..path4 (.resConfUnit1/2), output_conv.{0,2,4}.
+
+Two facts of the reference that the outputs depend on, reproduced here:
+- Its residual conv unit applies an in-place ReLU to its input, so the residual added back
+  is relu(x), not x; and because the TPAVI outputs are those inputs, the visual maps the
+  reference's AVM loss sees are relu(TPAVI output). We return the same maps in `avm`.
+- path4 is called with one input, so its resConfUnit1 is never used; we do not create it
+  (the reference checkpoint's path4.resConfUnit1.* keys are reported as unused).
+
+Widths: every decoder map has cfg.decoder_channels (C) channels; the output head narrows to
+C/2 and C/8 (the reference's 128 and 32 at C = 256) so small presets run the same code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .resnet import ResNetEncoder
+from .tpavi import TPAVI
+
+DILATIONS = (3, 6, 12, 18)
+STRIDE = 32  # input sides must be multiples of the encoder's total stride
+
+
+class ASPPHead(nn.Module):
+    """Sum of four dilated 3x3 convs (the reference's Classifier_Module)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=d, dilation=d, bias=True)
+            for d in DILATIONS
+        )
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2d_list[0](x)
+        for conv in self.conv2d_list[1:]:
+            out = out + conv(x)
+        return out
+
+
+class ResidualConvUnit(nn.Module):
+    """relu -> conv3x3 -> relu -> conv3x3, plus relu(x) (see the module docstring)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = F.relu(x)
+        return self.conv2(F.relu(self.conv1(r))) + r
+
+
+class FeatureFusionBlock(nn.Module):
+    """(running map + RCU(skip)) -> RCU -> 2x bilinear upsample (align_corners=True)."""
+
+    def __init__(self, channels: int, has_skip: bool = True):
+        super().__init__()
+        if has_skip:
+            self.resConfUnit1 = ResidualConvUnit(channels)
+        self.resConfUnit2 = ResidualConvUnit(channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+class Interpolate(nn.Module):
+    """Parameter-free upsample kept as a module so output_conv's indices match the reference."""
+
+    def __init__(self, scale_factor: float, mode: str = "bilinear", align_corners: bool = False):
+        super().__init__()
+        self.scale_factor, self.mode, self.align_corners = scale_factor, mode, align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners)
+
+
+def output_widths(channels: int) -> tuple[int, int]:
+    """Output-head widths: C/2 and C/8 (128 and 32 at the reference's C = 256)."""
+    return max(channels // 2, 1), max(channels // 8, 1)
+
+
+class AVSModel(nn.Module):
+    def __init__(self, depth: int = 50, channels: int = 256, tpavi_stages=(0, 1, 2, 3),
+                 tpavi_mode: str = "dot", tpavi_impl: str = "factorized"):
+        super().__init__()
+        self.tpavi_stages = sorted(tpavi_stages)
+        self.tpavi_mode = tpavi_mode
+        self.resnet = ResNetEncoder(depth)
+        for i, in_ch in enumerate(self.resnet.channels):
+            setattr(self, f"conv{i + 1}", ASPPHead(in_ch, channels))
+        for i in self.tpavi_stages:
+            setattr(self, f"tpavi_b{i + 1}", TPAVI(channels, mode=tpavi_mode, impl=tpavi_impl))
+        self.path4 = FeatureFusionBlock(channels, has_skip=False)
+        self.path3 = FeatureFusionBlock(channels)
+        self.path2 = FeatureFusionBlock(channels)
+        self.path1 = FeatureFusionBlock(channels)
+        mid, low = output_widths(channels)
+        self.output_conv = nn.Sequential(
+            nn.Conv2d(channels, mid, kernel_size=3, padding=1),
+            Interpolate(scale_factor=2, mode="bilinear"),  # align_corners=False, as the reference
+            nn.Conv2d(mid, low, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(low, 1, kernel_size=1),
+        )
+
+    def set_tpavi_impl(self, impl: str) -> None:
+        """Switch every TPAVI block between 'factorized' and 'reference' (same parameters)."""
+        if impl not in ("factorized", "reference"):
+            raise ValueError(f"TPAVI impl must be 'factorized' or 'reference', got {impl!r}")
+        for i in self.tpavi_stages:
+            getattr(self, f"tpavi_b{i + 1}").impl = impl
+
+    def forward(self, x: torch.Tensor, audio: torch.Tensor | None, frames: int = 5):
+        """x [B*T, 3, H, W]; audio [B, T, 128] or None ('self' mode).
+
+        Returns logits [B*T, 1, H, W] and the AVM list of (stage, relu(visual) [B*T, C, h, w],
+        a' [B, T, C]) for each TPAVI stage in 'dot' mode.
+        """
+        h, w = x.shape[-2:]
+        if h % STRIDE or w % STRIDE:
+            raise ValueError(f"AVSModel input {h}x{w}: both sides must be multiples of {STRIDE}")
+        stages = self.resnet(x)
+        feats = [getattr(self, f"conv{i + 1}")(s) for i, s in enumerate(stages)]
+        avm = []
+        for i in self.tpavi_stages:
+            feats[i], a = getattr(self, f"tpavi_b{i + 1}")(feats[i], audio, frames)
+            if a is not None:
+                avm.append((i, F.relu(feats[i]), a))
+        d = self.path4(feats[3])
+        d = self.path3(d, feats[2])
+        d = self.path2(d, feats[1])
+        d = self.path1(d, feats[0])
+        return self.output_conv(d), avm

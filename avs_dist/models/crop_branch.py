@@ -1,0 +1,50 @@
+"""The seed's crop branch: a second ResNet on the 5 sounding-object crops of each video.
+
+ResNet (conv1..layer4, torchvision names) -> global average pool -> fc1 (feat -> crop_hidden)
+-> [ReLU] -> fc2 (crop_hidden -> num_classes). cfg.crop_relu places the ReLU: "between" the
+linears (default, the sane reading), "end" after fc2 (what the seed wrote), or "none".
+
+The crop embedding is fc1's output (before any ReLU), used by the pairwise loss. For the
+crop-audio cosine, two learned linears bring the crop embedding and the video's mean VGGish
+embedding to one space of PROJ_DIM = 128 dimensions: crop_proj [B*5, D], audio_proj [B, D].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .resnet import ResNetEncoder
+from .vggish import EMBED_DIM
+
+PROJ_DIM = 128
+
+
+class CropBranch(nn.Module):
+    def __init__(self, depth: int = 50, hidden: int = 512, num_classes: int = 23, relu: str = "between"):
+        super().__init__()
+        if relu not in ("between", "end", "none"):
+            raise ValueError(f"crop_relu must be 'between', 'end' or 'none', got {relu!r}")
+        self.relu_at = relu
+        self.resnet = ResNetEncoder(depth)
+        self.fc1 = nn.Linear(self.resnet.channels[-1], hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        self.crop_proj = nn.Linear(hidden, PROJ_DIM)
+        self.audio_proj = nn.Linear(EMBED_DIM, PROJ_DIM)
+
+    def forward(self, crops: torch.Tensor, audio_embed: torch.Tensor | None, channels_last: bool = False) -> dict:
+        """crops [B, T, 3, c, c]; audio_embed [B, T, 128] or None."""
+        if crops.dim() != 5 or crops.shape[2] != 3:
+            raise ValueError(f"crops must be [B, T, 3, c, c], got {tuple(crops.shape)}")
+        x = crops.reshape(-1, *crops.shape[2:])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feat = self.resnet(x)[-1].mean(dim=(2, 3))  # global average pool
+        embed = self.fc1(feat)
+        logits = self.fc2(F.relu(embed) if self.relu_at == "between" else embed)
+        if self.relu_at == "end":
+            logits = F.relu(logits)
+        audio_proj = None if audio_embed is None else self.audio_proj(audio_embed.mean(dim=1))
+        return {"crop_logits": logits, "crop_embed": embed, "crop_proj": self.crop_proj(embed),
+                "audio_proj": audio_proj}
+

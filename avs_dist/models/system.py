@@ -1,0 +1,84 @@
+"""The whole trainable system as one nn.Module: frozen VGGish + AVSModel (+ crop branch).
+
+`build_model(cfg.model)` returns it; `model(frames, audio, crops=None)` returns the dict that
+architecture.md ("Model") specifies. With cfg.channels_last, CUDA inputs are converted to
+channels_last here; convert the parameters too with `to_channels_last(model)` (the trainer and
+`avs-dist bench model` do) so that convolutions need no layout copies. (`model.to(memory_format=
+torch.channels_last)` fails on the TPAVI's 5-d Conv3d weights.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .avsmodel import AVSModel
+from .crop_branch import CropBranch
+from .vggish import EMBED_DIM, VGGish
+
+
+class AVSSystem(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.channels_last = cfg.channels_last
+        # Precomputed embeddings make VGGish (72M frozen parameters) unnecessary.
+        self.vggish = VGGish() if cfg.audio_input == "logmel" else None
+        self.avs = AVSModel(depth=cfg.depth, channels=cfg.decoder_channels, tpavi_stages=cfg.tpavi_stages,
+                            tpavi_mode=cfg.tpavi_mode, tpavi_impl=cfg.tpavi_impl)
+        self.crop = (CropBranch(cfg.crop_depth, cfg.crop_hidden, cfg.num_classes, cfg.crop_relu)
+                     if cfg.crop_branch else None)
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """log-mel [B, T, 1, 96, 64] (or embeddings [B, T, 128]) -> [B, T, 128]."""
+        if self.vggish is None:
+            if audio.dim() != 3 or audio.shape[-1] != EMBED_DIM:
+                raise ValueError(f"audio_input='embedding' expects [B, T, {EMBED_DIM}], got {tuple(audio.shape)}")
+            return audio
+        if audio.dim() != 5 or tuple(audio.shape[2:]) != (1, 96, 64):
+            raise ValueError(f"audio_input='logmel' expects [B, T, 1, 96, 64], got {tuple(audio.shape)}")
+        emb = self.vggish(audio.reshape(-1, 1, 96, 64))
+        return emb.reshape(audio.shape[0], audio.shape[1], EMBED_DIM)
+
+    def forward(self, frames: torch.Tensor, audio: torch.Tensor | None, crops: torch.Tensor | None = None) -> dict:
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
+        b, t = frames.shape[:2]
+        cl = self.channels_last and frames.is_cuda
+        x = frames.reshape(b * t, *frames.shape[2:])
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if audio is None and (self.cfg.tpavi_mode == "dot" and self.cfg.tpavi_stages):
+            raise ValueError("audio is required: TPAVI runs in 'dot' (audio-visual) mode")
+        audio_embed = None if audio is None else self.embed_audio(audio)
+        if audio_embed is not None and audio_embed.shape[:2] != (b, t):
+            raise ValueError(f"audio has {tuple(audio_embed.shape[:2])} (videos, frames); frames have {(b, t)}")
+        tpavi_audio = audio_embed if self.cfg.tpavi_mode == "dot" else None
+        logits, avm = self.avs(x, tpavi_audio, t)
+        out = {"logits": logits, "audio_embed": audio_embed, "avm": avm,
+               "crop_logits": None, "crop_embed": None, "crop_proj": None, "audio_proj": None}
+        if self.crop is not None:
+            if crops is None:
+                raise ValueError("the crop branch is on (model.crop_branch=true) but no crops were given")
+            out.update(self.crop(crops, audio_embed, channels_last=cl))
+        return out
+
+
+def build_model(cfg: ModelConfig, load_weights: bool = True) -> AVSSystem:
+    """The model for `cfg`. With load_weights, the local files the config names are loaded
+    (pretrained_backbone, pretrained_crop_backbone, vggish_weights, then init_from); pass
+    False when a checkpoint will supply every weight (evaluation on another machine)."""
+    model = AVSSystem(cfg)
+    if load_weights:
+        from .weights import load_configured_weights
+        load_configured_weights(model, cfg)
+    return model
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Store every Conv2d weight channels_last (in place; call before building the optimizer
+    or DDP). The 1x1x1 Conv3d weights of TPAVI stay as they are: they are used as matrices."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return model

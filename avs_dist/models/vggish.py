@@ -1,0 +1,53 @@
+"""Frozen VGGish audio embedder (avsbench-format.md §2).
+
+Layer layout and indices match the released PyTorch weights `vggish-10086976.pth`:
+features.{0,3,6,8,11,13} are the convs, embeddings.{0,2,4} the linears. The final 512x6x4
+map is flattened in (H, W, C) order because the weights were converted from TensorFlow,
+which is channels-last. No PCA postprocessing: AVSBench feeds the raw 128-d output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+_CONV_PLAN = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+EMBED_DIM = 128
+
+
+def _features() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_ch = 1
+    for v in _CONV_PLAN:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_ch = v
+    return nn.Sequential(*layers)
+
+
+class VGGish(nn.Module):
+    """log-mel examples [N, 1, 96, 64] -> embeddings [N, 128]. Always frozen and in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = _features()
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 6 * 4, 4096), nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+            nn.Linear(4096, EMBED_DIM), nn.ReLU(inplace=True),
+        )
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        # Frozen feature extractor: a parent's .train() must not change it.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, logmel: torch.Tensor) -> torch.Tensor:
+        if logmel.dim() != 4 or tuple(logmel.shape[1:]) != (1, 96, 64):
+            raise ValueError(f"VGGish expects log-mel [N, 1, 96, 64], got {tuple(logmel.shape)}")
+        x = self.features(logmel)  # [N, 512, 6, 4]
+        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # (H, W, C) order
+        return self.embeddings(x)

@@ -1,0 +1,165 @@
+"""Weights from local files: torchvision ResNets, VGGish, AVSBench reference checkpoints.
+
+Every loader compares the file's keys and shapes with the module before touching it, and
+fails with a WeightsError that names the file and lists the missing, unexpected and
+mis-shaped keys. Keys a file is known to carry but we do not use (a torchvision classifier
+head, the reference's unused second ResNet branch) are skipped and reported.
+
+AVSBench reference checkpoints (`Pred_endecoder` state dicts such as S4_best.pth, optionally
+with DataParallel's `module.` prefix) use the same submodule names as our AVSModel except:
+- resnet.layer3_1 / resnet.layer4_1 are torchvision's layer3 / layer4 (renamed here);
+- resnet.layer3_2 / resnet.layer4_2 are a second branch the reference never uses (skipped);
+- path4.resConfUnit1 is never called by the reference (skipped; we do not build it);
+- tpavi_b*.align_channel exists in 'self' mode checkpoints but has no use there (skipped).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .resnet import TORCHVISION_HEAD_KEYS, ResNetEncoder
+
+_REFERENCE_MARKERS = ("resnet.conv1.weight", "output_conv.0.weight")
+_REFERENCE_UNUSED = re.compile(r"^resnet\.layer[34]_2\.|^path4\.resConfUnit1\.")
+_REFERENCE_RENAME = re.compile(r"^resnet\.layer([34])_1\.")
+
+
+class WeightsError(ValueError):
+    """A weight file that is missing or does not fit the model."""
+
+
+def _short(keys, limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def read_state_dict(path: str | Path, what: str) -> dict:
+    """torch.load a state dict (tensors only) from a local file; unwraps {'state_dict': ...}
+    / {'model': ...} and DataParallel's 'module.' prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what}: file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or non-torch file
+        raise WeightsError(f"{what}: cannot read {path}: {e}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{what}: {path} does not hold a state dict of tensors")
+    return strip_prefix(obj)
+
+
+def load_checked(module: nn.Module, state_dict: dict, source: str, skip=()) -> dict:
+    """Load `state_dict` into `module` after checking keys and shapes; `skip` keys are
+    dropped and reported. Returns {'source', 'loaded', 'skipped'}."""
+    skipped = sorted(k for k in state_dict if k in skip)
+    sd = {k: v for k, v in state_dict.items() if k not in skip}
+    own = module.state_dict()
+    # BatchNorm fills in num_batches_tracked itself when an older file lacks it.
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+                  for k in sd if k in own and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
+    if problems:
+        raise WeightsError(f"{source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
+    module.load_state_dict(sd, strict=False)  # strict checks done above, bar num_batches_tracked
+    return {"source": source, "loaded": len(sd), "skipped": skipped}
+
+
+def load_torchvision_resnet(encoder: ResNetEncoder, path: str | Path) -> dict:
+    """A torchvision ResNet state dict (e.g. resnet50-0676ba61.pth); fc.* is skipped."""
+    return load_checked(encoder, read_state_dict(path, "torchvision ResNet weights"), str(path),
+                        skip=TORCHVISION_HEAD_KEYS)
+
+
+def load_vggish(vggish: nn.Module, path: str | Path) -> dict:
+    """vggish-10086976.pth: features.{0,3,6,8,11,13}.*, embeddings.{0,2,4}.*."""
+    return load_checked(vggish, read_state_dict(path, "VGGish weights"), str(path))
+
+
+def is_reference_checkpoint(state_dict: dict) -> bool:
+    """True for an AVSBench `Pred_endecoder` state dict (with or without `module.`)."""
+    keys = strip_prefix(state_dict).keys()
+    return all(k in keys for k in _REFERENCE_MARKERS) and any(_REFERENCE_RENAME.match(k) for k in keys)
+
+
+def reference_to_ours(state_dict: dict, avs: nn.Module) -> tuple[dict, list[str]]:
+    """Reference keys -> our AVSModel keys; returns (mapped, unused reference keys)."""
+    mapped, unused = {}, []
+    has_align = {k for k in avs.state_dict() if ".align_channel." in k}
+    for key, value in strip_prefix(state_dict).items():
+        if _REFERENCE_UNUSED.match(key) or (".align_channel." in key and key not in has_align):
+            unused.append(key)
+            continue
+        mapped[_REFERENCE_RENAME.sub(r"resnet.layer\1.", key)] = value
+    return mapped, sorted(unused)
+
+
+def _avs_of(model: nn.Module) -> nn.Module:
+    return model.avs if hasattr(model, "avs") else model
+
+
+def load_reference_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load an AVSBench reference checkpoint into our AVSModel (or the AVSSystem holding it).
+    Returns {'source', 'loaded', 'skipped'}: 'skipped' lists the reference's unused keys."""
+    return _load_reference(model, read_state_dict(path, "AVSBench reference checkpoint"), str(path))
+
+
+def _load_reference(model: nn.Module, sd: dict, source: str) -> dict:
+    if not is_reference_checkpoint(sd):
+        raise WeightsError(f"{source} is not an AVSBench reference checkpoint (no resnet.layer3_1.* / "
+                           f"output_conv.0.weight keys)")
+    avs = _avs_of(model)
+    mapped, unused = reference_to_ours(sd, avs)
+    report = load_checked(avs, mapped, source)
+    report["skipped"] = unused
+    return report
+
+
+def load_init_from(model: nn.Module, path: str | Path) -> dict:
+    """cfg.model.init_from: an AVSBench reference .pth, or our checkpoint (a step folder,
+    its model.pt, or a bare state dict of the whole system)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    sd = read_state_dict(path, "init_from checkpoint")
+    if is_reference_checkpoint(sd):
+        return _load_reference(model, sd, str(path))
+    return load_checked(model, sd, str(path))
+
+
+def load_configured_weights(model: nn.Module, cfg) -> list[dict]:
+    """Apply the weight files a ModelConfig names, in order; returns one report per file."""
+    reports = []
+    if cfg.pretrained_backbone:
+        reports.append(load_torchvision_resnet(model.avs.resnet, cfg.pretrained_backbone))
+    if cfg.pretrained_crop_backbone:
+        if model.crop is None:
+            raise WeightsError("model.pretrained_crop_backbone is set but model.crop_branch is false")
+        reports.append(load_torchvision_resnet(model.crop.resnet, cfg.pretrained_crop_backbone))
+    if cfg.vggish_weights:
+        if model.vggish is None:
+            raise WeightsError("model.vggish_weights is set but model.audio_input='embedding' has no VGGish")
+        reports.append(load_vggish(model.vggish, cfg.vggish_weights))
+    if cfg.init_from:
+        reports.append(load_init_from(model, cfg.init_from))
+    return reports

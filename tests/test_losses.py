@@ -1,0 +1,132 @@
+"""Losses: hand-computed values, masking, and which parameters the terms reach."""
+import math
+
+import pytest
+import torch
+
+from avs_dist.config import LossConfig, ModelConfig
+from avs_dist.losses import (avm_loss, bce_loss, compute_losses, crop_audio_loss, crop_ce_loss,
+                             crop_pair_loss)
+from avs_dist.models import build_model
+
+ALL_ON = LossConfig(bce_weight=1.0, avm=True, avm_weight=0.5, avm_stages=[0, 1, 2, 3], crop_ce=True,
+                    crop_ce_weight=0.7, crop_pair=True, crop_pair_weight=0.2, crop_audio=True, crop_audio_weight=0.3)
+
+
+def _bce(x, y):
+    p = 1 / (1 + math.exp(-x))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def test_bce_masked_mean_by_hand():
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, -3.0, 1.5, 0.2, -0.7]).reshape(4, 1, 1, 2)  # B=2, T=2, 1x2
+    masks = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]).reshape(2, 2, 1, 2)
+    valid = torch.tensor([[True, False], [True, True]])
+    px = [(0.5, 1), (-1.0, 0), (-3.0, 0), (1.5, 0), (0.2, 1), (-0.7, 0)]  # frames 0, 2, 3
+    expected = sum(_bce(x, y) for x, y in px) / len(px)
+    assert bce_loss(logits, masks, valid).item() == pytest.approx(expected, rel=1e-6)
+    # first-frame-only (S4 train) equals the reference's BCELoss on frame 0 alone
+    s4 = torch.tensor([[True, False], [True, False]])
+    ref = torch.nn.BCELoss()(torch.sigmoid(logits.reshape(2, 2, 1, 2)[:, 0]), masks[:, 0])
+    assert bce_loss(logits, masks, s4).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert bce_loss(logits, masks, torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0  # not NaN
+
+
+def test_avm_by_hand():
+    # B=1, T=2, C=2. Stage 0 is 2x2: frame 0's predicted mask covers pixel (0, 0) only,
+    # frame 1's mask is empty. Stage 1 is 1x1: frame 0's pooled probability is 0.25 -> empty.
+    logits = torch.full((2, 1, 4, 4), -20.0)
+    logits[0, 0, :2, :2] = 20.0
+    v0 = torch.full((2, 2, 2, 2), 5.0)
+    v0[0, :, 0, 0] = torch.tensor([1.0, 0.0])
+    v0[0, :, 1, 1] = torch.tensor([0.0, -7.0])
+    a0 = torch.tensor([[[1.0, 1.0], [3.0, -1.0]]])
+    v1, a1 = torch.rand(2, 2, 1, 1), torch.rand(1, 2, 2)
+    avm = [(0, v0, a0), (1, v1, a1)]
+    empty = -math.log(1e-6)
+    stage0 = (-math.log(1 / math.sqrt(2) + 1e-6) + empty) / 2
+    assert avm_loss(logits, avm, [0]).item() == pytest.approx(stage0, rel=1e-5)
+    assert avm_loss(logits, avm, [0, 1]).item() == pytest.approx((stage0 + empty) / 2, rel=1e-5)
+    # a negative cosine counts like an empty mask: relu(cos) = 0
+    a_neg = torch.tensor([[[-1.0, -1.0], [3.0, -1.0]]])
+    assert avm_loss(logits, [(0, v0, a_neg)], [0]).item() == pytest.approx(empty, rel=1e-5)
+    with pytest.raises(ValueError, match="stages \\[2\\]"):
+        avm_loss(logits, avm, [2])
+
+
+def test_crop_terms_by_hand():
+    e = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])  # one video, 3 crops
+    assert crop_pair_loss(e, frames=3).item() == pytest.approx((5 + 10 + 5) / 3, rel=1e-5)
+    proj, audio = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0, 0.0]])
+    assert crop_audio_loss(proj, audio).item() == pytest.approx(0.5, rel=1e-6)
+    logits = torch.randn(4, 5)
+    label = torch.tensor([1, -1])  # frames=2: crops 0, 1 are class 1; crops 2, 3 are ignored
+    expected = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([1, 1]))
+    assert crop_ce_loss(logits, label, frames=2).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert crop_ce_loss(logits, torch.tensor([-1, -1]), frames=2).item() == 0.0
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(depth=18, decoder_channels=16, crop_depth=18, crop_hidden=32, crop_branch=True)
+    model = build_model(cfg).train()
+    with torch.no_grad():  # the BN after W_z starts at zero, which would cut TPAVI off from the loss
+        for name, m in model.named_modules():
+            if name.endswith("W_z.1"):
+                m.weight.normal_()
+    b, s = 2, 32
+    valid = torch.zeros(b, 5, dtype=torch.bool)
+    valid[:, 0] = True
+    batch = {"frames": torch.randn(b, 5, 3, s, s), "audio": torch.randn(b, 5, 1, 96, 64),
+             "crops": torch.randn(b, 5, 3, 32, 32), "masks": (torch.rand(b, 5, s, s) > 0.5).float(),
+             "mask_valid": valid, "label": torch.tensor([3, 11])}
+    return model, batch
+
+
+def _nonzero(p):
+    return p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+def test_all_terms_reach_every_trainable_parameter():
+    model, batch = _setup()
+    out = model(batch["frames"], batch["audio"], batch["crops"])
+    total, terms = compute_losses(out, batch, ALL_ON)
+    assert set(terms) == {"bce", "avm", "crop_ce", "crop_pair", "crop_audio"}
+    weights = {"bce": 1.0, "avm": 0.5, "crop_ce": 0.7, "crop_pair": 0.2, "crop_audio": 0.3}
+    assert total.item() == pytest.approx(sum(weights[k] * v.item() for k, v in terms.items()), rel=1e-6)
+    assert all(v.requires_grad for v in terms.values())
+    total.backward()
+    silent = []
+    for name, p in model.named_parameters():
+        if name.startswith("vggish."):
+            assert not p.requires_grad and p.grad is None
+        elif name.endswith("W_z.0.bias"):
+            # A conv bias right before train-mode BatchNorm is subtracted out by the batch mean:
+            # its gradient is zero in exact arithmetic (in the reference too).
+            assert p.grad.abs().max() < 1e-6
+        elif not _nonzero(p):
+            silent.append(name)
+    assert not silent, f"parameters without gradient: {silent}"
+
+
+def test_crop_terms_off_leave_crop_branch_alone():
+    model, batch = _setup()
+    out = model(batch["frames"], batch["audio"], batch["crops"])
+    cfg = LossConfig(avm=True, avm_weight=0.5)
+    total, terms = compute_losses(out, batch, cfg)
+    assert set(terms) == {"bce", "avm"}
+    total.backward()
+    assert all(p.grad is None for p in model.crop.parameters())
+    assert _nonzero(model.avs.conv1.conv2d_list[0].weight)
+
+
+def test_crop_terms_need_crop_outputs():
+    batch = {"masks": torch.zeros(1, 5, 32, 32), "mask_valid": torch.ones(1, 5, dtype=torch.bool),
+             "label": torch.tensor([0])}
+    out = {"logits": torch.zeros(5, 1, 32, 32), "avm": [], "crop_logits": None, "crop_embed": None,
+           "crop_proj": None, "audio_proj": None}
+    with pytest.raises(ValueError, match="crop branch"):
+        compute_losses(out, batch, LossConfig(crop_ce=True))
+    out.update(crop_logits=torch.zeros(5, 23), crop_proj=torch.zeros(5, 128))
+    with pytest.raises(ValueError, match="audio_proj"):
+        compute_losses(out, batch, LossConfig(crop_audio=True))

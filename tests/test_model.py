@@ -1,0 +1,155 @@
+"""AVSModel / AVSSystem: shapes of the model contract, modes, VGGish layout, layouts."""
+import pytest
+import torch
+import torchvision
+
+from avs_dist.config import ModelConfig
+from avs_dist.models import build_model, to_channels_last
+from avs_dist.models.avsmodel import AVSModel
+from avs_dist.models.resnet import ResNetEncoder
+from avs_dist.models.vggish import VGGish
+
+B, T, S = 2, 5, 32
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(depth=18, decoder_channels=16, crop_depth=18, crop_hidden=32, audio_input="embedding")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def inputs(audio_input="embedding", crop=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(B, T, 3, S, S, generator=g)
+    audio = (torch.randn(B, T, 128, generator=g) if audio_input == "embedding"
+             else torch.randn(B, T, 1, 96, 64, generator=g))
+    crops = torch.randn(B, T, 3, crop, crop, generator=g)
+    return frames, audio, crops
+
+
+def test_output_contract_two_branch_logmel():
+    cfg = tiny(audio_input="logmel", crop_branch=True)
+    model = build_model(cfg)
+    frames, audio, crops = inputs("logmel")
+    out = model(frames, audio, crops)
+    assert out["logits"].shape == (B * T, 1, S, S)
+    assert out["audio_embed"].shape == (B, T, 128)
+    assert [s for s, _, _ in out["avm"]] == [0, 1, 2, 3]
+    for stage, (s, v, a) in enumerate(out["avm"]):
+        side = S // (4 * 2 ** stage)
+        assert v.shape == (B * T, 16, side, side) and a.shape == (B, T, 16)
+        assert v.min() >= 0  # relu(TPAVI output), as the reference's loss sees it
+    assert out["crop_logits"].shape == (B * T, 23)
+    assert out["crop_embed"].shape == (B * T, 32)
+    assert out["crop_proj"].shape == (B * T, 128) and out["audio_proj"].shape == (B, 128)
+
+
+def test_one_branch_and_stage_subset():
+    model = build_model(tiny(tpavi_stages=[1, 3]))
+    frames, audio, _ = inputs()
+    out = model(frames, audio)
+    assert [s for s, _, _ in out["avm"]] == [1, 3]
+    assert out["crop_logits"] is None and out["crop_proj"] is None and out["audio_proj"] is None
+    assert not hasattr(model.avs, "tpavi_b1") and hasattr(model.avs, "tpavi_b4")
+
+
+def test_self_mode_has_no_audio_path():
+    model = build_model(tiny(tpavi_mode="self"))
+    frames, audio, _ = inputs()
+    out = model(frames, None)
+    assert out["avm"] == [] and out["audio_embed"] is None
+    assert out["logits"].shape == (B * T, 1, S, S)
+    assert not any("align_channel" in k for k in model.state_dict())
+    # audio given in 'self' mode: embedded (the crop branch may use it), never used by TPAVI
+    torch.testing.assert_close(model.eval()(frames, audio)["logits"], model(frames, None)["logits"])
+
+
+def test_tpavi_impl_switch_same_logits():
+    torch.manual_seed(0)
+    model = build_model(tiny()).double().eval()
+    for name, m in model.named_modules():  # make TPAVI matter (its BN starts at zero)
+        if name.endswith("W_z.1"):
+            torch.nn.init.normal_(m.weight)
+    frames, audio, _ = inputs()
+    frames, audio = frames.double(), audio.double()
+    fac = model(frames, audio)["logits"]
+    model.avs.set_tpavi_impl("reference")
+    ref = model(frames, audio)["logits"]
+    assert ((fac - ref).norm() / ref.norm()) < 1e-10
+
+
+def test_channels_last_same_result():
+    torch.manual_seed(0)
+    model = build_model(tiny(crop_branch=True)).eval()
+    frames, audio, crops = inputs()
+    a = model(frames, audio, crops)
+    to_channels_last(model)
+    assert model.avs.conv1.conv2d_list[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = frames.reshape(B * T, 3, S, S).contiguous(memory_format=torch.channels_last)
+    logits, _ = model.avs(x, audio, T)
+    torch.testing.assert_close(logits, a["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_vggish_frozen_and_eval():
+    model = build_model(tiny(audio_input="logmel"))
+    model.train()
+    assert not model.vggish.training and model.avs.training
+    assert all(not p.requires_grad for p in model.vggish.parameters())
+    frames, audio, _ = inputs("logmel")
+    out = model(frames, audio)
+    assert not out["audio_embed"].requires_grad
+
+
+def test_vggish_layout_and_hwc_flatten():
+    v = VGGish()
+    shapes = {k: tuple(t.shape) for k, t in v.state_dict().items()}
+    expected = {"features.0.weight": (64, 1, 3, 3), "features.3.weight": (128, 64, 3, 3),
+                "features.6.weight": (256, 128, 3, 3), "features.8.weight": (256, 256, 3, 3),
+                "features.11.weight": (512, 256, 3, 3), "features.13.weight": (512, 512, 3, 3),
+                "embeddings.0.weight": (4096, 12288), "embeddings.2.weight": (4096, 4096),
+                "embeddings.4.weight": (128, 4096)}
+    for k, s in expected.items():
+        assert shapes[k] == s and shapes[k.replace("weight", "bias")] == (s[0],)
+    assert len(shapes) == 18
+    # Route one feature-map element (c, h, w) to output 0: its flat index must be (h*4 + w)*512 + c.
+    c, h, w = 7, 5, 2
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            v.embeddings[i].weight.zero_(), v.embeddings[i].bias.zero_()
+        v.embeddings[0].weight[0, (h * 4 + w) * 512 + c] = 1
+        v.embeddings[2].weight[0, 0] = 1
+        v.embeddings[4].weight[0, 0] = 1
+    mel = torch.randn(3, 1, 96, 64)
+    fmap = v.features(mel)
+    assert fmap.shape == (3, 512, 6, 4)
+    torch.testing.assert_close(v(mel)[:, 0], fmap[:, c, h, w])
+
+
+def test_resnet_encoder_has_torchvision_keys():
+    for depth, ctor in ((18, torchvision.models.resnet18), (50, torchvision.models.resnet50)):
+        ours = set(ResNetEncoder(depth).state_dict())
+        theirs = set(ctor(weights=None).state_dict())
+        assert ours == theirs - {"fc.weight", "fc.bias"}
+
+
+def test_aspp_init_and_head_widths():
+    m = AVSModel(depth=18, channels=256, tpavi_stages=[0])
+    w = torch.cat([c.weight.flatten() for c in m.conv1.conv2d_list])
+    assert abs(w.std().item() - 0.01) < 1e-3 and m.conv1.conv2d_list[3].dilation == (18, 18)
+    assert (m.output_conv[0].out_channels, m.output_conv[2].out_channels) == (128, 32)  # reference widths
+    small = AVSModel(depth=18, channels=32, tpavi_stages=[0])
+    assert (small.output_conv[0].out_channels, small.output_conv[2].out_channels) == (16, 4)
+    assert not hasattr(m.path4, "resConfUnit1") and hasattr(m.path3, "resConfUnit1")
+
+
+def test_bad_inputs_are_clear():
+    model = build_model(tiny(crop_branch=True))
+    frames, audio, crops = inputs()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(frames[..., :24, :24], audio, crops)
+    with pytest.raises(ValueError, match=r"expects \[B, T, 128\]"):
+        model(frames, torch.randn(B, T, 1, 96, 64), crops)
+    with pytest.raises(ValueError, match="no crops"):
+        model(frames, audio)
+    with pytest.raises(ValueError, match="audio is required"):
+        model(frames, None, crops)
