@@ -158,13 +158,92 @@ def test_uint8_transport_matches_contract(s4_shards):
 def test_bench_data_smoke(s4_shards, synth_root, tmp_path):
     import json
 
-    from avs_dist.data.bench import main as bench_main
+    from avs_dist.data.bench import LOADERS, main as bench_main
 
     out = tmp_path / "bench.json"
     assert bench_main(["--data-root", str(synth_root), "--shards", str(s4_shards), "--videos", "4",
                        "--workers", "0", "--rounds", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["videos"] == 4 and result["machine"]["torch"] == torch.__version__
-    for k in ("shard_loader", "shard_loader_uint8", "per_file_loader"):
+    for k in LOADERS:
         assert result[k]["videos"] == 4 and result[k]["videos_per_cpu_s"] > 0
-    assert result["ratio_per_core"] > 0
+    assert set(result["ratio_vs_per_file"]) == set(LOADERS) - {"per_file"}
+    assert result["ratio_vs_per_file"]["reference_like"]["per_core"] > 0
+
+
+def _same_batches(xs, ys, keys=("frames", "masks", "mask_valid", "audio", "label", "index", "hflip")):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x["name"] == y["name"]
+        for k in keys:
+            assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("num_workers", [2, 3])
+def test_endless_stream_equals_epoch_loaders(s4_shards, num_workers):
+    """One loader (one set of workers) across epochs gives exactly the batches of separate
+    one-epoch loaders, also when it starts mid-epoch and uses fewer batches than an epoch has."""
+    import itertools
+
+    cfg = _cfg(batch_videos=1, num_workers=num_workers)  # 4 batches per rank and epoch
+    seed, rank, used, start = 7, 1, 3, 2
+    want = []
+    for e, first in ((4, start), (5, 0), (6, 0)):
+        want += list(train_loader(s4_shards, cfg, rank, WORLD, seed, e))[first:used]
+    got = list(train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, epochs=3, batches_per_epoch=used))
+    assert len(train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, epochs=3, batches_per_epoch=used)) == 7
+    _same_batches(got, want)
+    endless = train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, epochs=None, batches_per_epoch=used)
+    with pytest.raises(TypeError):
+        len(endless)
+    it = iter(endless)
+    _same_batches(list(itertools.islice(it, 7)), want)
+    del it
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        train_loader(s4_shards, cfg, rank, WORLD, seed, 4, batches_per_epoch=5)
+    with pytest.raises(ValueError, match="start_batch"):
+        train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start_batch=4, batches_per_epoch=3)
+
+
+def test_crops_false_reads_no_crops(s4_shards):
+    from avs_dist.data.shards import iter_raw, split_shards
+
+    paths = [e["path"] for e in split_shards(s4_shards, "train")]
+    raw = next(iter(iter_raw(paths, crops=False)))
+    assert "frames.npy" in raw and not any(k.startswith("crop") for k in raw)
+    v = next(iter_videos(s4_shards, "train", crops=False))
+    assert "crops" not in v and v["frames"].shape == (5, 64, 64, 3)
+
+    cfg = _cfg(batch_videos=2)
+    with_crops = list(train_loader(s4_shards, cfg, 0, WORLD, 1, 0))
+    without = list(train_loader(s4_shards, cfg, 0, WORLD, 1, 0, crops=False))
+    assert all(b["crops"] is None for b in without)
+    _same_batches(without, with_crops)  # same order, flips and values: crops change nothing else
+    ev = list(eval_loader(s4_shards, "val", cfg, crops=False, device="cpu"))
+    assert ev and all(b["crops"] is None and b["frames"].dtype == torch.float32 for b in ev)
+
+
+def test_uint8_then_to_device_equals_float_collate(s4_shards):
+    """The uint8 batch (what workers send) normalised by to_device equals the batch the
+    workers would normalise themselves, flips included."""
+    from avs_dist.data.loader import collate, to_device
+
+    videos = list(iter_videos(s4_shards, "train"))[:4]
+    for i, v in enumerate(videos):
+        v["hflip"] = i % 2 == 0
+    want = collate(videos, 64, 32, normalize=True)
+    raw = collate(videos, 64, 32, normalize=False)
+    assert raw["frames"].dtype == raw["crops"].dtype == raw["masks"].dtype == torch.uint8
+    got = to_device(raw, "cpu")
+    for k in ("frames", "crops", "masks"):
+        assert got[k].dtype == torch.float32 and got[k].is_contiguous()
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+    for k in ("mask_valid", "audio", "label", "index", "hflip"):
+        assert torch.equal(got[k], want[k])
+    # the loader's CPU batches (uint8 from the workers) equal workers normalising in float
+    cfg = _cfg()
+    a = list(eval_loader(s4_shards, "val", cfg))
+    b = list(eval_loader(s4_shards, "val", cfg, transport="float"))
+    for x, y in zip(a, b):
+        for k in ("frames", "crops", "masks"):
+            torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=0)
