@@ -6,7 +6,8 @@ synchronisation around each step on GPU. FLOPs are counted once per variant with
 torch.utils.flop_counter.FlopCounterMode over one forward + backward. Variants differ in
 precision (fp32 / bf16 autocast), memory format (NCHW / channels_last), TPAVI implementation
 (reference / factorized), branches (one: AVSModel; two: + crop branch and its losses) and
-batch size. Names read `{impl}_{precision}_{cl|nchw}_{one|two}_b{B}`; --variants takes a
+batch size, and optional flags: `_mmup` (decoder upsampling as matrix products, model.upsample)
+and `_fadam` (fused Adam). Names read `{impl}_{precision}_{cl|nchw}_{one|two}_b{B}[_flags]`; --variants takes a
 comma-separated list of names or shell patterns (e.g. 'factorized_bf16_*').
 
 Presets: `cpu` (ResNet-18, 32 decoder channels, 64 px; about a minute on 2 cores) and `full`
@@ -40,16 +41,26 @@ class Variant:
     channels_last: bool
     two_branch: bool
     batch: int  # videos per step (5 frames each)
+    upsample: str = "interpolate"  # suffix "_mmup": model.upsample="matmul"
+    fused_adam: bool = False  # suffix "_fadam": torch.optim.Adam(fused=True) (CUDA only)
 
     @property
     def name(self) -> str:
         return (f"{self.impl}_{self.precision}_{'cl' if self.channels_last else 'nchw'}_"
-                f"{'two' if self.two_branch else 'one'}_b{self.batch}")
+                f"{'two' if self.two_branch else 'one'}_b{self.batch}"
+                f"{'_mmup' if self.upsample == 'matmul' else ''}{'_fadam' if self.fused_adam else ''}")
+
+
+FLAGS = ("mmup", "fadam")
 
 
 def _v(spec: str) -> Variant:
-    impl, prec, fmt, branches, b = spec.split("_")
-    return Variant(impl, prec, fmt == "cl", branches == "two", int(b[1:]))
+    impl, prec, fmt, branches, b, *flags = spec.split("_")
+    if impl not in ("factorized", "reference") or prec not in ("fp32", "bf16") or fmt not in ("cl", "nchw") \
+            or branches not in ("one", "two") or not b.startswith("b") or any(f not in FLAGS for f in flags):
+        raise ValueError(spec)
+    return Variant(impl, prec, fmt == "cl", branches == "two", int(b[1:]),
+                   upsample="matmul" if "mmup" in flags else "interpolate", fused_adam="fadam" in flags)
 
 
 PRESETS = {
@@ -58,7 +69,8 @@ PRESETS = {
         "image": 64, "crop": 32, "warmup": 1, "steps": 3,
         "variants": [_v(s) for s in (
             "reference_fp32_nchw_one_b2", "factorized_fp32_nchw_one_b2", "factorized_fp32_cl_one_b2",
-            "factorized_fp32_nchw_two_b2", "factorized_bf16_nchw_one_b2", "factorized_fp32_nchw_one_b1")],
+            "factorized_fp32_nchw_two_b2", "factorized_bf16_nchw_one_b2", "factorized_fp32_nchw_one_b1",
+            "factorized_fp32_nchw_one_b2_mmup")],
     },
     "full": {
         "model": dict(depth=50, decoder_channels=256, crop_depth=50, crop_hidden=512),
@@ -69,7 +81,9 @@ PRESETS = {
             "reference_bf16_cl_one_b16", "reference_bf16_cl_two_b16",
             "factorized_bf16_cl_one_b16", "factorized_bf16_cl_two_b16",
             "factorized_bf16_nchw_one_b16", "factorized_bf16_nchw_two_b16",
-            "factorized_bf16_cl_one_b8", "factorized_bf16_cl_one_b32", "factorized_bf16_cl_two_b32")],
+            "factorized_bf16_cl_one_b8", "factorized_bf16_cl_one_b32", "factorized_bf16_cl_two_b32",
+            "factorized_bf16_cl_two_b16_mmup", "factorized_bf16_cl_two_b16_fadam",
+            "factorized_bf16_cl_two_b16_mmup_fadam")],
     },
 }
 
@@ -101,14 +115,15 @@ def _rss_peak_gib() -> float:
 
 def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warmup: int) -> dict:
     mcfg = ModelConfig(**preset["model"], tpavi_impl=v.impl, crop_branch=v.two_branch,
-                       channels_last=v.channels_last)
+                       channels_last=v.channels_last, upsample=v.upsample)
     lcfg = LossConfig(crop_ce=v.two_branch, crop_pair=v.two_branch, crop_audio=v.two_branch)
     torch.manual_seed(0)
     model = build_model(mcfg, load_weights=False).to(device)
     if v.channels_last:
         to_channels_last(model)
     model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                           fused=True if v.fused_adam and device.type == "cuda" else None)
     batch = synthetic_batch(v.batch, preset["image"], preset["crop"], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.precision == "bf16")
 

@@ -56,6 +56,7 @@ class ModelConfig:
     vggish_weights: str = ""  # vggish-10086976.pth (local file); random init when empty
     init_from: str = ""  # our checkpoint or an AVSBench reference checkpoint to start from
     channels_last: bool = True  # used on GPU only
+    upsample: str = "interpolate"  # decoder 2x bilinear: "interpolate" or "matmul" (same map; perf notes)
 
 
 @dataclass
@@ -121,6 +122,7 @@ _CHOICES = {
     "model.tpavi_impl": ("factorized", "reference"),
     "model.audio_input": ("logmel", "embedding"),
     "model.crop_relu": ("between", "end", "none"),
+    "model.upsample": ("interpolate", "matmul"),
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
     "train.strategy": ("ddp", "zero1", "zero2", "zero3"),

@@ -59,31 +59,66 @@ class ResidualConvUnit(nn.Module):
         return self.conv2(F.relu(self.conv1(r))) + r
 
 
+def bilinear_matrix(n_in: int, n_out: int, align_corners: bool, device=None, dtype=None) -> torch.Tensor:
+    """[n_out, n_in] weights of 1-D bilinear resampling with F.interpolate's source coordinates."""
+    dst = torch.arange(n_out, dtype=torch.float64)
+    if align_corners:
+        src = dst * ((n_in - 1) / (n_out - 1)) if n_out > 1 else torch.zeros_like(dst)
+    else:
+        src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w1 = src - i0
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    a.index_put_((torch.arange(n_out), i0), 1 - w1, accumulate=True)
+    a.index_put_((torch.arange(n_out), i1), w1, accumulate=True)
+    return a.to(device=device, dtype=dtype)
+
+
+def upsample2x(x: torch.Tensor, align_corners: bool, impl: str = "interpolate") -> torch.Tensor:
+    """2x bilinear upsampling. impl="matmul" computes the same map as two small matrix products
+    (rows, then columns), whose backward is again matrix products: the native NHWC upsample's
+    backward scatters with atomics, one of the largest items of the GPU profile (perf notes)."""
+    if impl == "interpolate":
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=align_corners)
+    n, c, h, w = x.shape
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    a_h = bilinear_matrix(h, 2 * h, align_corners, x.device, dtype)
+    a_w = bilinear_matrix(w, 2 * w, align_corners, x.device, dtype)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1)  # a view: [N, H, W, C] contiguous
+        t = torch.matmul(a_w, nhwc)  # [N, H, 2W, C]
+        y = torch.matmul(a_h, t.reshape(n, h, 2 * w * c)).reshape(n, 2 * h, 2 * w, c)
+        return y.permute(0, 3, 1, 2)  # channels_last strides, NCHW shape
+    return torch.matmul(torch.matmul(a_h, x), a_w.t())
+
+
 class FeatureFusionBlock(nn.Module):
     """(running map + RCU(skip)) -> RCU -> 2x bilinear upsample (align_corners=True)."""
 
-    def __init__(self, channels: int, has_skip: bool = True):
+    def __init__(self, channels: int, has_skip: bool = True, upsample: str = "interpolate"):
         super().__init__()
         if has_skip:
             self.resConfUnit1 = ResidualConvUnit(channels)
         self.resConfUnit2 = ResidualConvUnit(channels)
+        self.upsample = upsample
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if skip is not None:
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return upsample2x(x, align_corners=True, impl=self.upsample)
 
 
 class Interpolate(nn.Module):
-    """Parameter-free upsample kept as a module so output_conv's indices match the reference."""
+    """Parameter-free 2x upsample kept as a module so output_conv's indices match the reference."""
 
-    def __init__(self, scale_factor: float, mode: str = "bilinear", align_corners: bool = False):
+    def __init__(self, align_corners: bool = False, impl: str = "interpolate"):
         super().__init__()
-        self.scale_factor, self.mode, self.align_corners = scale_factor, mode, align_corners
+        self.align_corners, self.impl = align_corners, impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners)
+        return upsample2x(x, self.align_corners, self.impl)
 
 
 def output_widths(channels: int) -> tuple[int, int]:
@@ -93,7 +128,7 @@ def output_widths(channels: int) -> tuple[int, int]:
 
 class AVSModel(nn.Module):
     def __init__(self, depth: int = 50, channels: int = 256, tpavi_stages=(0, 1, 2, 3),
-                 tpavi_mode: str = "dot", tpavi_impl: str = "factorized"):
+                 tpavi_mode: str = "dot", tpavi_impl: str = "factorized", upsample: str = "interpolate"):
         super().__init__()
         self.tpavi_stages = sorted(tpavi_stages)
         self.tpavi_mode = tpavi_mode
@@ -102,14 +137,14 @@ class AVSModel(nn.Module):
             setattr(self, f"conv{i + 1}", ASPPHead(in_ch, channels))
         for i in self.tpavi_stages:
             setattr(self, f"tpavi_b{i + 1}", TPAVI(channels, mode=tpavi_mode, impl=tpavi_impl))
-        self.path4 = FeatureFusionBlock(channels, has_skip=False)
-        self.path3 = FeatureFusionBlock(channels)
-        self.path2 = FeatureFusionBlock(channels)
-        self.path1 = FeatureFusionBlock(channels)
+        self.path4 = FeatureFusionBlock(channels, has_skip=False, upsample=upsample)
+        self.path3 = FeatureFusionBlock(channels, upsample=upsample)
+        self.path2 = FeatureFusionBlock(channels, upsample=upsample)
+        self.path1 = FeatureFusionBlock(channels, upsample=upsample)
         mid, low = output_widths(channels)
         self.output_conv = nn.Sequential(
             nn.Conv2d(channels, mid, kernel_size=3, padding=1),
-            Interpolate(scale_factor=2, mode="bilinear"),  # align_corners=False, as the reference
+            Interpolate(align_corners=False, impl=upsample),  # align_corners=False, as the reference
             nn.Conv2d(mid, low, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(low, 1, kernel_size=1),

@@ -25,7 +25,8 @@ class AVSSystem(nn.Module):
         # Precomputed embeddings make VGGish (72M frozen parameters) unnecessary.
         self.vggish = VGGish() if cfg.audio_input == "logmel" else None
         self.avs = AVSModel(depth=cfg.depth, channels=cfg.decoder_channels, tpavi_stages=cfg.tpavi_stages,
-                            tpavi_mode=cfg.tpavi_mode, tpavi_impl=cfg.tpavi_impl)
+                            tpavi_mode=cfg.tpavi_mode, tpavi_impl=cfg.tpavi_impl,
+                            upsample=cfg.upsample)
         self.crop = (CropBranch(cfg.crop_depth, cfg.crop_hidden, cfg.num_classes, cfg.crop_relu)
                      if cfg.crop_branch else None)
 
