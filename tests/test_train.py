@@ -1,0 +1,143 @@
+"""Trainer pieces (LR schedule, optimizer parameters, RNG isolation) and the one-process entry point."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from avs_dist import checkpoint as ckpt
+from avs_dist.config import load_config
+from avs_dist.train import (_floatify, build_optimizer, lr_multiplier, preserved_rng, request_stop,
+                            resolve_precision)
+
+
+def test_lr_warmup_then_constant():
+    cfg = load_config("tiny", ["optim.schedule=constant", "optim.warmup_steps=4"])
+    f = lr_multiplier(cfg, 100)
+    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_lr_cosine_reaches_min_ratio_at_last_step():
+    cfg = load_config("tiny", ["optim.schedule=cosine", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1"])
+    total = 12
+    f = lr_multiplier(cfg, total)
+    values = [f(s) for s in range(total)]
+    assert values[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))  # non-increasing after warm-up
+    assert values[-1] == pytest.approx(0.1)
+
+
+def test_lr_schedule_drives_the_optimizer():
+    cfg = load_config("tiny", ["optim.lr=0.01", "optim.warmup_steps=2", "optim.schedule=constant"])
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, 10))
+    seen = []
+    for _ in range(3):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.005, 0.01, 0.01])
+
+
+def test_frozen_vggish_has_no_optimizer_params_and_stays_in_eval():
+    from avs_dist.models import build_model
+
+    cfg = load_config("tiny")
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in model.vggish.parameters())
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_opt == trainable
+    model.train()
+    assert model.training and not model.vggish.training
+    assert cfg.optim.name == "adam" and isinstance(opt, torch.optim.Adam)
+    assert isinstance(build_optimizer(model, load_config("tiny", ["optim.name=adamw"])), torch.optim.AdamW)
+
+
+def test_preserved_rng_isolates_the_training_streams():
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    state = ckpt.rng_state()
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    ckpt.set_rng_state(state)
+    with preserved_rng():
+        torch.rand(100), random.random(), np.random.rand(5)  # e.g. a DataLoader drawing its seed
+    got = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_floatify_casts_nested_half_outputs():
+    out = {"logits": torch.ones(2, dtype=torch.bfloat16), "avm": [(0, torch.ones(1, dtype=torch.float16),
+                                                                   torch.ones(1, dtype=torch.bfloat16))],
+           "label": torch.ones(1, dtype=torch.int64), "none": None}
+    f = _floatify(out)
+    assert f["logits"].dtype == torch.float32
+    assert f["avm"][0][0] == 0 and f["avm"][0][1].dtype == torch.float32 and f["avm"][0][2].dtype == torch.float32
+    assert f["label"].dtype == torch.int64 and f["none"] is None
+
+
+def test_precision_auto():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_request_stop_only_sets_a_flag(monkeypatch):
+    import avs_dist.train as train
+
+    monkeypatch.setattr(train, "_STOP", False)
+    request_stop(signal.SIGTERM, None)
+    assert train._STOP is True
+
+
+@pytest.mark.slow
+def test_single_process_entry_point(s4_shards, tmp_path):
+    """`python -m avs_dist.train` without torchrun: a world of one, same files as a multi-rank run."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "avs_dist.train", "--config", "tiny", "--shards", str(s4_shards),
+           "--run-dir", str(run_dir), "train.max_steps=3", "data.batch_videos=4", "data.num_workers=0",
+           "train.ckpt_every_steps=2", "train.eval_every_steps=2", "train.image_every_steps=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, out
+    assert (run_dir / "config.json").is_file() and (run_dir / "config.toml").is_file()
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["data"]["shards"] == str(s4_shards) and saved["train"]["max_steps"] == 3
+    assert (run_dir / "pids" / "rank0.pid").is_file()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("epoch", "total", "bce", "crop_ce", "crop_pair", "crop_audio", "lr", "grad_norm",
+                    "frames_per_s"):
+            assert r[key] is not None, (key, r)
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
+    for _, path in ckpt.list_checkpoints(run_dir):
+        assert ckpt.verify(path) is None
+    model = ckpt.load_torch(run_dir / "checkpoints" / "step_00000003" / "model.pt")
+    assert model["step"] == 3 and model["config"]["train"]["max_steps"] == 3
+    assert all(v.dtype != torch.bfloat16 and v.dtype != torch.float16 for v in model["model"].values())
+    assert ckpt.verify(run_dir / "checkpoints" / "best") is None
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["status"] == "completed"
+    assert {"miou", "f", "audio_gap", "miou_mismatched"} <= set(final["test"])
+    assert "miou" in final["val"]
+    assert list((run_dir / "tb").iterdir())
