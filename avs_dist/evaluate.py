@@ -60,9 +60,13 @@ def _merge(base: dict, extra: dict) -> dict:
 def _from_state_dict(build_model, cfg, state: dict):
     """Build on the meta device and adopt the checkpoint's tensors (skips the random init of
     ~100M parameters); a real build if something is not in the state dict."""
+    from avs_dist.models.vggish import VGGish
+
     with torch.device("meta"):
         model = build_model(cfg.model, load_weights=False)
     model.load_state_dict(state, assign=True)
+    if model.vggish is not None:  # never in checkpoints: its seeded init (or the weights file, below)
+        model.vggish = VGGish()
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # non-persistent buffers
         model = build_model(cfg.model, load_weights=False)
         model.load_state_dict(state)
@@ -75,8 +79,9 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
 
     `path` is a checkpoint folder (or a run / checkpoints folder: best/, else the latest
     complete step), its model.pt, or an AVSBench reference state dict (loaded into the
-    `s4_avsbench` preset; it holds no VGGish, so pass `vggish_weights`). Our checkpoints
-    carry their VGGish weights, so `vggish_weights` is ignored for them.
+    `s4_avsbench` preset; it holds no VGGish, so pass `vggish_weights`). Our checkpoints hold
+    no VGGish either: it is rebuilt from the file the training config names (`vggish_weights`
+    overrides that path, for another machine) or, when training used none, its seeded init.
     """
     from avs_dist.config import config_from_dict, load_config, parse_overrides, to_dict
 
@@ -93,12 +98,19 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
 
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
         cfg = config_from_dict(_merge(obj["config"], parse_overrides(config_overrides or [])))
-        # every weight (VGGish included) is in the checkpoint: the files named at training
-        # time need not exist where inference runs, and random init would be wasted
+        # every trained weight is in the checkpoint, so the backbone files named at training
+        # time need not exist where inference runs, and their random init would be wasted
         try:
             model = _from_state_dict(build_model, cfg, obj["model"])
         except RuntimeError as e:
             raise ValueError(f"{file}: the weights do not fit the model its config describes: {e}") from None
+        vggish_file = vggish_weights or cfg.model.vggish_weights
+        if vggish_file and model.vggish is not None:
+            from avs_dist.models.weights import load_vggish
+            if not Path(vggish_file).is_file():
+                raise FileNotFoundError(f"VGGish weights {vggish_file} (named by the checkpoint's config "
+                                        "model.vggish_weights) do not exist here: pass --vggish-weights PATH")
+            load_vggish(model.vggish, vggish_file)
     elif isinstance(obj, dict) and is_reference_checkpoint(obj.get("state_dict", obj)):
         cfg = load_config("s4_avsbench", config_overrides)
         data = to_dict(cfg)

@@ -153,3 +153,35 @@ def test_bad_inputs_are_clear():
         model(frames, audio)
     with pytest.raises(ValueError, match="audio is required"):
         model(frames, None, crops)
+
+
+def test_vggish_random_init_is_fixed_and_not_deaf():
+    """Without a weights file VGGish is the same function in every process, and its
+    embeddings vary with the input (PyTorch's default init gives near-constant outputs)."""
+    from avs_dist.models.vggish import VGGish
+
+    torch.manual_seed(1)
+    a = VGGish()
+    torch.manual_seed(2)
+    b = VGGish()
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    x = torch.randn(8, 1, 96, 64) * 2 - 2
+    emb = a(x)
+    assert emb.std(dim=0).mean() > 1e-2
+
+
+def test_checkpoint_state_excludes_frozen_vggish():
+    from avs_dist.config import ModelConfig
+    from avs_dist.models import build_model
+
+    cfg = ModelConfig(depth=18, decoder_channels=16, crop_branch=False)
+    m = build_model(cfg, load_weights=False)
+    sd = m.state_dict()
+    assert sd and not any(k.startswith("vggish.") for k in sd)
+    wrapped = torch.nn.Sequential(m)  # keys under a prefix too (DDP's "module.")
+    assert not any(".vggish." in k for k in wrapped.state_dict())
+    m2 = build_model(cfg, load_weights=False)
+    m2.load_state_dict(sd)  # strict: VGGish is not reported missing
+    with pytest.raises(RuntimeError, match="Missing key"):
+        m2.load_state_dict({k: v for k, v in sd.items() if not k.startswith("avs.output_conv")})

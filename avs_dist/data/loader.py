@@ -421,8 +421,18 @@ def _loader(source, cfg_data, batch_videos: int, partial: bool, num_workers: int
     return wds.WebLoader(
         pipeline, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin,
         prefetch_factor=cfg_data.prefetch_factor if num_workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # torchrun and Slurm signal whole process groups. SIGTERM/SIGUSR2 ask the rank to save at
+    # the next step boundary, which needs its loader workers alive until then; they still end
+    # with the rank (the DataLoader shuts them down, and they exit when their parent is gone).
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def train_loader(shard_dir: str | Path, cfg_data, rank: int, world_size: int, seed: int, epoch: int,

@@ -209,11 +209,12 @@ def split_sizes(n: int) -> dict[str, int]:
     return {"train": n - val - test, "val": val, "test": test}
 
 
-def class_pool(n_train: int) -> list[int]:
-    """Classes used: about three train videos per class (2..23 classes), spread evenly over
-    the 23 so that their colours and sounds are far apart; never more than the train videos,
-    so every class used appears in train."""
-    k = min(23, n_train, max(3, n_train // 3))
+def class_pool(n_train: int, classes: int | None = None) -> list[int]:
+    """Classes used: `classes`, or by default about three train videos per class (2..23
+    classes), spread evenly over the 23 so that their colours and sounds are far apart; never
+    more than the train videos, so every class used appears in train. Few classes make the
+    audio-visual association learnable from few videos (the demo and the learning test)."""
+    k = min(23, n_train, max(3, n_train // 3)) if classes is None else min(23, n_train, classes)
     k = max(k, min(2, n_train))
     return sorted({int(i * 23 / k) for i in range(k)})
 
@@ -226,11 +227,11 @@ def _video_name(rng: np.random.Generator, dash: bool) -> str:
     return "".join(chars)
 
 
-def plan_subset(subset: str, n: int, seed: int) -> list[dict]:
+def plan_subset(subset: str, n: int, seed: int, classes: int | None = None) -> list[dict]:
     """One dict per video, in CSV order."""
     rng = np.random.default_rng([seed, SUBSET_IDS[subset], 0])
     sizes = split_sizes(n)
-    pool = class_pool(sizes["train"])
+    pool = class_pool(sizes["train"], classes)
     videos, names = [], set()
     for split in layout.SPLITS:
         for k in range(sizes[split]):
@@ -303,8 +304,9 @@ def _write_csv(root: Path, subset: str, videos: list[dict]) -> None:
                 w.writerow([v["name"], v["split"]])
 
 
-def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool) -> dict:
-    videos = plan_subset(subset, n, seed)
+def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool,
+                 n_classes: int | None = None) -> dict:
+    videos = plan_subset(subset, n, seed, n_classes)
     root = layout.subset_root(out, subset)
     _write_csv(root, subset, videos)
     records = layout.read_subset(out, subset)
@@ -346,7 +348,7 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
 
 
 def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "both", seed: int = 0,
-             xml: bool = True, force: bool = False) -> dict:
+             xml: bool = True, force: bool = False, classes: int | None = None) -> dict:
     """Write the synthetic dataset under `out`; returns a summary (per subset: root, boxes
     folder, split sizes, classes, and every video's name, split, sounding and distractor
     classes, in CSV order). Refuses to write into an existing subset folder unless `force`,
@@ -367,7 +369,7 @@ def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "
                 shutil.rmtree(d)
     summary = {"out": str(out), "seed": seed, "size": size, "videos_per_subset": videos, "subsets": {}}
     for s in subsets:
-        summary["subsets"][s] = write_subset(out, s, videos, size, seed, xml)
+        summary["subsets"][s] = write_subset(out, s, videos, size, seed, xml, classes)
     return summary
 
 
@@ -378,13 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="frame side in pixels (default 224, like AVSBench)")
     p.add_argument("--subset", choices=("s4", "ms3", "both"), default="both")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=int, default=None,
+                   help="number of classes used (2..23; default about one per three train videos)")
     p.add_argument("--no-xml", action="store_true", help="do not write labelImg box XML")
     p.add_argument("--force", action="store_true", help="replace existing subset folders under --out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         summary = generate(args.out, videos=args.videos, size=args.size, subset=args.subset, seed=args.seed,
-                           xml=not args.no_xml, force=args.force)
+                           xml=not args.no_xml, force=args.force, classes=args.classes)
     except (ValueError, FileExistsError) as e:
         print(f"avs-dist synth: {e}", file=sys.stderr)
         return 2

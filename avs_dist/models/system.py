@@ -18,6 +18,10 @@ from .vggish import EMBED_DIM, VGGish
 
 
 class AVSSystem(nn.Module):
+    """VGGish is frozen and fully determined by the config (the `model.vggish_weights` file, or
+    its seeded random init), so its 72M weights stay out of the state dict: checkpoints are
+    ~290 MB smaller and load without them (see `state_dict` / the load hook below)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -29,6 +33,13 @@ class AVSSystem(nn.Module):
                             upsample=cfg.upsample)
         self.crop = (CropBranch(cfg.crop_depth, cfg.crop_hidden, cfg.num_classes, cfg.crop_relu)
                      if cfg.crop_branch else None)
+        self.register_load_state_dict_post_hook(_vggish_not_missing)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in sd if k.startswith(prefix + "vggish.")]:
+            del sd[key]
+        return sd
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """log-mel [B, T, 1, 96, 64] (or embeddings [B, T, 128]) -> [B, T, 128]."""
@@ -63,6 +74,10 @@ class AVSSystem(nn.Module):
                 raise ValueError("the crop branch is on (model.crop_branch=true) but no crops were given")
             out.update(self.crop(crops, audio_embed, channels_last=cl))
         return out
+
+
+def _vggish_not_missing(module: nn.Module, incompatible) -> None:
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ".vggish." not in f".{k}"]
 
 
 def build_model(cfg: ModelConfig, load_weights: bool = True) -> AVSSystem:

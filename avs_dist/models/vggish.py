@@ -26,8 +26,18 @@ def _features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+RANDOM_INIT_SEED = 0
+
+
 class VGGish(nn.Module):
-    """log-mel examples [N, 1, 96, 64] -> embeddings [N, 128]. Always frozen and in eval mode."""
+    """log-mel examples [N, 1, 96, 64] -> embeddings [N, 128]. Always frozen and in eval mode.
+
+    Without a weights file the network is a fixed random function: He-initialised from its own
+    generator (seed RANDOM_INIT_SEED), so every process and every later evaluation rebuilds
+    exactly the same VGGish. That is why checkpoints need not carry its 72M frozen weights
+    (models/system.py). PyTorch's default init would make it nearly deaf: its embeddings come
+    out almost constant (std ~1e-4), so a model could not learn from the audio at all.
+    """
 
     def __init__(self):
         super().__init__()
@@ -37,8 +47,21 @@ class VGGish(nn.Module):
             nn.Linear(4096, 4096), nn.ReLU(inplace=True),
             nn.Linear(4096, EMBED_DIM), nn.ReLU(inplace=True),
         )
+        self.reset_parameters()
         self.requires_grad_(False)
         self.eval()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = RANDOM_INIT_SEED) -> None:
+        if any(p.is_meta for p in self.parameters()):
+            return  # built on the meta device: the real weights arrive later
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = torch.empty(m.weight.shape)
+                nn.init.kaiming_normal_(w, nonlinearity="relu", generator=g)
+                m.weight.copy_(w)
+                m.bias.zero_()
 
     def train(self, mode: bool = True):
         # Frozen feature extractor: a parent's .train() must not change it.
