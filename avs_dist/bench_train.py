@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.steps < 2 or not 0 <= args.warmup < args.steps:
         print(f"bench train: need --steps >= 2 and 0 <= --warmup < --steps (got {args.steps}, {args.warmup})",
               file=sys.stderr)

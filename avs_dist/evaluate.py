@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: config)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.image_size=224)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     from avs_dist import distributed
     from avs_dist.data.loader import eval_loader

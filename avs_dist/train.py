@@ -719,7 +719,7 @@ def resolve_config(args) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     """One rank (env from torchrun). Ends the process with os._exit (see distributed.hard_exit)."""
-    args = _parser("python -m avs_dist.train", launcher=False).parse_args(argv)
+    args = _parser("python -m avs_dist.train", launcher=False).parse_intermixed_args(argv)
     try:
         cfg = resolve_config(args)
     except ConfigError as e:
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """`avs-dist train`: validate everything, then start --nproc local ranks via torchrun."""
-    args = _parser("avs-dist train", launcher=True).parse_args(argv)
+    args = _parser("avs-dist train", launcher=True).parse_intermixed_args(argv)
     if args.nproc < 1 or args.max_restarts < 0:
         print(f"avs-dist train: --nproc must be >= 1 and --max-restarts >= 0 "
               f"(got {args.nproc}, {args.max_restarts})", file=sys.stderr)

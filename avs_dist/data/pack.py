@@ -25,6 +25,11 @@ written last (temp + rename), so a directory without a manifest is an incomplete
 A rerun deletes the shards and temp files of an incomplete run and rebuilds. A complete
 shard set (a manifest exists) is never touched unless ``--overwrite`` is given; with it, the
 old set is removed only after the new input has validated.
+
+Chunks (Slurm arrays, slurm/pack-array.sbatch): ``--chunk I --num-chunks N`` writes every
+N-th shard of the same plan, starting at I, and records them in ``.chunks/``; ``--finalize
+--num-chunks N`` verifies that the chunks hold exactly the planned shards and publishes the
+manifest. The result is identical to a one-process pack.
 """
 from __future__ import annotations
 
@@ -343,16 +348,8 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     _fsync_dir(out)
 
 
-def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Path | None = None,
-         workers: int = 1, skip_bad: bool = False, image_format: str = "npy", jpeg_quality: int = 95,
-         crop_size: int = 224, shard_videos: int = 64, overwrite: bool = False,
-         progress: bool = True, log=print) -> dict:
-    """Pack one subset of an AVSBench download into `out`; returns the manifest.
-
-    `boxes`: root of the labelImg XML tree handed to ``boxes_for_video``; when None and
-    ``<data_root>/boxes`` exists, that folder is used (`avs-dist synth` writes it there).
-    Raises PackError (bad videos without `skip_bad`, or a complete set without `overwrite`).
-    """
+def _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_quality, crop_size,
+             shard_videos) -> tuple[Path, PackOptions]:
     if subset not in SUBSET_DIRS:
         raise PackError(f"--subset {subset!r}: expected s4 or ms3")
     if image_format not in IMAGE_FORMATS:
@@ -369,8 +366,77 @@ def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Pa
     if boxes is not None and (Path(boxes) / SUBSET_DIRS[subset]).is_dir():
         # One XML tree for both subsets, split like the download (Single-source/, Multi-sources/).
         boxes = Path(boxes) / SUBSET_DIRS[subset]
-    opts = PackOptions(image_format, jpeg_quality, crop_size, shard_videos,
-                       str(boxes) if boxes is not None else None, skip_bad)
+    return data_root, PackOptions(image_format, jpeg_quality, crop_size, shard_videos,
+                                  str(boxes) if boxes is not None else None, skip_bad)
+
+
+def _validate(records, opts, csv_path, workers, bar, pool) -> list[dict]:
+    """Decode every video once; the bad ones with all their problems."""
+    task = bar.add_task("validate", total=len(records))
+    chunk = max(1, min(16, len(records) // (4 * workers) or 1))
+    chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]
+    found = [p for c in _map_chunks(_validate_chunk, chunks, (opts, csv_path), bar, task, pool)
+             for p in c]
+    return [{"name": r.name, "split": r.split, "row": r.row, "problems": p}
+            for r, p in zip(records, found) if p]
+
+
+def shard_plan(records: list[VideoRecord], shard_videos: int, bad_rows=frozenset()) -> list[tuple]:
+    """(file, split, [(record, index in split), ...]) for every shard, in manifest order."""
+    jobs = []
+    for split in SPLITS:
+        good = [r for r in records if r.split == split and r.row not in bad_rows]
+        items = list(zip(good, range(len(good))))
+        for k, i in enumerate(range(0, len(items), shard_videos)):
+            jobs.append((f"{split}-{k:05d}.tar", split, items[i:i + shard_videos]))
+    return jobs
+
+
+def _write_shards(out: Path, jobs, opts, csv_path, bar, pool) -> list[dict]:
+    task = bar.add_task("write shards", total=sum(len(j[2]) for j in jobs))
+    entries = [None] * len(jobs)
+    if pool is None:
+        for n, (file, split, items) in enumerate(jobs):
+            entries[n] = _write_shard(str(out), file, split, items, opts, csv_path)
+            bar.advance(task, len(items))
+    else:
+        futures = {pool.submit(_write_shard, str(out), file, split, items, opts, csv_path): n
+                   for n, (file, split, items) in enumerate(jobs)}
+        for fut in as_completed(futures):
+            n = futures[fut]
+            entries[n] = fut.result()
+            bar.advance(task, len(jobs[n][2]))
+    return entries
+
+
+def build_manifest(subset: str, options: dict, entries: list[dict], skipped: list[dict]) -> dict:
+    splits = {s: {"videos": sum(e["videos"] for e in entries if e["split"] == s),
+                  "shards": sum(1 for e in entries if e["split"] == s)} for s in SPLITS}
+    return {
+        "format": "avs-dist-shards",
+        "schema_version": SCHEMA_VERSION,
+        "subset": subset,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "classes": list(S4_CLASSES),
+        "options": options,
+        "splits": splits,
+        "shards": entries,
+        "skipped": skipped,
+    }
+
+
+def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Path | None = None,
+         workers: int = 1, skip_bad: bool = False, image_format: str = "npy", jpeg_quality: int = 95,
+         crop_size: int = 224, shard_videos: int = 64, overwrite: bool = False,
+         progress: bool = True, log=print) -> dict:
+    """Pack one subset of an AVSBench download into `out`; returns the manifest.
+
+    `boxes`: root of the labelImg XML tree handed to ``boxes_for_video``; when None and
+    ``<data_root>/boxes`` exists, that folder is used (`avs-dist synth` writes it there).
+    Raises PackError (bad videos without `skip_bad`, or a complete set without `overwrite`).
+    """
+    data_root, opts = _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_quality,
+                               crop_size, shard_videos)
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
         raise PackError(f"{out} already holds a complete shard set ({MANIFEST}); "
@@ -384,13 +450,7 @@ def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Pa
         with _progress(progress) as bar:
             # Validation decodes everything once: the report must be complete before any
             # shard is written, and with --skip-bad the shard layout depends on it.
-            task = bar.add_task("validate", total=len(records))
-            chunk = max(1, min(16, len(records) // (4 * workers) or 1))
-            chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]
-            found = [p for c in _map_chunks(_validate_chunk, chunks, (opts, csv_path), bar, task, pool)
-                     for p in c]
-            bad = [{"name": r.name, "split": r.split, "row": r.row, "problems": p}
-                   for r, p in zip(records, found) if p]
+            bad = _validate(records, opts, csv_path, workers, bar, pool)
             if bad and not skip_bad:
                 raise PackError(
                     f"{len(bad)} of {len(records)} {subset} videos are bad; nothing was written "
@@ -406,48 +466,137 @@ def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Pa
             if removed:
                 log(f"removed {len(removed)} files of a previous incomplete or replaced pack in {out}")
 
-            bad_rows = {b["row"] for b in bad}
-            jobs = []
-            for split in SPLITS:
-                good = [r for r in records if r.split == split and r.row not in bad_rows]
-                items = list(zip(good, range(len(good))))
-                for k, i in enumerate(range(0, len(items), shard_videos)):
-                    jobs.append((f"{split}-{k:05d}.tar", split, items[i:i + shard_videos]))
-            task = bar.add_task("write shards", total=sum(len(j[2]) for j in jobs))
-            entries = [None] * len(jobs)
-            if pool is None:
-                for n, (file, split, items) in enumerate(jobs):
-                    entries[n] = _write_shard(str(out), file, split, items, opts, csv_path)
-                    bar.advance(task, len(items))
-            else:
-                futures = {pool.submit(_write_shard, str(out), file, split, items, opts, csv_path): n
-                           for n, (file, split, items) in enumerate(jobs)}
-                for fut in as_completed(futures):
-                    n = futures[fut]
-                    entries[n] = fut.result()
-                    bar.advance(task, len(jobs[n][2]))
+            jobs = shard_plan(records, shard_videos, {b["row"] for b in bad})
+            entries = _write_shards(out, jobs, opts, csv_path, bar, pool)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
     _fsync_dir(out)
-    splits = {s: {"videos": sum(e["videos"] for e in entries if e["split"] == s),
-                  "shards": sum(1 for e in entries if e["split"] == s)} for s in SPLITS}
-    manifest = {
-        "format": "avs-dist-shards",
-        "schema_version": SCHEMA_VERSION,
-        "subset": subset,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "classes": list(S4_CLASSES),
-        "options": {**asdict(opts), "data_root": str(data_root)},
-        "splits": splits,
-        "shards": entries,
-        "skipped": bad,
-    }
+    manifest = build_manifest(subset, {**asdict(opts), "data_root": str(data_root)}, entries, bad)
     _write_manifest(out, manifest)
-    counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in splits.items())
+    counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in manifest["splits"].items())
     log(f"packed {subset} into {out} in {time.time() - t0:.1f}s: {counts}"
         + (f"; skipped {len(bad)} bad videos" if bad else ""))
+    return manifest
+
+
+# ----------------------------------------------------------------------------- chunks (Slurm arrays)
+# `--chunk I --num-chunks N` validates and writes shards I, I+N, I+2N, ... of the plan a
+# one-process pack makes (byte-identical files) and records them in CHUNK_DIR; `--finalize
+# --num-chunks N` checks that the chunks hold exactly the planned shards (sizes and sha256
+# re-read from disk) and publishes manifest.json. slurm/pack-array.sbatch runs them.
+CHUNK_DIR = ".chunks"
+
+
+def _chunk_file(out: Path, chunk: int, num_chunks: int) -> Path:
+    return out / CHUNK_DIR / f"chunk-{chunk:05d}-of-{num_chunks:05d}.json"
+
+
+def pack_chunk(data_root: str | Path, subset: str, out: str | Path, chunk: int, num_chunks: int, *,
+               boxes: str | Path | None = None, workers: int = 1, image_format: str = "npy",
+               jpeg_quality: int = 95, crop_size: int = 224, shard_videos: int = 64,
+               progress: bool = True, log=print) -> dict:
+    """Pack chunk `chunk` of `num_chunks`; returns its record (also OUT/.chunks/chunk-I-of-N.json).
+
+    A bad video fails the chunk with the full report (--skip-bad changes the shard layout,
+    which needs the whole list: pack without chunks for that)."""
+    if not 0 <= chunk < num_chunks:
+        raise PackError(f"--chunk {chunk}: expected 0 <= chunk < --num-chunks ({num_chunks})")
+    data_root, opts = _options(data_root, subset, boxes, workers, False, image_format, jpeg_quality,
+                               crop_size, shard_videos)
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise PackError(f"{out} already holds a complete shard set ({MANIFEST}); remove it to rebuild in chunks")
+    records = read_subset(data_root, subset)
+    csv_path = str(subset_root(data_root, subset) / CSV_NAMES[subset])
+    mine = shard_plan(records, shard_videos)[chunk::num_chunks]
+    recs = [rec for _, _, items in mine for rec, _ in items]
+    t0 = time.time()
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        with _progress(progress) as bar:
+            bad = _validate(recs, opts, csv_path, workers, bar, pool)
+            if bad:
+                raise PackError(f"chunk {chunk} of {num_chunks}: {len(bad)} of its {len(recs)} videos are bad; "
+                                f"its shards were not written:\n{_format_problems(bad)}", bad)
+            (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+            entries = _write_shards(out, mine, opts, csv_path, bar, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    record = {"chunk": chunk, "num_chunks": num_chunks, "subset": subset,
+              "options": {**asdict(opts), "data_root": str(data_root)}, "shards": entries}
+    path = _chunk_file(out, chunk, num_chunks)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    log(f"packed chunk {chunk} of {num_chunks} into {out} in {time.time() - t0:.1f}s: "
+        f"{len(entries)} shards, {len(recs)} videos")
+    return record
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+            size += len(block)
+    return sha.hexdigest(), size
+
+
+def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chunks: int, *,
+                    shard_videos: int = 64, log=print, **_ignored) -> dict:
+    """Verify the N chunk records against the plan and the files, then publish the manifest."""
+    out = Path(out)
+    chunk_dir = out / CHUNK_DIR
+    if (out / MANIFEST).exists() and not chunk_dir.exists():
+        log(f"{out} is already complete ({MANIFEST}); nothing to finalize")
+        return json.loads((out / MANIFEST).read_text())
+    data_root = Path(data_root)
+    plan = shard_plan(read_subset(data_root, subset), shard_videos)
+    records, missing = [], []
+    for i in range(num_chunks):
+        path = _chunk_file(out, i, num_chunks)
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+        else:
+            missing.append(i)
+    if missing:
+        raise PackError(f"{out}: chunks {missing} of {num_chunks} have no record in {chunk_dir} (their tasks "
+                        f"failed, are still running, or ran with another chunk count); rerun them with "
+                        f"--chunk I --num-chunks {num_chunks}, then --finalize again")
+    options = {json.dumps(r["options"], sort_keys=True) for r in records}
+    if len(options) != 1 or records[0]["subset"] != subset:
+        raise PackError(f"{out}: the chunks were packed with different options or subsets; rerun all of them")
+    opts = records[0]["options"]
+    if opts["shard_videos"] != shard_videos or Path(opts["data_root"]) != data_root:
+        raise PackError(f"{out}: chunks were packed from {opts['data_root']} with --shard-videos "
+                        f"{opts['shard_videos']}; finalize with the same --data-root and --shard-videos")
+    by_file = {e["file"]: e for r in records for e in r["shards"]}
+    planned = [file for file, _, _ in plan]
+    problems = [f"{f}: planned, but no chunk wrote it" for f in planned if f not in by_file]
+    problems += [f"{f}: not in the plan" for f in by_file if f not in set(planned)]
+    for file, split, items in plan:
+        entry = by_file.get(file)
+        if entry is None:
+            continue
+        if entry["videos"] != len(items) or entry["split"] != split:
+            problems.append(f"{file}: {entry['videos']} {entry['split']} videos, planned {len(items)} {split}")
+            continue
+        sha, size = _file_sha256(out / file) if (out / file).is_file() else (None, None)
+        if (sha, size) != (entry["sha256"], entry["bytes"]):
+            problems.append(f"{out / file}: missing or changed since its chunk wrote it")
+    if problems:
+        raise PackError(f"{out}: the chunks do not add up to the shard set:\n  " + "\n  ".join(problems))
+    entries = [by_file[f] for f in planned]
+    manifest = build_manifest(subset, opts, entries, [])
+    _write_manifest(out, manifest)
+    for path in chunk_dir.iterdir():
+        path.unlink()
+    chunk_dir.rmdir()
+    counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in manifest["splits"].items())
+    log(f"finalized {subset} in {out} from {num_chunks} chunks: {counts}")
     return manifest
 
 
@@ -468,8 +617,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-videos", type=int, default=64)
     ap.add_argument("--overwrite", action="store_true", help="rebuild a complete shard set in --out")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--num-chunks", type=int, default=0,
+                    help="split the work into N chunks (Slurm array tasks; slurm/pack-array.sbatch)")
+    ap.add_argument("--chunk", type=int, default=None, help="write chunk I of --num-chunks (0-based)")
+    ap.add_argument("--finalize", action="store_true",
+                    help="verify the --num-chunks chunks written in --out and publish manifest.json")
     a = ap.parse_args(argv)
+    if (a.chunk is not None or a.finalize) and a.num_chunks < 1:
+        ap.error("--chunk and --finalize need --num-chunks N (N >= 1)")
+    if a.chunk is not None and a.finalize:
+        ap.error("--chunk and --finalize are separate steps")
+    if (a.chunk is not None or a.finalize) and (a.skip_bad or a.overwrite):
+        ap.error("--skip-bad and --overwrite need the whole video list: pack without chunks")
     try:
+        if a.finalize:
+            finalize_chunks(a.data_root, a.subset, a.out, a.num_chunks, shard_videos=a.shard_videos)
+            return 0
+        if a.chunk is not None:
+            pack_chunk(a.data_root, a.subset, a.out, a.chunk, a.num_chunks, boxes=a.boxes, workers=a.workers,
+                       image_format=a.image_format, jpeg_quality=a.jpeg_quality, crop_size=a.crop_size,
+                       shard_videos=a.shard_videos, progress=not a.no_progress)
+            return 0
         pack(a.data_root, a.subset, a.out, boxes=a.boxes, workers=a.workers, skip_bad=a.skip_bad,
              image_format=a.image_format, jpeg_quality=a.jpeg_quality, crop_size=a.crop_size,
              shard_videos=a.shard_videos, overwrite=a.overwrite, progress=not a.no_progress)
