@@ -379,7 +379,7 @@ class Trainer:
 
     # ---- set-up
     def build(self) -> None:
-        from avs_dist.models import build_model
+        from avs_dist.models import build_model, to_channels_last
 
         cfg, d = self.cfg, self.d
         check_runtime(cfg, d.world_size, d.device.type == "cuda")
@@ -389,7 +389,7 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(d.device)
         if d.device.type == "cuda" and cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            to_channels_last(model)  # Conv2d weights only: TPAVI's 5-d Conv3d weights cannot be
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, self.total_steps))
         if cfg.train.strategy == "ddp":
@@ -471,7 +471,8 @@ class Trainer:
 
         with preserved_rng():
             model = self.strategy.eval_model()
-            loader = eval_loader(self.shards, split, self.cfg.data, self.d.rank, self.d.world_size)
+            loader = eval_loader(self.shards, split, self.cfg.data, self.d.rank, self.d.world_size,
+                                 device=self.d.device, crops=False)
             result = evaluate(model, loader, self.d.device, self.cfg.data.eval_batch_videos, audio_gap,
                               precision=self.precision, group=self.d.control)
         self.strategy.module.train()
@@ -539,15 +540,22 @@ class Trainer:
                                      meta["fps"], meta["wait"], meta["mem"])
             pending.clear()
 
-        while self.step < self.total_steps:
-            if self.batch_in_epoch >= epoch_batches:
-                self.epoch += 1
-                self.batch_in_epoch = 0
-            with preserved_rng():
-                loader = train_loader(self.shards, cfg.data, d.rank, d.world_size, cfg.train.seed,
-                                      self.epoch, start_batch=self.batch_in_epoch)
-                it = iter(loader)
-            try:
+        if self.batch_in_epoch >= epoch_batches:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        # One endless stream through one set of workers for the whole run (no restart per
+        # epoch); its batch order is the same as per-epoch loaders', so resume stays exact.
+        # Batches arrive on the device, normalised there from pinned uint8 (no host-side float work).
+        with preserved_rng():
+            loader = train_loader(self.shards, cfg.data, d.rank, d.world_size, cfg.train.seed,
+                                  self.epoch, start_batch=self.batch_in_epoch, device=d.device,
+                                  crops=cfg.model.crop_branch, epochs=None, batches_per_epoch=epoch_batches)
+            it = iter(loader)
+        try:
+            while self.step < self.total_steps:
+                if self.batch_in_epoch >= epoch_batches:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
                 while self.step < self.total_steps and self.batch_in_epoch + ga <= epoch_batches:
                     t0 = time.perf_counter()
                     wait = 0.0
@@ -574,8 +582,8 @@ class Trainer:
                     status = self.boundary(flush, epoch_end=self.batch_in_epoch + ga > epoch_batches)
                     if status:
                         return status
-            finally:
-                del it
+        finally:
+            del it
         flush()
         return "completed"
 

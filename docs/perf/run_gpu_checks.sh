@@ -21,13 +21,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   PRESET=full; STEPS=10; WARM=3; VIDEOS=120; SIZE=224; CONFIG=s4_seed; TRAIN_STEPS=24; TT=45
   VARIANTS="reference_fp32_nchw_one_b4,factorized_bf16_cl_one_b16,factorized_bf16_cl_two_b16,factorized_bf16_cl_two_b16_mmup,factorized_bf16_cl_two_b16_mmup_fadam"
-  EXTRA="data.num_workers=8 data.batch_videos=16"
+  EXTRA="data.num_workers=8 data.batch_videos=16 ${BENCH_TRAIN_EXTRA:-}"
 fi
 
+if [ "${SKIP_MODEL:-0}" != 1 ]; then
 echo "=== bench model"
 timeout 150 $PY -m avs_dist bench model --preset $PRESET --steps $STEPS --warmup $WARM \
   --variants "$VARIANTS" --out "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log"
+fi
 
+if [ "${SKIP_TRAINER:-0}" != 1 ]; then
 echo "=== trainer on this device: exact resume, fp16 + GradScaler (tiny, 64 px)"
 $PY -m avs_dist synth --out $D/small --videos 12 --size 64 --subset s4 --seed 0 --classes 3 >/dev/null &&
 $PY -m avs_dist pack --data-root $D/small --subset s4 --out $D/small_shards --crop-size 32 --no-progress >/dev/null
@@ -52,6 +55,7 @@ print("resume identical:", full == part)
 print("fp16   ", rows("fp16"))
 PY
 grep -h -E "Error|Traceback" "$OUT"/t_*.log | head -10
+fi
 
 echo "=== bench train ($CONFIG from shards at $SIZE px)"
 $PY -m avs_dist synth --out $D/data --videos $VIDEOS --size $SIZE --subset s4 --seed 0 >/dev/null &&
