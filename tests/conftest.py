@@ -5,6 +5,11 @@ Session-scoped and cheap (a few seconds in all): 12 videos per subset at 64x64
 """
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+
 import pytest
 
 SYNTH_VIDEOS = 12
@@ -39,3 +44,29 @@ def s4_shards(tmp_path_factory, synth_root):
 @pytest.fixture(scope="session")
 def ms3_shards(tmp_path_factory, synth_root):
     return _pack(tmp_path_factory, synth_root, "ms3")
+
+
+def slurm_missing() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no Slurm client here (sinfo not found); start one with slurm/dev-cluster.sh start"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld is not answering"
+    if out.returncode != 0:
+        return f"no Slurm running (sinfo: {out.stderr.strip()}); start one with slurm/dev-cluster.sh start"
+    if not re.search(r"idle|mix|alloc|comp", out.stdout):
+        return f"no usable Slurm node (sinfo states: {out.stdout.split()})"
+    return None
+
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running Slurm (slurm/dev-cluster.sh start), else skip with the reason. CI starts one
+    and sets AVS_REQUIRE_SLURM=1: there a missing cluster fails the test instead of skipping it."""
+    reason = slurm_missing()
+    if reason:
+        if os.environ.get("AVS_REQUIRE_SLURM") == "1":
+            pytest.fail(f"AVS_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)

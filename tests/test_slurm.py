@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,22 +17,7 @@ from pathlib import Path
 import pytest
 
 
-def _slurm_missing() -> str | None:
-    if shutil.which("sinfo") is None:
-        return "no Slurm client here (sinfo not found); start one with slurm/dev-cluster.sh start"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: slurmctld is not answering"
-    if out.returncode != 0:
-        return f"no Slurm running (sinfo: {out.stderr.strip()}); start one with slurm/dev-cluster.sh start"
-    if not re.search(r"idle|mix|alloc|comp", out.stdout):
-        return f"no usable Slurm node (sinfo states: {out.stdout.split()})"
-    return None
-
-
-_MISSING = _slurm_missing()
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 STEPS = 4
 # No per-epoch eval, no periodic checkpoint: the only checkpoints are the one a stop writes

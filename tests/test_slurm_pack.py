@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -67,19 +66,8 @@ def test_chunk_command_line_errors(synth_root, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- on Slurm
-def _slurm_missing() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "no Slurm client here; start one with slurm/dev-cluster.sh start"
-    try:
-        ok = subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
-    except subprocess.TimeoutExpired:
-        ok = False
-    return None if ok else "no Slurm running (sinfo fails); start one with slurm/dev-cluster.sh start"
-
-
 @pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.skipif(_slurm_missing() is not None, reason=_slurm_missing() or "")
+@pytest.mark.usefixtures("slurm_cluster")
 def test_pack_array_on_slurm(synth_root, one_process, tmp_path):
     out = tmp_path / "shards"
     name = f"avs-test-pack-{os.getpid()}"
