@@ -17,7 +17,6 @@ This module is the file-system side; train.py decides when and which ranks take 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from avs_dist.fileio import fsync_dir, sha256_file
 
 COMPLETE = "COMPLETE.json"
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -44,14 +44,6 @@ def step_name(step: int) -> str:
 
 def temp_path(run_dir, name: str) -> Path:
     return ckpt_root(run_dir) / f"{TMP_PREFIX}{name}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
@@ -102,20 +94,7 @@ def finalize(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
 
 
 def remove_temps(run_dir) -> list[Path]:

@@ -50,6 +50,7 @@ from PIL import Image
 
 from avs_dist.data.classes import S4_CLASSES, class_index
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS, SUBSET_DIRS, LayoutError, VideoRecord, read_subset, subset_root
+from avs_dist.fileio import fsync_dir
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -244,19 +245,6 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord, int]],
                  opts: PackOptions, csv_path: str) -> dict:
     """Write one whole shard (runs in a worker process); returns its manifest entry."""
@@ -345,7 +333,7 @@ def _write_manifest(out: Path, manifest: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / MANIFEST)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_quality, crop_size,
@@ -461,7 +449,7 @@ def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Pa
             out.mkdir(parents=True, exist_ok=True)
             if (out / MANIFEST).exists():  # --overwrite: unpublish first, so a crash leaves "incomplete"
                 (out / MANIFEST).unlink()
-                _fsync_dir(out)
+                fsync_dir(out)
             removed = _clean_incomplete(out)
             if removed:
                 log(f"removed {len(removed)} files of a previous incomplete or replaced pack in {out}")
@@ -472,7 +460,7 @@ def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Pa
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
-    _fsync_dir(out)
+    fsync_dir(out)
     manifest = build_manifest(subset, {**asdict(opts), "data_root": str(data_root)}, entries, bad)
     _write_manifest(out, manifest)
     counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in manifest["splits"].items())

@@ -26,7 +26,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
+from avs_dist.fileio import sha256_file
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -65,14 +65,6 @@ def split_shards(shard_dir: str | Path, split: str, manifest: dict | None = None
     if split not in SPLITS:
         raise ShardError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     return [dict(e, path=str(Path(shard_dir) / e["file"])) for e in manifest["shards"] if e["split"] == split]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_shards(shard_dir: str | Path) -> dict:
