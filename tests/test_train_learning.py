@@ -1,17 +1,17 @@
 """The trainer learns: the `tiny` preset, 2-process DDP on CPU, on a synthetic S4 set of 40 videos
 (64 px), reaches a val / test mIoU well above the trivial baselines (all background, all
-foreground, computed from the same masks).
+foreground, computed from the same masks). Measured (2 cores, 3.6 min with the data): test mIoU
+0.263, best val 0.380, trivial 0.037, audio gap +0.00005.
 
-Known limit: in these CPU minutes the tiny model does not learn to use the audio: its test
-audio gap stays within +-0.001 of zero (also after 200 steps), so the test only checks that
-the gap is measured and not negative beyond noise; a positive gap is not asserted.
+Known limit: in these CPU minutes the tiny model does not learn to use the audio. Its test
+audio gap stays within +-0.001 of zero, also with 3 classes, 160 videos, 224 steps, lr 5e-3,
+the AVM loss or the crop branch off (tuning runs in docs/learning-notes.md), so the test only
+checks that the gap is measured and not negative beyond noise; a positive gap is not asserted.
 
 The synthetic task can only be solved with the audio (each frame shows 2-3 objects, and only
 the one whose class sound is playing is in the mask). VGGish is frozen and there are no
-released weights on a CI machine; PyTorch's default initialisation shrinks the signal through
-its nine layers to a near-constant embedding (the model would be deaf), so the test writes a
-He-initialised VGGish (a random but signal-preserving feature extractor) and loads it through
-`model.vggish_weights`, the same path the real weights take.
+released weights on a CI machine; the model's VGGish is then a seeded He-initialised random
+network (models/vggish.py), whose embeddings do carry the class of the sound.
 """
 from __future__ import annotations
 
@@ -34,19 +34,11 @@ TIMEOUT_S = 900
 def learning_set(tmp_path_factory):
     from avs_dist.data.pack import pack
     from avs_dist.data.synth import generate
-    from avs_dist.models.vggish import VGGish
 
     root = tmp_path_factory.mktemp("learning")
     generate(root / "data", videos=VIDEOS, size=64, subset="s4", seed=0)
     pack(root / "data", "s4", root / "shards", crop_size=32, workers=1, progress=False, log=lambda *a, **k: None)
-    torch.manual_seed(0)
-    vggish = VGGish()
-    for m in vggish.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            torch.nn.init.zeros_(m.bias)
-    torch.save(vggish.state_dict(), root / "vggish_he.pth")
-    return root / "shards", root / "vggish_he.pth"
+    return root / "shards"
 
 
 def baselines(shards, split) -> dict:
@@ -67,10 +59,10 @@ def baselines(shards, split) -> dict:
 
 
 def test_tiny_preset_learns_with_audio(learning_set, tmp_path):
-    shards, vggish = learning_set
+    shards = learning_set
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny", "--shards", str(shards),
-           "--run-dir", str(run_dir), "--nproc", "2", f"model.vggish_weights={vggish}"]
+           "--run-dir", str(run_dir), "--nproc", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
