@@ -5,13 +5,13 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from procs import run_session
 from avs_dist import checkpoint as ckpt
 from avs_dist.config import load_config
 from avs_dist.train import (_floatify, build_optimizer, lr_multiplier, preserved_rng, request_stop,
@@ -108,17 +108,8 @@ def test_single_process_entry_point(s4_shards, tmp_path):
     cmd = [sys.executable, "-m", "avs_dist.train", "--config", "tiny", "--shards", str(s4_shards),
            "--run-dir", str(run_dir), "train.max_steps=3", "data.batch_videos=4", "data.num_workers=0",
            "train.ckpt_every_steps=2", "train.eval_every_steps=2", "train.image_every_steps=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 0, out
+    rc, out = run_session(cmd, timeout=240, env=env)
+    assert rc == 0, out
     assert (run_dir / "config.json").is_file() and (run_dir / "config.toml").is_file()
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["data"]["shards"] == str(s4_shards) and saved["train"]["max_steps"] == 3

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from procs import kill_session
 from avs_dist import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -36,11 +37,7 @@ def launch():
 
     yield start
     for proc, log in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_session(proc)
         log.close()
 
 

@@ -16,13 +16,12 @@ network (models/vggish.py), whose embeddings do carry the class of the sound.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from procs import run_session
 
 pytestmark = pytest.mark.slow
 
@@ -63,17 +62,8 @@ def test_tiny_preset_learns_with_audio(learning_set, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny", "--shards", str(shards),
            "--run-dir", str(run_dir), "--nproc", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 0, out
+    rc, out = run_session(cmd, timeout=TIMEOUT_S)
+    assert rc == 0, out
     final = json.loads((run_dir / "final_metrics.json").read_text())
     test, best_val = final["test"], final["best_val_miou"]
     base_test, base_val = baselines(shards, "test"), baselines(shards, "val")

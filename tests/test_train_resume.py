@@ -8,15 +8,14 @@ epoch end and resume in the middle of an epoch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from procs import run_session
 
 pytestmark = pytest.mark.slow
 
@@ -32,21 +31,7 @@ def train(shards, run_dir, *overrides, nproc=2, extra=()):
     """`avs-dist train` in its own session; the session is killed if anything is left behind."""
     cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny", "--shards", str(shards),
            "--run-dir", str(run_dir), "--nproc", str(nproc), *extra, *COMMON, *overrides]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        kill_session(proc)
-    return proc.returncode, out
-
-
-def kill_session(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    return run_session(cmd, timeout=TIMEOUT_S)
 
 
 def steps(run_dir) -> list[dict]:
