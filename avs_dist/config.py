@@ -130,10 +130,6 @@ _CHOICES = {
 }
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _coerce(path: str, value, hint):
     """Check `value` against the dataclass field type; ints are accepted for floats."""
     origin = typing.get_origin(hint)
@@ -154,7 +150,7 @@ def _coerce(path: str, value, hint):
 
 
 def _apply(obj, mapping: dict, prefix: str = "") -> None:
-    hints = _hints(type(obj))
+    hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in mapping.items():
         path = f"{prefix}{key}"
@@ -281,8 +277,6 @@ def validate(cfg: Config) -> None:
         problems.append("loss.crop_ce needs categories; MS3 has none")
     if cfg.model.decoder_channels % 2:
         problems.append("model.decoder_channels must be even (TPAVI halves it)")
-    if cfg.train.precision == "fp16" and cfg.train.strategy == "ddp":
-        pass  # GradScaler handles it
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
