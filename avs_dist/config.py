@@ -77,6 +77,10 @@ class LossConfig:
 class OptimConfig:
     name: str = "adam"  # "adam" or "adamw"
     lr: float = 1e-4
+    # The TPAVI blocks' learning rate is lr x this. Their output BatchNorm starts at zero (as
+    # in the reference), so the audio path opens only as fast as that weight grows; short
+    # runs (the tiny preset) need it faster. 1.0 is the reference recipe.
+    tpavi_lr_mult: float = 1.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
@@ -256,6 +260,8 @@ def validate(cfg: Config) -> None:
         problems.append("train.epochs and train.max_steps are both 0: nothing to train")
     if not 0 < cfg.optim.lr < 1:
         problems.append(f"optim.lr must be in (0, 1) (got {cfg.optim.lr})")
+    if not 0 < cfg.optim.tpavi_lr_mult or cfg.optim.lr * cfg.optim.tpavi_lr_mult >= 1:
+        problems.append(f"optim.tpavi_lr_mult must be > 0 with optim.lr x it < 1 (got {cfg.optim.tpavi_lr_mult})")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         problems.append(f"optim.min_lr_ratio must be in [0, 1] (got {cfg.optim.min_lr_ratio})")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -30,17 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avs-dist demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for data, shards and the run")
-    p.add_argument("--videos", type=int, default=60, help="synthetic S4 videos")
+    p.add_argument("--videos", type=int, default=40, help="synthetic S4 videos")
+    p.add_argument("--classes", type=int, default=3,
+                   help="sound classes in the synthetic set (the tiny preset learns 3 in its 300 steps)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DDP over gloo on CPU)")
-    p.add_argument("--epochs", type=int, default=None, help="override the tiny preset's epochs")
+    p.add_argument("--steps", type=int, default=None, help="override the tiny preset's 300 training steps")
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
     data, shards, run = out / "avsbench", out / "shards", out / "run"
-    overrides = [f"train.epochs={args.epochs}"] if args.epochs else []
+    overrides = [f"train.max_steps={args.steps}"] if args.steps else []
 
     _step("synthetic AVSBench data", ["synth", "--out", str(data), "--videos", str(args.videos),
-                                      "--size", "64", "--subset", "s4", "--seed", "0"])
+                                      "--size", "64", "--subset", "s4", "--seed", "0",
+                                      "--classes", str(args.classes)])
     _step("pack into shards", ["pack", "--data-root", str(data), "--subset", "s4", "--out", str(shards),
                                "--boxes", str(data / "boxes" / "Single-source"), "--crop-size", "32",
                                "--workers", "2", "--overwrite"])

@@ -113,11 +113,19 @@ def lr_multiplier(cfg: Config, total_steps: int):
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Adam / AdamW over the trainable parameters only: the frozen VGGish gets no state."""
+    """Adam / AdamW over the trainable parameters only (the frozen VGGish gets no state), in
+    two groups: group 0 all but the TPAVI blocks at optim.lr, group 1 the TPAVI blocks at
+    optim.lr x optim.tpavi_lr_mult (left out when it has no parameters)."""
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups: dict[bool, list] = {False: [], True: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[".tpavi_b" in f".{name}"].append(p)
+    param_groups = [{"params": groups[False], "lr": o.lr}]
+    if groups[True]:
+        param_groups.append({"params": groups[True], "lr": o.lr * o.tpavi_lr_mult})
     opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return opt_cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return opt_cls(param_groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 @contextlib.contextmanager

@@ -102,6 +102,8 @@ def test_defaults_validate():
     ("optim.lrr=1e-3", "unknown config key 'optim.lrr'"),
     ("train.epochs=1.5", "train.epochs: expected an integer"),
     ("optim.lr=5", "optim.lr must be in (0, 1)"),
+    ("optim.tpavi_lr_mult=0", "optim.tpavi_lr_mult must be > 0"),
+    ("optim.tpavi_lr_mult=1000", "optim.tpavi_lr_mult must be > 0 with optim.lr x it < 1"),
 ])
 def test_train_cli_rejects_bad_config(tmp_path, capsys, override, message):
     from avs_dist.train import cli

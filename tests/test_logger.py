@@ -113,7 +113,7 @@ def test_jsonl_and_tensorboard_roundtrip(tmp_path):
     content = hp_acc.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["model.depth"].number_value == 18
-    assert start.hparams["optim.schedule"].string_value == "cosine"
+    assert start.hparams["optim.schedule"].string_value == "constant"
     assert start.hparams["model.crop_branch"].number_value == 1  # torch writes bools as numbers
     assert json.loads(start.hparams["model.tpavi_stages"].string_value) == [0, 1, 2, 3]
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment

@@ -90,6 +90,29 @@ def test_mask_is_exactly_the_sounding_objects(data):
                 assert 0.12 * SIZE < side < 0.3 * SIZE
 
 
+def test_twins_show_the_same_scene_with_another_sounding_object(data):
+    """Without the audio, the two videos of a scene are the same input with different masks."""
+    _, summary, s4, ms3 = data
+    for subset, recs in (("s4", s4), ("ms3", ms3)):
+        scenes: dict[int, list] = {}
+        for r, v in zip(recs, summary["subsets"][subset]["videos"]):
+            scenes.setdefault(v["scene"], []).append((r, v))
+        twins = [pair for pair in scenes.values() if len(pair) == 2]
+        assert all(len(pair) <= 2 for pair in scenes.values())
+        # every split of N=8 videos has at least one pair; only a split's last video may be alone
+        assert len(twins) >= 3 and len(scenes) - len(twins) <= 3, subset
+        for (ra, va), (rb, vb) in twins:
+            assert ra.split == rb.split and ra.name != rb.name
+            assert sorted(va["sounding"] + va["distractors"]) == sorted(vb["sounding"] + vb["distractors"])
+            assert va["sounding"] != vb["sounding"]
+            for fa, fb in zip(ra.frame_paths, rb.frame_paths):
+                assert np.array_equal(rgb(fa), rgb(fb))
+            ma = np.asarray(Image.open(ra.mask_paths[0])) > 0
+            mb = np.asarray(Image.open(rb.mask_paths[0])) > 0
+            assert ma.any() and mb.any() and not np.array_equal(ma, mb)
+            assert not (ma & mb).all() and (subset == "ms3" or not (ma & mb).any())
+
+
 def test_audio_peak_is_the_class_band_and_pkl_matches_wav(data):
     _, summary, s4, ms3 = data
     for subset, recs in (("s4", s4), ("ms3", ms3)):

@@ -63,6 +63,29 @@ def test_frozen_vggish_has_no_optimizer_params_and_stays_in_eval():
     assert isinstance(build_optimizer(model, load_config("tiny", ["optim.name=adamw"])), torch.optim.AdamW)
 
 
+def test_tpavi_blocks_get_their_own_learning_rate():
+    from avs_dist.models import build_model
+
+    cfg = load_config("tiny", ["optim.lr=0.001", "optim.tpavi_lr_mult=10", "optim.warmup_steps=2",
+                               "optim.schedule=constant"])
+    model = build_model(cfg.model, load_weights=False)
+    opt = build_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    base, tpavi = opt.param_groups
+    assert base["lr"] == 0.001 and tpavi["lr"] == pytest.approx(0.01)
+    assert {names[id(p)].split(".")[1] for p in tpavi["params"]} == {"tpavi_b1", "tpavi_b2", "tpavi_b3", "tpavi_b4"}
+    assert not any(".tpavi_b" in names[id(p)] for p in base["params"])
+    # the schedule scales both groups
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, 10))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0005, 0.005])
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01])
+    # a model without TPAVI blocks: one group
+    no_tpavi = build_model(load_config("tiny", ["model.tpavi_stages=[]"]).model, load_weights=False)
+    assert len(build_optimizer(no_tpavi, cfg).param_groups) == 1
+
+
 def test_preserved_rng_isolates_the_training_streams():
     torch.manual_seed(1)
     random.seed(1)

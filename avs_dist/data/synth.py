@@ -6,7 +6,9 @@ different classes on a textured background; a class has its own look (shape, col
 pattern) and its own sound (two tones at class-specific mel bands, amplitude-modulated at a
 class-specific rate). Only the sounding object(s) are in the mask, and the distractors are
 classes that sound in other videos, so a model that ignores the audio cannot tell which
-object to segment.
+object to segment. Scenes come in twins: within a split, videos 2k and 2k+1 of the plan show
+the same frames, but another object sounds in the second (and so the mask differs). A model
+cannot fit the training masks by remembering the pictures, only by listening.
 
 S4 (`Single-source/`): one sounding object among 2-3. MS3 (`Multi-sources/`): two sounding
 objects among 3; the wav is the mix and the mask the union.
@@ -239,7 +241,19 @@ def plan_subset(subset: str, n: int, seed: int, classes: int | None = None) -> l
             while name in names:
                 name = _video_name(rng, dash=False)
             names.add(name)
-            main = pool[k % len(pool)]
+            if k % 2 == 1:  # the twin of the previous video: the same scene, another object sounds
+                twin = videos[-1]
+                objects = twin["sounding"] + twin["distractors"]
+                quiet = twin["distractors"]
+                if subset == "s4":
+                    sounding = [quiet[int(rng.integers(0, len(quiet)))]]
+                else:
+                    sounding = [quiet[0], twin["sounding"][int(rng.integers(0, 2))]]
+                videos.append({"name": name, "split": split, "scene": twin["scene"], "objects": objects,
+                               "sounding": sounding, "distractors": [c for c in objects if c not in sounding],
+                               "start": int(rng.integers(0, 7))})
+                continue
+            main = pool[(k // 2) % len(pool)]
             others = [c for c in pool if c != main] + [c for c in range(len(S4_CLASSES)) if c not in pool]
             if subset == "s4":
                 n_objects = 3 if rng.random() < 0.5 else 2
@@ -251,9 +265,9 @@ def plan_subset(subset: str, n: int, seed: int, classes: int | None = None) -> l
             n_pool_rest = len([c for c in rest if c in pool])
             if n_pool_rest >= n_objects - len(sounding):
                 rest = [c for c in rest if c in pool]
-            distractors = [rest[i] for i in rng.permutation(len(rest))[: n_objects - len(sounding)]]
-            videos.append({"name": name, "split": split, "sounding": sounding,
-                           "distractors": [int(c) for c in distractors],
+            distractors = [int(rest[i]) for i in rng.permutation(len(rest))[: n_objects - len(sounding)]]
+            videos.append({"name": name, "split": split, "scene": len(videos), "objects": sounding + distractors,
+                           "sounding": sounding, "distractors": distractors,
                            "start": int(rng.integers(0, 7))})
     order = rng.permutation(len(videos))  # AVSBench CSVs are not grouped by split either
     videos = [videos[i] for i in order]
@@ -312,15 +326,14 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
     records = layout.read_subset(out, subset)
     box_root = out / BOX_DIR / layout.SUBSET_DIRS[subset]
     for v, rec in zip(videos, records):
-        rng = np.random.default_rng([seed, SUBSET_IDS[subset], 1 + v["index"]])
-        classes = v["sounding"] + v["distractors"]
-        objects = _place_objects(rng, size, classes)
-        frames, ids = render_video(rng, size, objects)
-        sounding_ids = list(range(1, len(v["sounding"]) + 1))
+        rng = np.random.default_rng([seed, SUBSET_IDS[subset], 1, v["scene"]])
+        frames, ids = render_video(rng, size, _place_objects(rng, size, v["objects"]))
+        sounding_ids = [v["objects"].index(c) + 1 for c in v["sounding"]]
         for t, path in enumerate(rec.frame_paths):
             _write_png(path, Image.fromarray(frames[t], mode="RGB"))
         for t, path in zip(rec.mask_frames, rec.mask_paths):
             _write_png(path, _mask_image(np.isin(ids[t], sounding_ids), subset))
+        rng = np.random.default_rng([seed, SUBSET_IDS[subset], 2, v["index"]])
         amp = 0.4 if subset == "s4" else 0.28
         wav = sum(class_sound(c, v["seconds"], rng, amp * rng.uniform(0.75, 1.0)) for c in v["sounding"])
         wav = wav + rng.normal(0.0, NOISE_STD, size=len(wav))
@@ -340,7 +353,7 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
         "boxes": str(box_root) if xml else None,
         "splits": {s: sum(v["split"] == s for v in videos) for s in layout.SPLITS},
         "classes": sorted({S4_CLASSES[c] for v in videos for c in v["sounding"]}),
-        "videos": [{"name": v["name"], "split": v["split"], "category": v["category"],
+        "videos": [{"name": v["name"], "split": v["split"], "scene": v["scene"], "category": v["category"],
                     "sounding": [S4_CLASSES[c] for c in v["sounding"]],
                     "distractors": [S4_CLASSES[c] for c in v["distractors"]],
                     "seconds": v["seconds"]} for v in videos],
@@ -350,9 +363,10 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
 def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "both", seed: int = 0,
              xml: bool = True, force: bool = False, classes: int | None = None) -> dict:
     """Write the synthetic dataset under `out`; returns a summary (per subset: root, boxes
-    folder, split sizes, classes, and every video's name, split, sounding and distractor
-    classes, in CSV order). Refuses to write into an existing subset folder unless `force`,
-    which first deletes that subset's folder and its boxes folder."""
+    folder, split sizes, classes, and every video's name, split, scene (the same number for
+    twins), sounding and distractor classes, in CSV order). Refuses to write into an existing
+    subset folder unless `force`, which first deletes that subset's folder and its boxes
+    folder."""
     if subset not in ("s4", "ms3", "both"):
         raise ValueError(f"subset must be s4, ms3 or both, got {subset!r}")
     if size < 32:
