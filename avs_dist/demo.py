@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== demo finished")
     print("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in result.items() if k in ("miou", "f", "miou_avsbench", "f_avsbench",
-                                                                   "audio_gap", "videos")))
+                                                                   "audio_gap", "miou_mismatched", "videos")))
+    print("audio_gap: test mIoU minus the mIoU of the same frames with the audio of another class's video")
     print(f"TensorBoard: tensorboard --logdir {run / 'tb'}")
     return 0
 
