@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import json
-import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -30,8 +27,10 @@ from datetime import datetime, timezone
 import torch
 
 from .config import LossConfig, ModelConfig
+from .fileio import write_json
 from .losses import compute_losses
 from .models import build_model, to_channels_last
+from .train import peak_mem
 
 
 @dataclasses.dataclass
@@ -103,14 +102,10 @@ def synthetic_batch(batch: int, image: int, crop: int, device: torch.device, fra
     return {k: v.to(device) for k, v in cpu.items()}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def _rss_peak_gib() -> float:
-    # ru_maxrss is KiB on Linux: the process's high-water mark, so it never decreases across variants.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warmup: int) -> dict:
@@ -142,15 +137,14 @@ def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warm
         step()
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak, mem_kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
-    else:
-        peak, mem_kind = _rss_peak_gib(), "process_peak_rss"
+    # on CPU the process's RSS high-water mark: it never decreases across variants
+    peak = peak_mem(device) / 2**30
+    mem_kind = "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
 
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
@@ -191,17 +185,11 @@ def select(variants: list[Variant], patterns: str | None) -> list[Variant]:
     return chosen
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
-
-def _write_json(path: str, report: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     report = {
-        "device": _device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": args.preset, "model": preset["model"], "image": preset["image"], "crop": preset["crop"],
@@ -253,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         report["results"].append(r)
         if args.out:  # after every variant, so a run cut short keeps what it measured
-            _write_json(args.out, report)
+            write_json(args.out, report)
         if "error" in r:
             print(f"{v.name:36} ERROR {r['error']}")
         else:

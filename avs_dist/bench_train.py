@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -37,21 +36,12 @@ import torch
 
 from avs_dist import distributed
 from avs_dist.config import Config, ConfigError, load_config
+from avs_dist.bench_model import device_name, sync
+from avs_dist.fileio import write_json
 
 # Forced on the harness run: see the module docstring.
 BENCH_OVERRIDES = ["train.eval_every_epochs=0", "train.eval_every_steps=0", "train.audio_gap_eval=false",
                    "train.ckpt_every_steps=1000000000"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def synthetic_like(batch: dict, device: torch.device, num_classes: int, seed: int = 0) -> dict:
@@ -104,12 +94,12 @@ def measure_synthetic(cfg: Config, work_dir: Path, steps: int, warmup: int) -> d
         t0 = None
         for i in range(warmup + steps):
             if i == warmup:
-                _sync(d.device)
+                sync(d.device)
                 t0 = time.perf_counter()
             for micro in range(ga):
                 trainer.micro_step(batch, last=micro == ga - 1)
             trainer.strategy.step()
-        _sync(d.device)
+        sync(d.device)
         wall = time.perf_counter() - t0
         frames = d.world_size * cfg.data.batch_videos * 5 * ga * steps
         result = {"frames_per_s": frames / wall, "steps": steps, "warmup_steps": warmup, "wall_s": wall,
@@ -233,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(steps {harness['window_steps'][0]}..{harness['window_steps'][1]}), ratio {ratio:.3f}", flush=True)
     text = json.dumps(report, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     else:
         print(text)

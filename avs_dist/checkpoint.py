@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from avs_dist.fileio import fsync_dir, sha256_file
+from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
 
 COMPLETE = "COMPLETE.json"
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -55,12 +55,7 @@ def write_complete(folder: Path, meta: dict) -> None:
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _files(folder)}
     record = {**meta, "files": files, "time": time.time()}
-    tmp = folder / (COMPLETE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / COMPLETE)
+    write_text_atomic(folder / COMPLETE, json.dumps(record, indent=1))
 
 
 def verify(folder: Path) -> str | None:

@@ -191,9 +191,15 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
+def is_config_path(name_or_path: str) -> bool:
+    """A TOML file (by suffix, or any existing path) rather than a preset name."""
+    path = Path(name_or_path)
+    return path.suffix == ".toml" or path.exists()
+
+
 def preset_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if is_config_path(name_or_path):
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         return path

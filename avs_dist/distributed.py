@@ -167,6 +167,9 @@ def averaged_buffers(module: torch.nn.Module, d: Dist):
     training state does not depend on when checkpoints or evaluations happened (a resumed run
     stays bit-identical to an uninterrupted one).
     """
+    if d.world_size == 1:  # nothing to average, nothing to restore
+        yield
+        return
     bufs = [b for b in module.buffers() if b.is_floating_point()]
     saved = [b.detach().clone() for b in bufs]
     average_buffers(module, d)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from avs_dist.metrics import StreamingEvaluator
+from avs_dist.fileio import write_json
 
 _BATCH_TENSORS = ("frames", "audio", "masks", "mask_valid", "crops")
 
@@ -130,31 +130,32 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
 
 # ---- evaluation loop ----
 
-def autocast(device: torch.device, precision: str = "auto"):
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 on GPU and fp32 on CPU."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
+    if precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16 (got {precision!r})")
-    return torch.autocast(device.type, dtype=dtypes[precision])
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
 
 
 def segment(model, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
     """Mask logits [B*T,1,H,W] (float32) for frames [B,T,3,H,W] and audio.
 
-    The crop branch only feeds training losses, never the masks, so it is detached for the
-    call: inference needs no crops and does not pay for a second ResNet.
+    The crop branch only feeds training losses, never the masks: called without crops, an
+    eval-mode model skips it (models/system.py), so inference does not pay for a second ResNet.
     """
-    crop = getattr(model, "crop", None)
-    if isinstance(crop, torch.nn.Module):
-        model.crop = None
-    try:
-        out = model(frames, audio)
-    finally:
-        if isinstance(crop, torch.nn.Module):
-            model.crop = crop
+    out = model(frames, audio)
     return (out["logits"] if isinstance(out, dict) else out).float()
 
 
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.eval_batch_videos = batch_videos
         if args.num_workers is not None:
             cfg.data.num_workers = args.num_workers
-        loader = eval_loader(args.shards, args.split, cfg.data, rank, world)
+        loader = eval_loader(args.shards, args.split, cfg.data, rank, world, device=device, crops=False)
         result = evaluate(model, loader, device, batch_videos=batch_videos, audio_gap=not args.no_audio_gap,
                           precision=args.precision, group=d.control if d else None)
         # an empty split has no figures: null in JSON rather than the non-standard NaN
@@ -348,11 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print_result(result, f"{args.split}: {args.checkpoint}")
             if args.out:
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(out.name + ".tmp")
-                tmp.write_text(json.dumps(result, indent=2) + "\n")
-                os.replace(tmp, out)
+                write_json(args.out, result)
     finally:
         if d is not None:
             distributed.teardown()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from avs_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD
+
 GT_COLOUR = (0.0, 1.0, 0.0)
 PRED_COLOUR = (1.0, 0.0, 0.0)
 OVERLAY_ALPHA = 0.5

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
+from avs_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TINT = np.array([255, 40, 40], dtype=np.float32)  # red fill for the predicted foreground
 CONTOUR = np.array([255, 255, 0], dtype=np.uint8)  # yellow outline

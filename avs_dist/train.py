@@ -61,6 +61,8 @@ import torch.nn as nn
 from avs_dist import checkpoint as ckpt
 from avs_dist import distributed
 from avs_dist.config import Config, ConfigError, load_config, save_config, to_dict
+from avs_dist.evaluate import PRECISION_DTYPES, autocast, resolve_precision
+from avs_dist.fileio import write_json
 
 _STOP = False
 
@@ -85,14 +87,8 @@ def install_signal_handlers() -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
 def _dtype(precision: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return PRECISION_DTYPES.get(precision)
 
 
 def lr_multiplier(cfg: Config, total_steps: int):
@@ -141,17 +137,6 @@ def preserved_rng():
         ckpt.set_rng_state(state)
 
 
-def _to_device(batch: dict, device: torch.device, dtype=None) -> dict:
-    out = dict(batch)
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(device, non_blocking=True)
-            if dtype is not None and k in ("frames", "audio", "crops"):
-                v = v.to(dtype)
-            out[k] = v
-    return out
-
-
 def _floatify(obj):
     """Half-precision model outputs (DeepSpeed bf16/fp16) -> fp32 for the losses."""
     if torch.is_tensor(obj):
@@ -163,16 +148,10 @@ def _floatify(obj):
     return obj
 
 
-def _peak_mem(device: torch.device) -> int:
+def peak_mem(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
@@ -216,8 +195,7 @@ class DDPStrategy:
         self.input_dtype = None
 
     def autocast(self):
-        dt = _dtype(self.precision)
-        return torch.autocast(self.d.device.type, dtype=dt) if dt else contextlib.nullcontext()
+        return autocast(self.d.device, self.precision)
 
     def micro_context(self, last: bool):
         return contextlib.nullcontext() if last else self.engine.no_sync()
@@ -246,13 +224,14 @@ class DDPStrategy:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def full_state_dict(self) -> dict:
-        return _state_dict_fp32(self.module)
+    def full_state_dict(self) -> dict | None:
+        """fp32 state dict on rank 0 (every rank holds the same weights; only rank 0 writes)."""
+        return _state_dict_fp32(self.module) if self.d.is_main else None
 
     def eval_model(self) -> nn.Module:
         return self.module
 
-    def save(self, folder: Path, client: dict) -> dict:
+    def save(self, folder: Path) -> dict:
         """Training state for trainer.pt (written by rank 0)."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler:
@@ -351,8 +330,8 @@ class ZeroStrategy:
         self._eval_copy.load_state_dict(state)
         return self._eval_copy
 
-    def save(self, folder: Path, client: dict) -> dict:
-        self.engine.save_checkpoint(str(folder / "ds"), tag="state", client_state=client)
+    def save(self, folder: Path) -> dict:
+        self.engine.save_checkpoint(str(folder / "ds"), tag="state")
         return {}
 
     def load(self, folder: Path, trainer_state: dict, model_state: dict) -> None:
@@ -455,7 +434,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         distributed.barrier(d)
         position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-        extra = self.strategy.save(tmp, dict(position))
+        extra = self.strategy.save(tmp)
         rngs = distributed.gather_objects(d, ckpt.rng_state())
         buffers = distributed.gather_objects(d, distributed.local_buffers(self.strategy.module))
         if d.is_main:
@@ -510,7 +489,6 @@ class Trainer:
         from avs_dist.losses import compute_losses
 
         s = self.strategy
-        batch = _to_device(batch, self.d.device)
         frames, audio = batch["frames"], batch["audio"]
         crops = batch["crops"] if self.cfg.model.crop_branch else None
         if s.input_dtype is not None:
@@ -582,9 +560,10 @@ class Trainer:
                     norm = s.step()
                     self.step += 1
                     dt = time.perf_counter() - t0
-                    pending.append((torch.cat([acc, norm.reshape(1).to(acc.device, torch.float32)]),
-                                    {"step": self.step, "epoch": self.epoch, "lr": lr, "fps": frames_per_step / dt,
-                                     "wait": wait / dt, "mem": _peak_mem(d.device)}))
+                    if d.is_main:  # only rank 0 logs: the other ranks skip the device-to-host copies
+                        pending.append((torch.cat([acc, norm.reshape(1).to(acc.device, torch.float32)]),
+                                        {"step": self.step, "epoch": self.epoch, "lr": lr,
+                                         "fps": frames_per_step / dt, "wait": wait / dt, "mem": peak_mem(d.device)}))
                     if cfg.train.image_every_steps and self.step % cfg.train.image_every_steps == 0 and d.is_main:
                         self._log_images(out, dev_batch)
                     status = self.boundary(flush, epoch_end=self.batch_in_epoch + ga > epoch_batches)
@@ -691,8 +670,8 @@ def run(cfg: Config, run_dir, resume: str = "auto") -> dict:
             logger.finish(_flat_final(result), to_dict(cfg))
         if d.is_main:
             if status == "completed":
-                _write_json(run_dir / "final_metrics.json", result)
-            _write_json(run_dir / "status.json", {"status": status, "step": trainer.step,
+                write_json(run_dir / "final_metrics.json", result)
+            write_json(run_dir / "status.json", {"status": status, "step": trainer.step,
                                                   "total_steps": trainer.total_steps, "time": time.time()})
         distributed.barrier(d)
         return result

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from avs_dist.config import ConfigError, load_config
+from avs_dist.config import ConfigError, is_config_path, load_config
 
 DEFAULT_TIME_MIN = 60
 DEFAULT_SIGNAL_DELAY_S = 120
@@ -234,8 +234,7 @@ def wait_for(jobs: list, run_dirs: list[Path]) -> int:
 
 # ----------------------------------------------------------------------------- main
 def _abs_config(config: str) -> str:
-    path = Path(config)
-    return str(path.resolve()) if (path.suffix == ".toml" or path.exists()) else config
+    return str(Path(config).resolve()) if is_config_path(config) else config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,12 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if len(jobs_fn) == 1:
-            jobs = [executor.submit(jobs_fn[0])]
-        else:
-            with executor.batch():
-                pending = [executor.submit(fn) for fn in jobs_fn]
-            jobs = list(pending)
+        jobs = executor.submit_array(jobs_fn)  # one function: submitit sends a plain (non-array) job
     except (FailedSubmissionError, OSError, RuntimeError) as e:
         print(f"avs-dist submit: sbatch failed: {e}", file=sys.stderr)
         return 1

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avs_dist.data.layout import SUBSET_DIRS
+from avs_dist.data.layout import FRAMES_PER_VIDEO, SUBSET_DIRS
 
-FRAMES_PER_VIDEO = 5
-BOX_SOURCES = ("xml", "mask", "nearest_mask", "full_frame")
 # VOC tools disagree by one pixel at the image border (labelImg never writes 0, others
 # write 0-based values): accept that much and clamp, reject anything further out.
 _BORDER_TOLERANCE = 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
-from avs_dist.data.shards import ShardError, iter_videos, read_manifest, verify_shards
+from avs_dist.data.shards import ShardError, decode_sample, iter_raw, read_manifest, split_shards, verify_shards
 
 
 def sample_strip(video: dict) -> np.ndarray:
@@ -73,6 +73,16 @@ def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
     console.print(v)
 
 
+def _read_video(shard_dir, split: str, index: int, manifest: dict) -> dict:
+    """The index-th video of `split`: only its own shard member is read and decoded."""
+    for e in split_shards(shard_dir, split, manifest):
+        if index < len(e["keys"]):
+            key = e["keys"][index]
+            return decode_sample(next(iter(iter_raw([e["path"]], select=key.__eq__))))
+        index -= len(e["keys"])
+    raise ShardError(f"{split} has no video at this index")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="avs-dist inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("shard_dir")
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if split is not None and report["ok"]:
             if not 0 <= a.index < manifest["splits"][split]["videos"]:
                 raise ShardError(f"--index {a.index}: {split} has {manifest['splits'][split]['videos']} videos")
-            video = next(v for i, v in enumerate(iter_videos(a.shard_dir, split)) if i == a.index)
+            video = _read_video(a.shard_dir, split, a.index, manifest)
     except ShardError as e:
         print(f"avs-dist inspect: {e}", file=sys.stderr)
         return 1

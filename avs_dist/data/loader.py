@@ -64,10 +64,14 @@ def steps_per_epoch(manifest, world_size: int, batch_videos: int) -> int:
     `manifest`: the dict from read_manifest, or a shard folder."""
     if not isinstance(manifest, dict):
         manifest = read_manifest(manifest)
-    n = manifest["splits"]["train"]["videos"]
-    if n == 0:
+    return _steps(manifest["splits"]["train"]["videos"], world_size, batch_videos)
+
+
+def _steps(n_train: int, world_size: int, batch_videos: int) -> int:
+    # Every rank must yield exactly this many batches (DDP), from the manifest or from the plan.
+    if n_train == 0:
         raise ShardError("the shard set has no train videos")
-    return math.ceil(n / (world_size * batch_videos))
+    return math.ceil(n_train / (world_size * batch_videos))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -105,9 +109,7 @@ def train_plan(entries: list[dict], seed: int, epoch: int, rank: int, world_size
     rng = np.random.default_rng([seed, epoch, 0])
     seq = _sequence(entries, rng.permutation(len(entries)))
     n = len(seq)
-    if n == 0:
-        raise ShardError("the shard set has no train videos")
-    steps = math.ceil(n / (world_size * batch_videos))
+    steps = _steps(n, world_size, batch_videos)
     per_rank = steps * batch_videos
     mine = [seq[i % n] for i in range(rank * per_rank, (rank + 1) * per_rank)]
     return [_segments(mine[first * batch_videos:(first + count) * batch_videos])

@@ -50,10 +50,9 @@ from PIL import Image
 
 from avs_dist.data.classes import S4_CLASSES, class_index
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS, SUBSET_DIRS, LayoutError, VideoRecord, read_subset, subset_root
-from avs_dist.fileio import fsync_dir
+from avs_dist.data.shards import MANIFEST, SCHEMA_VERSION
+from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 IMAGE_FORMATS = ("npy", "png", "jpeg")
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.tar(\.tmp)?$")
 CSV_NAMES = {"s4": "s4_meta_data.csv", "ms3": "ms3_meta_data.csv"}
@@ -292,19 +291,20 @@ def _progress(enabled: bool):
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def _map_chunks(fn, chunks, args, progress, task, pool) -> list:
-    """fn(chunk, *args) for every chunk, in order, in the pool or in-process; advances `task` by len(chunk)."""
+def _map_chunks(fn, chunks, args, progress, task, pool, size=len) -> list:
+    """fn(chunk, *args) for every chunk, in order, in the pool or in-process; advances `task`
+    by size(chunk)."""
     results = [None] * len(chunks)
     if pool is None:
         for i, chunk in enumerate(chunks):
             results[i] = fn(chunk, *args)
-            progress.advance(task, len(chunk))
+            progress.advance(task, size(chunk))
         return results
     futures = {pool.submit(fn, chunk, *args): i for i, chunk in enumerate(chunks)}
     for fut in as_completed(futures):
         i = futures[fut]
         results[i] = fut.result()
-        progress.advance(task, len(chunks[i]))
+        progress.advance(task, size(chunks[i]))
     return results
 
 
@@ -326,14 +326,7 @@ def _clean_incomplete(out: Path) -> list[str]:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST)
-    fsync_dir(out)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_quality, crop_size,
@@ -380,21 +373,14 @@ def shard_plan(records: list[VideoRecord], shard_videos: int, bad_rows=frozenset
     return jobs
 
 
+def _write_job(job, out: str, opts, csv_path: str) -> dict:
+    file, split, items = job
+    return _write_shard(out, file, split, items, opts, csv_path)
+
+
 def _write_shards(out: Path, jobs, opts, csv_path, bar, pool) -> list[dict]:
     task = bar.add_task("write shards", total=sum(len(j[2]) for j in jobs))
-    entries = [None] * len(jobs)
-    if pool is None:
-        for n, (file, split, items) in enumerate(jobs):
-            entries[n] = _write_shard(str(out), file, split, items, opts, csv_path)
-            bar.advance(task, len(items))
-    else:
-        futures = {pool.submit(_write_shard, str(out), file, split, items, opts, csv_path): n
-                   for n, (file, split, items) in enumerate(jobs)}
-        for fut in as_completed(futures):
-            n = futures[fut]
-            entries[n] = fut.result()
-            bar.advance(task, len(jobs[n][2]))
-    return entries
+    return _map_chunks(_write_job, jobs, (str(out), opts, csv_path), bar, task, pool, size=lambda j: len(j[2]))
 
 
 def build_manifest(subset: str, options: dict, entries: list[dict], skipped: list[dict]) -> dict:
@@ -515,26 +501,14 @@ def pack_chunk(data_root: str | Path, subset: str, out: str | Path, chunk: int, 
             pool.shutdown(cancel_futures=True)
     record = {"chunk": chunk, "num_chunks": num_chunks, "subset": subset,
               "options": {**asdict(opts), "data_root": str(data_root)}, "shards": entries}
-    path = _chunk_file(out, chunk, num_chunks)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(_chunk_file(out, chunk, num_chunks), json.dumps(record, indent=1) + "\n")
     log(f"packed chunk {chunk} of {num_chunks} into {out} in {time.time() - t0:.1f}s: "
         f"{len(entries)} shards, {len(recs)} videos")
     return record
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-            size += len(block)
-    return sha.hexdigest(), size
-
-
 def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chunks: int, *,
-                    shard_videos: int = 64, log=print, **_ignored) -> dict:
+                    shard_videos: int = 64, log=print) -> dict:
     """Verify the N chunk records against the plan and the files, then publish the manifest."""
     out = Path(out)
     chunk_dir = out / CHUNK_DIR
@@ -572,7 +546,8 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
         if entry["videos"] != len(items) or entry["split"] != split:
             problems.append(f"{file}: {entry['videos']} {entry['split']} videos, planned {len(items)} {split}")
             continue
-        sha, size = _file_sha256(out / file) if (out / file).is_file() else (None, None)
+        path = out / file
+        sha, size = (sha256_file(path), path.stat().st_size) if path.is_file() else (None, None)
         if (sha, size) != (entry["sha256"], entry["bytes"]):
             problems.append(f"{out / file}: missing or changed since its chunk wrote it")
     if problems:

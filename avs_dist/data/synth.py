@@ -183,17 +183,19 @@ def render_video(rng: np.random.Generator, size: int, objects: list[dict]) -> tu
     bg = _background(rng, size)
     frames = np.empty((FRAMES, size, size, 3), np.uint8)
     ids = np.zeros((FRAMES, size, size), np.uint8)
+    sprites = []  # (shape mask, its pixels): the same in every frame
+    for ob in objects:
+        style = class_style(ob["cls"])
+        shape = _shape_mask(style["shape"], ob["side"])
+        sprites.append((shape, _pattern(style, ob["side"])[shape]))
     for t in range(FRAMES):
         noise = rng.integers(-3, 4, size=(size, size, 1))
         frame = np.clip(bg + noise, 0, 255).astype(np.uint8)
-        for j, ob in enumerate(objects):
-            style = class_style(ob["cls"])
+        for j, (ob, (shape, pixels)) in enumerate(zip(objects, sprites)):
             s = ob["side"]
             x0, y0 = (int(round(v)) for v in ob["start"] + ob["drift"] * t / (FRAMES - 1))
             x0, y0 = min(max(0, x0), size - s), min(max(0, y0), size - s)
-            shape = _shape_mask(style["shape"], s)
-            region = frame[y0:y0 + s, x0:x0 + s]
-            region[shape] = _pattern(style, s)[shape]
+            frame[y0:y0 + s, x0:x0 + s][shape] = pixels
             ids[t, y0:y0 + s, x0:x0 + s][shape] = j + 1
         frames[t] = frame
     return frames, ids

@@ -16,6 +16,8 @@ C/2 and C/8 (the reference's 128 and 32 at C = 256) so small presets run the sam
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,8 +61,11 @@ class ResidualConvUnit(nn.Module):
         return self.conv2(F.relu(self.conv1(r))) + r
 
 
+@functools.lru_cache(maxsize=64)
 def bilinear_matrix(n_in: int, n_out: int, align_corners: bool, device=None, dtype=None) -> torch.Tensor:
-    """[n_out, n_in] weights of 1-D bilinear resampling with F.interpolate's source coordinates."""
+    """[n_out, n_in] weights of 1-D bilinear resampling with F.interpolate's source coordinates.
+    Cached: a forward asks for the same few matrices every time (no rebuild, no host-to-device
+    copy per call); callers must not modify the result."""
     dst = torch.arange(n_out, dtype=torch.float64)
     if align_corners:
         src = dst * ((n_in - 1) / (n_out - 1)) if n_out > 1 else torch.zeros_like(dst)

@@ -69,7 +69,8 @@ class AVSSystem(nn.Module):
         logits, avm = self.avs(x, tpavi_audio, t)
         out = {"logits": logits, "audio_embed": audio_embed, "avm": avm,
                "crop_logits": None, "crop_embed": None, "crop_proj": None, "audio_proj": None}
-        if self.crop is not None:
+        # Evaluation without crops skips the branch: it feeds training losses, never the masks.
+        if self.crop is not None and (crops is not None or self.training):
             if crops is None:
                 raise ValueError("the crop branch is on (model.crop_branch=true) but no crops were given")
             out.update(self.crop(crops, audio_embed, channels_last=cl))
