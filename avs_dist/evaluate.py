@@ -94,7 +94,7 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
     except Exception as e:
         raise ValueError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     from avs_dist.models.system import build_model
-    from avs_dist.models.weights import is_reference_checkpoint, load_reference_checkpoint
+    from avs_dist.models.weights import is_reference_checkpoint, load_reference_state_dict, unwrap_state_dict
 
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
         cfg = config_from_dict(_merge(obj["config"], parse_overrides(config_overrides or [])))
@@ -120,7 +120,8 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
             print(f"warning: {file} is an AVSBench reference checkpoint, which holds no VGGish weights; "
                   "without --vggish-weights the audio features are random", file=sys.stderr)
         model = build_model(cfg.model)
-        load_reference_checkpoint(model, file)
+        # the file is already in memory: no second torch.load of a few hundred MB
+        load_reference_state_dict(model, unwrap_state_dict(obj, "AVSBench reference checkpoint", file), str(file))
     else:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "

@@ -149,9 +149,6 @@ class StreamingEvaluator:
         self.curves = curves
         self._chunks: list[dict] = []
 
-    def reset(self) -> None:
-        self._chunks = []
-
     def update(self, logits: torch.Tensor, batch: dict) -> None:
         masks = batch["masks"]
         b, t = masks.shape[0], self.frames_per_video

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
-from avs_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from avs_dist.data.loader import _images, _normalize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TINT = np.array([255, 40, 40], dtype=np.float32)  # red fill for the predicted foreground
@@ -36,14 +36,9 @@ class PredictInputError(ValueError):
 
 
 def prepare_frames(frames: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [T,H,W,3] -> float32 [T,3,size,size], ImageNet-normalised like the loaders."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)
-    if x.shape[-2:] != (size, size):
-        shrink = x.shape[-1] > size or x.shape[-2] > size  # as data/loader.py resizes
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """uint8 [T,H,W,3] -> float32 [T,3,size,size], resized and ImageNet-normalised by the
+    loaders' own functions, so the model sees exactly what evaluation feeds it."""
+    return _normalize(_images([np.ascontiguousarray(frames)], size, normalize=False))[0]
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """torchrun entry point: `torchrun --nproc-per-node N launch/train.py --config ... --shards ... --run-dir ...`.
 
-A thin wrapper over avs_dist.train.main for launchers that want a script path (sbatch
-templates, `torchrun` by hand); `avs-dist train --nproc N` does the same with a free port.
+A thin wrapper over avs_dist.train.main for launchers that want a script path rather than
+`-m avs_dist.train` (what slurm/train.sbatch runs); `avs-dist train --nproc N` does the same
+with a free port.
 """
 import os
 import sys

@@ -44,7 +44,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD... : poll CMD every 0.25 s
   local limit=$1 what=$2; shift 2
   local end=$(( $(date +%s) + limit ))
   until "$@" >/dev/null 2>&1; do
-    (( $(date +%s) < end )) || return 1
+    (( $(date +%s) < end )) || { say "timed out after ${limit} s waiting for $what"; return 1; }
     sleep 0.25
   done
 }

@@ -53,11 +53,17 @@ def read_state_dict(path: str | Path, what: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or non-torch file
         raise WeightsError(f"{what}: cannot read {path}: {e}") from None
+    return unwrap_state_dict(obj, what, path)
+
+
+def unwrap_state_dict(obj, what: str, source) -> dict:
+    """A loaded file -> its state dict: unwraps {'state_dict': ...} / {'model': ...} and
+    DataParallel's 'module.' prefix."""
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{what}: {path} does not hold a state dict of tensors")
+        raise WeightsError(f"{what}: {source} does not hold a state dict of tensors")
     return strip_prefix(obj)
 
 
@@ -121,10 +127,11 @@ def _avs_of(model: nn.Module) -> nn.Module:
 def load_reference_checkpoint(model: nn.Module, path: str | Path) -> dict:
     """Load an AVSBench reference checkpoint into our AVSModel (or the AVSSystem holding it).
     Returns {'source', 'loaded', 'skipped'}: 'skipped' lists the reference's unused keys."""
-    return _load_reference(model, read_state_dict(path, "AVSBench reference checkpoint"), str(path))
+    return load_reference_state_dict(model, read_state_dict(path, "AVSBench reference checkpoint"), str(path))
 
 
-def _load_reference(model: nn.Module, sd: dict, source: str) -> dict:
+def load_reference_state_dict(model: nn.Module, sd: dict, source: str) -> dict:
+    """load_reference_checkpoint for a state dict already in memory."""
     if not is_reference_checkpoint(sd):
         raise WeightsError(f"{source} is not an AVSBench reference checkpoint (no resnet.layer3_1.* / "
                            f"output_conv.0.weight keys)")
@@ -143,7 +150,7 @@ def load_init_from(model: nn.Module, path: str | Path) -> dict:
         path = path / "model.pt"
     sd = read_state_dict(path, "init_from checkpoint")
     if is_reference_checkpoint(sd):
-        return _load_reference(model, sd, str(path))
+        return load_reference_state_dict(model, sd, str(path))
     return load_checked(model, sd, str(path))
 
 
