@@ -30,7 +30,8 @@ from .config import LossConfig, ModelConfig
 from .fileio import write_json
 from .losses import compute_losses
 from .models import build_model, to_channels_last
-from .train import peak_mem
+from .precision import autocast as precision_autocast
+from .train.logger import peak_memory_bytes as peak_mem
 
 
 @dataclasses.dataclass
@@ -120,7 +121,7 @@ def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warm
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                            fused=True if v.fused_adam and device.type == "cuda" else None)
     batch = synthetic_batch(v.batch, preset["image"], preset["crop"], device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.precision == "bf16")
+    autocast = precision_autocast(device, v.precision)
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -1,12 +1,13 @@
 """`avs-dist bench train`: end-to-end trainer throughput against its own synthetic-input rate.
 
-Two measurements in one process, one rank (a 1-process group, so DDP and its all-reduce run):
+Two measurements in one process, one rank (a 1-process group, so DDP and its all-reduce run),
+both through the same train_step (train/step.py):
 
-synthetic  the trainer's own model, strategy (DDP wrapper, autocast, clipping, optimizer,
-           scheduler) and micro-step (`train.Trainer.build` / `micro_step` / `strategy.step`)
-           on random tensors of one real batch's shapes, already on the device. No loading,
-           no logging: the rate the harness should reach.
-harness    `train.run(cfg, run_dir, resume="never")`, the real trainer: shard loading with
+synthetic  the trainer's own session (model, DDP wrapper, autocast, clipping, optimizer,
+           scheduler) and its `train_step` (train/step.py), on random tensors of one real
+           step's batch shapes, already on the device. No loading, no logging: the rate the
+           harness should reach.
+harness    the real trainer (train/session.py + train/loop.py): shard loading with
            `data.num_workers` workers, DDP, metrics.jsonl / TensorBoard / terminal logging,
            the final checkpoint. Its rate is measured on wall time between two step
            boundaries at which the trainer flushes its log lines (every
@@ -75,20 +76,14 @@ def _fresh_port(own_env: bool) -> None:
 
 
 def measure_synthetic(cfg: Config, work_dir: Path, steps: int, warmup: int) -> dict:
-    from avs_dist.data.loader import train_loader
-    from avs_dist.train import Trainer
+    from avs_dist.train.session import Session
+    from avs_dist.train.step import train_step
 
-    d = distributed.setup(cfg.train.strategy)
-    try:
-        trainer = Trainer(cfg, work_dir, d)
-        trainer.build()
-        loader = train_loader(cfg.data.shards, cfg.data, 0, 1, cfg.train.seed, epoch=0)
-        it = iter(loader)
-        real = next(it)
-        del it, loader
-        batch = synthetic_like(real, d.device, cfg.model.num_classes)
-        ga = cfg.optim.grad_accum
-        trainer.strategy.module.train()
+    with Session.open(cfg, work_dir, resume="never") as s:
+        d = s.d
+        real = s.data.next_step().micro
+        micro = [synthetic_like(b, d.device, cfg.model.num_classes, seed=i) for i, b in enumerate(real)]
+        s.strategy.module.train()
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         t0 = None
@@ -96,20 +91,16 @@ def measure_synthetic(cfg: Config, work_dir: Path, steps: int, warmup: int) -> d
             if i == warmup:
                 sync(d.device)
                 t0 = time.perf_counter()
-            for micro in range(ga):
-                trainer.micro_step(batch, last=micro == ga - 1)
-            trainer.strategy.step()
+            train_step(s.strategy, micro, cfg.loss)
         sync(d.device)
         wall = time.perf_counter() - t0
-        frames = d.world_size * cfg.data.batch_videos * 5 * ga * steps
+        frames = s.data.global_batch * 5 * steps
         result = {"frames_per_s": frames / wall, "steps": steps, "warmup_steps": warmup, "wall_s": wall,
-                  "precision": trainer.precision, "device": device_name(d.device),
-                  "batch_shapes": {k: list(v.shape) for k, v in real.items() if torch.is_tensor(v)}}
+                  "precision": s.precision, "device": device_name(d.device),
+                  "batch_shapes": {k: list(v.shape) for k, v in real[0].items() if torch.is_tensor(v)}}
         if d.device.type == "cuda":
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         return result
-    finally:
-        distributed.teardown()
 
 
 def harness_rate(metrics_path: Path, frames_per_step: int, log_every: int, warmup: int) -> dict:
@@ -143,17 +134,20 @@ def harness_rate(metrics_path: Path, frames_per_step: int, log_every: int, warmu
 
 
 def measure_harness(cfg: Config, run_dir: Path, warmup: int) -> dict:
-    from avs_dist.train import run
+    from avs_dist.train.loop import train
+    from avs_dist.train.session import Session
+    from avs_dist.train.stop import StopRequest
 
     t0 = time.perf_counter()
-    result = run(cfg, run_dir, resume="never")
+    with Session.open(cfg, run_dir, resume="never") as s:
+        result = s.finish(train(s, StopRequest()))
     total_wall = time.perf_counter() - t0
     if result.get("status") != "completed":
         raise RuntimeError(f"the trainer ended with status {result.get('status')!r}")
-    frames_per_step = result["world_size"] * cfg.data.batch_videos * 5 * cfg.optim.grad_accum
+    frames_per_step = result["global_batch_videos"] * 5
     out = harness_rate(run_dir / "metrics.jsonl", frames_per_step, cfg.train.log_every_steps, warmup)
     out.update(steps=result["step"], precision=result["precision"], run_wall_s=total_wall,
-               num_workers=cfg.data.num_workers)
+               num_workers=cfg.data.num_workers, global_batch_videos=result["global_batch_videos"])
     return out
 
 
@@ -211,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": synthetic["device"], "torch": torch.__version__, "cuda": torch.version.cuda,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "strategy": cfg.train.strategy, "precision": synthetic["precision"],
-        "batch_videos": cfg.data.batch_videos, "grad_accum": cfg.optim.grad_accum,
-        "frames_per_step": cfg.data.batch_videos * 5 * cfg.optim.grad_accum,
+        "global_batch_videos": harness["global_batch_videos"], "grad_accum": cfg.optim.grad_accum,
+        "frames_per_step": harness["global_batch_videos"] * 5,
         "steps": args.steps, "warmup": args.warmup,
         "synthetic": synthetic, "harness": harness,
         "harness_over_synthetic": ratio,

@@ -10,10 +10,10 @@ COMMANDS = {
     "synth": ("avs_dist.data.synth:main", "write a synthetic dataset in the AVSBench layout"),
     "pack": ("avs_dist.data.pack:main", "pack an AVSBench download into WebDataset shards"),
     "inspect": ("avs_dist.data.inspect:main", "check a shard set against its manifest and show a sample"),
-    "train": ("avs_dist.train:cli", "train (one process, or --nproc N local processes)"),
+    "train": ("avs_dist.launch.local:main", "train (one process, or --nproc N local processes under torchrun)"),
     "eval": ("avs_dist.evaluate:main", "evaluate a checkpoint: AVSBench mIoU/F, batch-size-free, audio gap"),
     "predict": ("avs_dist.predict:main", "write mask PNGs and overlays for frames + audio or a shard set"),
-    "submit": ("launch.submit:main", "submit a training run to Slurm with submitit"),
+    "submit": ("avs_dist.launch.submit:main", "submit a training run to Slurm with submitit"),
     "demo": ("avs_dist.demo:main", "synth -> pack -> 2-process training -> eval, on CPU"),
 }
 BENCH = {
@@ -32,12 +32,6 @@ def _usage(table: dict, prog: str) -> str:
 
 def _run(target: str, argv: list[str]) -> int:
     module, func = target.split(":")
-    if module.startswith("launch."):
-        # launch/ is a top-level folder of entry points next to the package (repo checkouts).
-        import os
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if root not in sys.path:
-            sys.path.insert(0, root)
     result = getattr(importlib.import_module(module), func)(argv)
     return int(result or 0)
 

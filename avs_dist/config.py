@@ -30,11 +30,14 @@ class DataConfig:
     shards: str = "shards"  # shard set written by `avs-dist pack`
     image_size: int = 224  # frames and masks are resized to this (square) when smaller than stored
     crop_size: int = 224  # crops are resized to this
-    batch_videos: int = 4  # videos per rank per micro-step (5 frames each)
+    # The global batch: videos per optimizer step over all ranks, which fixes the data order
+    # (data/loader.py) whatever the number of nodes, ranks or workers. 0: batch_videos x
+    # ranks x optim.grad_accum. When set, the per-rank batch is derived from it (global_batch).
+    global_batch_videos: int = 0
+    batch_videos: int = 4  # videos per rank per micro-step (5 frames each); unused with global_batch_videos
     eval_batch_videos: int = 4  # AVSBench test batch: 4 videos = 20 frames
     num_workers: int = 2  # loader processes per rank
     hflip: bool = True  # same horizontal flip for a video's frames, masks and crops
-    shuffle_buffer: int = 64  # videos held per worker for in-stream shuffling
     prefetch_factor: int = 2
 
 
@@ -118,6 +121,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# Keys that no longer exist, with what to write instead. A preset or override that sets one
+# fails with that message; a saved config (checkpoint, run dir) that has one still loads.
+RETIRED = {
+    "data.shuffle_buffer": "nothing: the train order is a permutation of the whole split per epoch "
+                           "(data/loader.py), no shuffle buffer is involved",
+}
+
 _CHOICES = {
     "subset": ("s4", "ms3"),
     "model.depth": (18, 34, 50),
@@ -153,18 +163,22 @@ def _coerce(path: str, value, hint):
     return value
 
 
-def _apply(obj, mapping: dict, prefix: str = "") -> None:
+def _apply(obj, mapping: dict, prefix: str = "", saved: bool = False) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in mapping.items():
         path = f"{prefix}{key}"
+        if path in RETIRED:
+            if saved:
+                continue
+            raise ConfigError(f"config key {path!r} no longer exists; write instead {RETIRED[path]}")
         if key not in names:
             raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path} is a section; set its keys, e.g. {path}.<key>=...")
-            _apply(current, value, prefix=f"{path}.")
+            _apply(current, value, prefix=f"{path}.", saved=saved)
         else:
             setattr(obj, key, _coerce(path, value, hints[key]))
 
@@ -227,9 +241,10 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a saved config (checkpoints, run dirs) with the same checks."""
+    """Rebuild a saved config (checkpoints, run dirs) with the same checks; retired keys are
+    dropped (see RETIRED)."""
     cfg = Config()
-    _apply(cfg, data)
+    _apply(cfg, data, saved=True)
     validate(cfg)
     return cfg
 
@@ -259,7 +274,7 @@ def validate(cfg: Config) -> None:
             problems.append(f"{key} must be > 0 (got {_get(cfg, key)})")
     for key in ["data.num_workers", "train.epochs", "train.max_steps", "optim.warmup_steps",
                 "optim.grad_clip", "optim.weight_decay", "train.eval_every_steps", "train.eval_every_epochs",
-                "train.image_every_steps", "data.shuffle_buffer"]:
+                "train.image_every_steps", "data.global_batch_videos"]:
         if _get(cfg, key) < 0:
             problems.append(f"{key} must be >= 0 (got {_get(cfg, key)})")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
@@ -291,6 +306,21 @@ def validate(cfg: Config) -> None:
         problems.append("model.decoder_channels must be even (TPAVI halves it)")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def global_batch(data: DataConfig, world_size: int, grad_accum: int, override: int | None = None) -> tuple[int, int]:
+    """(G, b): videos per optimizer step over all ranks, and per rank per micro-step.
+
+    G is `override`, else data.global_batch_videos, else data.batch_videos x world_size x
+    grad_accum; b = G / (world_size x grad_accum). ConfigError when that is not a whole
+    number of videos (name the sizes that would work)."""
+    g = override or data.global_batch_videos or data.batch_videos * world_size * grad_accum
+    parts = world_size * grad_accum
+    if g % parts:
+        raise ConfigError(f"the global batch of {g} videos does not split into {world_size} ranks x "
+                          f"optim.grad_accum {grad_accum}: set data.global_batch_videos to a multiple of {parts}, "
+                          f"or change optim.grad_accum")
+    return g, g // parts
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

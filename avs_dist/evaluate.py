@@ -17,7 +17,6 @@ size, world size or loader workers. The mismatched pass is a second pass over th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -27,28 +26,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from avs_dist.metrics import StreamingEvaluator
 from avs_dist.fileio import write_json
+from avs_dist.metrics import StreamingEvaluator
+from avs_dist.precision import PRECISIONS, autocast
 
 _BATCH_TENSORS = ("frames", "audio", "masks", "mask_valid", "crops")
 
 
 # ---- loading a model ----
-
-def _resolve_checkpoint_file(path: Path) -> Path:
-    """A checkpoint folder, a checkpoints/ or run folder (best, else latest complete), or a file."""
-    if path.is_file():
-        return path
-    if (path / "model.pt").is_file():
-        return path / "model.pt"
-    for sub in ("checkpoints", "best"):
-        if (path / sub).is_dir():
-            return _resolve_checkpoint_file(path / sub)
-    steps = sorted(p for p in path.glob("step_*") if (p / "model.pt").is_file() and (p / "COMPLETE.json").is_file())
-    if steps:
-        return steps[-1] / "model.pt"
-    raise FileNotFoundError(f"{path}: no model.pt here, and no best/ or complete step_*/ checkpoint below it")
-
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
@@ -77,8 +62,8 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
                        config_overrides: list[str] | None = None):
     """-> (model in eval mode on `device`, Config) from our checkpoint or an AVSBench .pth.
 
-    `path` is a checkpoint folder (or a run / checkpoints folder: best/, else the latest
-    complete step), its model.pt, or an AVSBench reference state dict (loaded into the
+    `path` is a checkpoint folder (or a run / checkpoints folder: best/, else the newest
+    valid step; train/checkpoint.py model_file), its model.pt, or an AVSBench reference state dict (loaded into the
     `s4_avsbench` preset; it holds no VGGish, so pass `vggish_weights`). Our checkpoints hold
     no VGGish either: it is rebuilt from the file the training config names (`vggish_weights`
     overrides that path, for another machine) or, when training used none, its seeded init.
@@ -88,7 +73,9 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    file = _resolve_checkpoint_file(path)
+    from avs_dist.train.checkpoint import model_file
+
+    file = model_file(path)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -130,25 +117,6 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
 
 
 # ---- evaluation loop ----
-
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 on GPU and fp32 on CPU."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in PRECISION_DTYPES:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16 (got {precision!r})")
-    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
-
 
 def segment(model, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
     """Mask logits [B*T,1,H,W] (float32) for frames [B,T,3,H,W] and audio.
@@ -317,13 +285,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--no-audio-gap", action="store_true", help="skip the mismatched-audio pass")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: config)")
+    p.add_argument("--check-sha256", action="store_true",
+                   help="also check the split's shards' sha256 against the manifest (always: present, right size)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.image_size=224)")
     args = p.parse_intermixed_args(argv)
 
     from avs_dist import distributed
     from avs_dist.data.loader import eval_loader
+    from avs_dist.data.shards import ShardError, check_shards
+
+    try:  # before any model is built or process group joined
+        check_shards(args.shards, [args.split], sha256=args.check_sha256)
+    except ShardError as e:
+        print(f"avs-dist eval: {e}", file=sys.stderr)
+        return 2
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = distributed.setup() if world > 1 else None

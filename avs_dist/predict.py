@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
-from avs_dist.data.loader import _images, _normalize
+from avs_dist.data.transforms import normalize_uint8, stack_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TINT = np.array([255, 40, 40], dtype=np.float32)  # red fill for the predicted foreground
@@ -38,13 +38,14 @@ class PredictInputError(ValueError):
 def prepare_frames(frames: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [T,H,W,3] -> float32 [T,3,size,size], resized and ImageNet-normalised by the
     loaders' own functions, so the model sees exactly what evaluation feeds it."""
-    return _normalize(_images([np.ascontiguousarray(frames)], size, normalize=False))[0]
+    return normalize_uint8(stack_images([np.ascontiguousarray(frames)], size, normalize=False))[0]
 
 
 @torch.no_grad()
 def predict_masks(model, frames: np.ndarray, audio: np.ndarray, size: int, device, precision="auto") -> np.ndarray:
     """One video: uint8 frames [T,H,W,3] + log-mel [T,(1,)96,64] -> bool masks [T,H,W] at frame size."""
-    from avs_dist.evaluate import autocast, segment
+    from avs_dist.evaluate import segment
+    from avs_dist.precision import autocast
 
     device = torch.device(device)
     x = prepare_frames(frames, size).unsqueeze(0).to(device)

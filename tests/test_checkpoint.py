@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from avs_dist import checkpoint as ckpt
+from avs_dist.train import checkpoint as ckpt
+from avs_dist.train.state import rng_state, set_rng_state
 
 
 def _make(run_dir, step, payload=b"x", complete=True):
@@ -116,8 +117,8 @@ def test_finalize_replaces_existing_and_remove_temps(tmp_path):
 
 
 def test_rng_state_roundtrip():
-    state = ckpt.rng_state()
+    state = rng_state()
     a = (random.random(), np.random.rand(), torch.rand(3))
-    ckpt.set_rng_state(state)
+    set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])

@@ -106,7 +106,7 @@ def test_defaults_validate():
     ("optim.tpavi_lr_mult=1000", "optim.tpavi_lr_mult must be > 0 with optim.lr x it < 1"),
 ])
 def test_train_cli_rejects_bad_config(tmp_path, capsys, override, message):
-    from avs_dist.train import cli
+    from avs_dist.launch.local import main as cli
 
     run_dir = tmp_path / "run"
     rc = cli(["--config", "tiny", "--shards", str(tmp_path / "no_shards"), "--run-dir", str(run_dir),
@@ -118,7 +118,7 @@ def test_train_cli_rejects_bad_config(tmp_path, capsys, override, message):
 
 
 def test_train_cli_rejects_missing_shards(tmp_path, capsys):
-    from avs_dist.train import cli
+    from avs_dist.launch.local import main as cli
 
     rc = cli(["--config", "tiny", "--shards", str(tmp_path / "no_shards"), "--run-dir", str(tmp_path / "run")])
     assert rc == 2
@@ -126,7 +126,7 @@ def test_train_cli_rejects_missing_shards(tmp_path, capsys):
 
 
 def test_train_cli_rejects_bad_nproc(tmp_path, capsys, s4_shards):
-    from avs_dist.train import cli
+    from avs_dist.launch.local import main as cli
 
     rc = cli(["--config", "tiny", "--shards", str(s4_shards), "--run-dir", str(tmp_path / "run"), "--nproc", "0"])
     assert rc == 2
@@ -134,7 +134,7 @@ def test_train_cli_rejects_bad_nproc(tmp_path, capsys, s4_shards):
 
 
 def test_train_cli_rejects_unknown_preset(tmp_path, capsys):
-    from avs_dist.train import cli
+    from avs_dist.launch.local import main as cli
 
     rc = cli(["--config", "nope", "--shards", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     assert rc == 2
@@ -148,7 +148,7 @@ def test_train_cli_rejects_unknown_preset(tmp_path, capsys):
 def test_train_cli_rejects_what_this_machine_cannot_run(tmp_path, capsys, s4_shards, override, message):
     import torch
 
-    from avs_dist.train import cli
+    from avs_dist.launch.local import main as cli
 
     if torch.cuda.is_available():
         pytest.skip("a GPU machine can run these")

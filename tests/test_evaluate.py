@@ -132,6 +132,8 @@ def test_load_for_inference_errors(tmp_path):
     wrong.parent.mkdir()
     torch.save({"model": {"avs.nope": torch.zeros(1)}, "config": to_dict(load_config("tiny"))}, wrong)
     with pytest.raises(ValueError, match="do not fit"):
+        load_for_inference(wrong)
+    with pytest.raises(ValueError, match="not a valid checkpoint"):  # a folder must be a whole checkpoint
         load_for_inference(wrong.parent)
 
 
@@ -141,12 +143,13 @@ TINY = ["data.num_workers=0"]
 
 
 def save_checkpoint(folder, cfg, model):
-    """Our checkpoint layout (architecture.md): folder/model.pt = {model, config, step, epoch, metrics}."""
+    """A checkpoint folder of our format (train/checkpoint.py): model.pt and COMPLETE.json."""
     from avs_dist.config import to_dict
+    from avs_dist.train import checkpoint as ckpt
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 0, "epoch": 0, "metrics": {}},
-               folder / "model.pt")
+    ckpt.write_model_folder(folder, model.state_dict(), to_dict(cfg), 0, 0, {})
+    ckpt.write_complete(folder, {"step": 0, "epoch": 0})
     return folder
 
 
@@ -161,8 +164,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_load_for_inference_roundtrip(tiny_checkpoint):
-    # through the parent folder: its latest complete step
-    (tiny_checkpoint / "COMPLETE.json").write_text("{}")
+    # through the parent folder: its latest valid step
     model, cfg = load_for_inference(tiny_checkpoint.parent, config_overrides=["data.image_size=32"])
     assert not model.training and cfg.model.depth == 18 and cfg.data.image_size == 32
     saved = torch.load(tiny_checkpoint / "model.pt", weights_only=True)["model"]

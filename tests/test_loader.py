@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from avs_dist.config import DataConfig
-from avs_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, eval_loader, steps_per_epoch, train_loader
+from avs_dist.config import ConfigError
+from avs_dist.data.loader import TrainOrder, TrainStream, eval_loader, train_loader
 from avs_dist.data.shards import iter_videos, read_manifest
+from avs_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WORLD = 2
 
 
 def _cfg(**kw):
     base = dict(image_size=64, crop_size=32, batch_videos=3, eval_batch_videos=3, num_workers=2,
-                shuffle_buffer=4, prefetch_factor=2)
+                prefetch_factor=2)
     return DataConfig(**{**base, **kw})
 
 
@@ -61,7 +63,7 @@ def test_train_epoch_covers_all_with_equal_counts(s4_shards):
     cfg = _cfg()
     manifest = read_manifest(s4_shards)
     n = manifest["splits"]["train"]["videos"]
-    steps = steps_per_epoch(manifest, WORLD, cfg.batch_videos)
+    steps = TrainOrder.from_shards(s4_shards, 0, WORLD * cfg.batch_videos).steps_per_epoch
     assert steps == math.ceil(n / (WORLD * cfg.batch_videos)) == 2
     per_rank = _epoch(s4_shards, cfg)
     assert [len(b) for b in per_rank] == [steps] * WORLD
@@ -182,27 +184,82 @@ def _same_batches(xs, ys, keys=("frames", "masks", "mask_valid", "audio", "label
 @pytest.mark.parametrize("num_workers", [2, 3])
 def test_endless_stream_equals_epoch_loaders(s4_shards, num_workers):
     """One loader (one set of workers) across epochs gives exactly the batches of separate
-    one-epoch loaders, also when it starts mid-epoch and uses fewer batches than an epoch has."""
+    one-epoch loaders, also when it starts mid-epoch."""
     import itertools
 
     cfg = _cfg(batch_videos=1, num_workers=num_workers)  # 4 batches per rank and epoch
-    seed, rank, used, start = 7, 1, 3, 2
+    seed, rank, start = 7, 1, 2
     want = []
     for e, first in ((4, start), (5, 0), (6, 0)):
-        want += list(train_loader(s4_shards, cfg, rank, WORLD, seed, e))[first:used]
-    got = list(train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, epochs=3, batches_per_epoch=used))
-    assert len(train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, epochs=3, batches_per_epoch=used)) == 7
+        want += list(train_loader(s4_shards, cfg, rank, WORLD, seed, e, first))
+    got = list(train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, steps=10))
+    assert len(train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, steps=10)) == 10
     _same_batches(got, want)
-    endless = train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, epochs=None, batches_per_epoch=used)
+    endless = train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start, endless=True)
     with pytest.raises(TypeError):
         len(endless)
     it = iter(endless)
-    _same_batches(list(itertools.islice(it, 7)), want)
+    _same_batches(list(itertools.islice(it, 10)), want)
     del it
-    with pytest.raises(ValueError, match="batches_per_epoch"):
-        train_loader(s4_shards, cfg, rank, WORLD, seed, 4, batches_per_epoch=5)
-    with pytest.raises(ValueError, match="start_batch"):
-        train_loader(s4_shards, cfg, rank, WORLD, seed, 4, start_batch=4, batches_per_epoch=3)
+    with pytest.raises(ValueError, match="step 4 is not in"):
+        train_loader(s4_shards, cfg, rank, WORLD, seed, 4, 4)
+    with pytest.raises(ValueError, match="steps >= 1 or endless"):
+        train_loader(s4_shards, cfg, rank, WORLD, seed, 4, steps=3, endless=True)
+
+
+def _global_batches(shards, cfg, world, grad_accum, steps, seed=11, epoch=0, step=0):
+    """Per optimizer step: the names of the videos every rank trains on, micro-steps in order."""
+    per_rank = [list(train_loader(shards, cfg, r, world, seed, epoch, step, grad_accum=grad_accum, global_batch=4,
+                                  steps=steps)) for r in range(world)]
+    out = []
+    for k in range(steps):
+        micro = [per_rank[r][k * grad_accum + m] for m in range(grad_accum) for r in range(world)]
+        out.append([(n, bool(f)) for b in micro for n, f in zip(b["name"], b["hflip"].tolist())])
+    return out
+
+
+def test_global_batches_do_not_depend_on_ranks_or_workers(s4_shards):
+    """Elastic determinism: a fixed global batch (4 videos) is the same sequence of videos and
+    flips for 1, 2 or 4 ranks, grad_accum 1 or 2, and 0, 1 or 3 loader workers."""
+    steps = 5  # crosses the epoch boundary (8 videos: 2 steps per epoch)
+    want = _global_batches(s4_shards, _cfg(num_workers=0), 1, 1, steps)
+    names = [n for step in want[:2] for n, _ in step]
+    assert sorted(names) == sorted(v["name"] for v in iter_videos(s4_shards, "train", crops=False))
+    assert want[2] != want[0]  # the next epoch is drawn anew
+    for world, accum, workers in [(2, 1, 1), (4, 1, 0), (2, 2, 3), (1, 4, 2), (4, 1, 3)]:
+        got = _global_batches(s4_shards, _cfg(num_workers=workers), world, accum, steps)
+        assert got == want, (world, accum, workers)
+    with pytest.raises(ConfigError, match="does not split into 3 ranks"):
+        train_loader(s4_shards, _cfg(), 0, 3, 0, global_batch=4)
+
+
+def test_train_stream_resumes_on_another_world_size(s4_shards):
+    """A position saved by 4 ranks continues on 2 (and 2 -> 4) with the same global batches."""
+    cfg = _cfg(num_workers=1, global_batch_videos=4)
+
+    def run(world, state, steps):
+        streams = [TrainStream(s4_shards, cfg, r, world, seed=3) for r in range(world)]
+        if state is not None:
+            for s in streams:
+                s.load_state_dict(state)
+        seen = []
+        for _ in range(steps):
+            parts = [s.next_step() for s in streams]
+            assert len({(p.epoch, p.epoch_end) for p in parts}) == 1
+            seen.append((parts[0].epoch, sorted(n for p in parts for b in p.micro for n in b["name"])))
+        states = [s.state_dict() for s in streams]
+        assert all(st == states[0] for st in states)
+        return seen, states[0]
+
+    full, _ = run(4, None, 5)
+    for first, second in ((4, 2), (2, 4)):
+        head, state = run(first, None, 3)
+        assert state == {"epoch": 1, "step_in_epoch": 1, "seed": 3, "global_batch_videos": 4, "train_videos": 8}
+        tail, _ = run(second, state, 2)
+        assert head + tail == full
+    stream = TrainStream(s4_shards, _cfg(num_workers=0, global_batch_videos=8), 0, 2, seed=3)
+    with pytest.raises(ValueError, match="set data.global_batch_videos=4"):
+        stream.load_state_dict(state)
 
 
 def test_crops_false_reads_no_crops(s4_shards):

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from avs_dist.config import load_config, to_dict
-from avs_dist.logger import RunLogger, overlay_grid, truncate_jsonl
+from avs_dist.train.logger import RunLogger
+from avs_dist.train.sinks import overlay_grid, truncate_jsonl
 
 ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -18,8 +18,10 @@ def checkpoint(tmp_path_factory):
     cfg = load_config("tiny")
     folder = tmp_path_factory.mktemp("ckpt") / "step_00000000"
     folder.mkdir()
-    torch.save({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg), "step": 0, "epoch": 0,
-                "metrics": {}}, folder / "model.pt")
+    from avs_dist.train import checkpoint as ckpt
+
+    ckpt.write_model_folder(folder, build_model(cfg.model).state_dict(), to_dict(cfg), 0, 0, {})
+    ckpt.write_complete(folder, {"step": 0, "epoch": 0})
     return folder
 
 

@@ -1,4 +1,4 @@
-"""launch/submit.py and avs_dist/slurm.py without a cluster: flags -> sbatch, sweeps, rendezvous."""
+"""avs_dist/launch/submit.py and avs_dist/launch/slurm.py without a cluster: flags -> sbatch, sweeps, rendezvous."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from avs_dist.config import ConfigError
-from avs_dist.slurm import TrainJob, master_port, rendezvous_env
-
-# launch/ is a folder of entry points beside the package, not installed (see avs_dist/cli.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from launch import submit  # noqa: E402
+from avs_dist.launch import submit
+from avs_dist.launch.slurm import TrainJob, master_port, rendezvous_env
 
 
 def test_dry_run_renders_the_sbatch_script(tmp_path, capsys):

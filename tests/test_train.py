@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from procs import run_session
-from avs_dist import checkpoint as ckpt
 from avs_dist.config import load_config
-from avs_dist.train import (_floatify, build_optimizer, lr_multiplier, preserved_rng, request_stop,
-                            resolve_precision)
+from avs_dist.precision import floatify, resolve_precision
+from avs_dist.train import checkpoint as ckpt
+from avs_dist.train.optim import build_optimizer, lr_multiplier
+from avs_dist.train.state import preserved_rng, rng_state, set_rng_state
+from avs_dist.train.stop import StopRequest, stop_file
 
 
 def test_lr_warmup_then_constant():
@@ -90,9 +92,9 @@ def test_preserved_rng_isolates_the_training_streams():
     torch.manual_seed(1)
     random.seed(1)
     np.random.seed(1)
-    state = ckpt.rng_state()
+    state = rng_state()
     expected = (torch.rand(2), random.random(), np.random.rand())
-    ckpt.set_rng_state(state)
+    set_rng_state(state)
     with preserved_rng():
         torch.rand(100), random.random(), np.random.rand(5)  # e.g. a DataLoader drawing its seed
     got = (torch.rand(2), random.random(), np.random.rand())
@@ -103,7 +105,7 @@ def test_floatify_casts_nested_half_outputs():
     out = {"logits": torch.ones(2, dtype=torch.bfloat16), "avm": [(0, torch.ones(1, dtype=torch.float16),
                                                                    torch.ones(1, dtype=torch.bfloat16))],
            "label": torch.ones(1, dtype=torch.int64), "none": None}
-    f = _floatify(out)
+    f = floatify(out)
     assert f["logits"].dtype == torch.float32
     assert f["avm"][0][0] == 0 and f["avm"][0][1].dtype == torch.float32 and f["avm"][0][2].dtype == torch.float32
     assert f["label"].dtype == torch.int64 and f["none"] is None
@@ -115,12 +117,27 @@ def test_precision_auto():
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
 
 
-def test_request_stop_only_sets_a_flag(monkeypatch):
-    import avs_dist.train as train
+def test_stop_request_from_a_signal_or_the_stop_file(tmp_path):
+    """A stop request is an object: the signal handler only records the signal's name; the run
+    directory's stop file asks the same; consume() removes the file after the stop."""
+    import os
 
-    monkeypatch.setattr(train, "_STOP", False)
-    request_stop(signal.SIGTERM, None)
-    assert train._STOP is True
+    from avs_dist.launch.signals import install_stop_signals
+
+    stop = StopRequest(stop_file(tmp_path))
+    assert not stop.requested
+    old = signal.getsignal(signal.SIGHUP)
+    try:
+        install_stop_signals(stop, signals=(signal.SIGHUP,))
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert stop.requested and stop.reason == "SIGHUP"
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    by_file = StopRequest(stop_file(tmp_path))
+    stop_file(tmp_path).write_text("x")
+    assert by_file.requested and by_file.reason == f"stop file {stop_file(tmp_path)}"
+    by_file.consume()
+    assert not stop_file(tmp_path).exists() and not StopRequest(stop_file(tmp_path)).requested
 
 
 @pytest.mark.slow

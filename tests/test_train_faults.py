@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from procs import kill_session
-from avs_dist import checkpoint as ckpt
+from avs_dist.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

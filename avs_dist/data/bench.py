@@ -41,7 +41,8 @@ import torch
 
 from avs_dist.config import DataConfig
 from avs_dist.data.layout import read_subset
-from avs_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, eval_loader
+from avs_dist.data.loader import eval_loader
+from avs_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from avs_dist.data.shards import iter_videos, read_manifest
 
 LOADERS = ("per_file", "reference_like", "reference_like_float_workers", "two_branch", "uint8_for_gpu",

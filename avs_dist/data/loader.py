@@ -1,26 +1,25 @@
-"""WebDataset loaders for training and evaluation, with exact, resumable data order.
+"""WebDataset shard loaders: training in global batches that do not depend on the cluster, and
+evaluation that visits every video once.
 
-Training (`train_loader`). Per epoch the train split (N videos) is laid out as one
-sequence: the shards in an order drawn from (seed, epoch), each shard's videos in CSV order.
-The sequence is extended by wrapping around to S * W * B videos, S = `steps_per_epoch` =
-ceil(N / (W * B)) for W ranks and B videos per batch, so every rank yields exactly S batches
-(DDP needs equal counts) and every video is seen at least once per epoch. Rank r takes the
-r-th contiguous block of S * B videos; within a rank, worker role w takes a contiguous
-run of whole batches (the first S % nw roles one batch more). A role streams its shard
-segments interleaved at random (seeded), passes raw samples through a seeded shuffle buffer
-(`cfg.shuffle_buffer` videos), then decodes, flips and collates. The torch DataLoader takes
-batches from its workers round-robin, so the rank's batch sequence is a pure function of
-(seed, epoch, rank, world_size, num_workers): batch j of an epoch is role j % nw's.
-`start_batch=k` resumes at the rank's k-th batch: each role drops the raw (undecoded)
-samples of the batches before k, and the workers' roles are rotated so the round-robin
-continues where it stopped. `epochs=None` keeps one set of worker processes for the whole
-run, walking epoch after epoch (no start-up or pipeline drain at epoch boundaries); the
-roles rotate at each boundary the same way, so the batches are exactly those of separate
-one-epoch loaders, and a resume with (epoch, start_batch) continues the same sequence.
+Training (`TrainStream`, `train_loader`). The unit is the **global batch**: G videos per
+optimizer step over all ranks (`data.global_batch_videos`, or `data.batch_videos` x ranks x
+`optim.grad_accum`; config.global_batch). Epoch e of the train split (N videos, CSV order)
+is one sequence drawn from (seed, e) alone:
 
-Augmentation: with `cfg.hflip`, each video is mirrored horizontally with probability 1/2;
-its frames, masks and crops are flipped together (the batch's `hflip` says which). Nothing
-else by default.
+    order  = permutation of the N videos (numpy default_rng([seed, e, 0]))
+    seq[p] = order[p % N] for p < S * G, S = ceil(N / G) steps per epoch (the last global
+             batch wraps around to the epoch's first videos, so every rank has work)
+    flip[p] = default_rng([seed, e, 3]).random(S * G)[p] < 0.5   (with data.hflip)
+
+Global batch k of epoch e is seq[k*G : (k+1)*G]. With W ranks and A micro-steps per
+optimizer step, each rank takes b = G / (W * A) videos per micro-step: micro-step m of
+step k gives rank r the positions k*G + m*W*b + r*b + [0, b). So the sequence of global
+batches is a function of (seed, epoch, G) only: not of the number of nodes, ranks or
+loader workers; a run can resume on another world size at the same (epoch, step) and see
+the same videos in every later step. Videos are read by key (data/samples.py), decoded,
+flipped (frames, masks and crops together) and collated in the loader workers; worker w
+of nw builds the rank's micro-batches g, g + nw, ... (g counted from the start position),
+which the DataLoader hands out round-robin, i.e. in order.
 
 Evaluation (`eval_loader`): the split in CSV order, cut into contiguous blocks per rank
 (sizes differ by at most one video) and per worker; every video exactly once, no padding,
@@ -43,179 +42,104 @@ when the stored size differs from the configured one; masks with nearest.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
+from avs_dist.data.samples import SampleReader
 from avs_dist.data.shards import ShardError, decode_sample, iter_raw, read_manifest, split_shards
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from avs_dist.data.transforms import alloc_shared, normalize_uint8, resize, stack_images
 
 
-def steps_per_epoch(manifest, world_size: int, batch_videos: int) -> int:
-    """Batches every rank yields per training epoch: ceil(N_train / (world_size * batch_videos)).
-
-    `manifest`: the dict from read_manifest, or a shard folder."""
-    if not isinstance(manifest, dict):
-        manifest = read_manifest(manifest)
-    return _steps(manifest["splits"]["train"]["videos"], world_size, batch_videos)
+# ----------------------------------------------------------------------------- the train order
 
 
-def _steps(n_train: int, world_size: int, batch_videos: int) -> int:
-    # Every rank must yield exactly this many batches (DDP), from the manifest or from the plan.
-    if n_train == 0:
-        raise ShardError("the shard set has no train videos")
-    return math.ceil(n_train / (world_size * batch_videos))
+@dataclass(frozen=True)
+class TrainOrder:
+    """The epoch sequences of the train split for one global batch size (module docstring).
+
+    refs: (shard path, sample key) of every train video, CSV order; global_batch: G."""
+
+    refs: tuple[tuple[str, str], ...]
+    seed: int
+    global_batch: int
+    hflip: bool = True
+
+    @classmethod
+    def from_shards(cls, shard_dir, seed: int, global_batch: int, hflip: bool = True,
+                    manifest: dict | None = None) -> TrainOrder:
+        entries = split_shards(shard_dir, "train", manifest)
+        refs = tuple((e["path"], key) for e in entries for key in e["keys"])
+        if not refs:
+            raise ShardError(f"{shard_dir}: the shard set has no train videos")
+        if global_batch < 1:
+            raise ValueError(f"global batch {global_batch} must be >= 1 video")
+        return cls(refs, seed, global_batch, hflip)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.refs) / self.global_batch)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(video index, flip) per position 0 .. S*G-1 of `epoch`."""
+        n, length = len(self.refs), self.steps_per_epoch * self.global_batch
+        order = np.random.default_rng([self.seed, epoch, 0]).permutation(n)
+        flips = (np.random.default_rng([self.seed, epoch, 3]).random(length) < 0.5 if self.hflip
+                 else np.zeros(length, dtype=bool))
+        return order[np.arange(length) % n], flips
 
 
-# ----------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class RankShare:
+    """Which positions of each global batch one rank reads (module docstring)."""
+
+    rank: int
+    world_size: int
+    grad_accum: int
+    micro_batch: int  # b = G / (world_size * grad_accum)
+
+    def positions(self, order: TrainOrder, micro_index: int) -> tuple[int, int, int]:
+        """(epoch, first position, end) of the rank's micro-batch `micro_index`, counted from
+        micro-step 0 of step 0 of epoch 0."""
+        per_epoch = order.steps_per_epoch * self.grad_accum
+        epoch, rest = divmod(micro_index, per_epoch)
+        step, micro = divmod(rest, self.grad_accum)
+        first = step * order.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
+        return epoch, first, first + self.micro_batch
 
 
-def _sequence(entries: list[dict], order) -> list[tuple[str, int, str]]:
-    return [(entries[i]["path"], pos, key) for i in order for pos, key in enumerate(entries[i]["keys"])]
-
-
-def _segments(items: list[tuple[str, int, str]]) -> list[tuple[str, list[str]]]:
-    """Cut (path, position, key) runs into per-shard segments read in one forward pass."""
-    segs: list[tuple[str, list[str]]] = []
-    last = None
-    for path, pos, key in items:
-        if last is None or path != last[0] or pos <= last[1]:
-            segs.append((path, []))
-        segs[-1][1].append(key)
-        last = (path, pos)
-    return segs
-
-
-def _split_batches(n_batches: int, parts: int) -> list[tuple[int, int]]:
-    """(first batch, count) per part; the first n_batches % parts parts get one more."""
-    out, start = [], 0
-    for w in range(parts):
-        n = n_batches // parts + (w < n_batches % parts)
-        out.append((start, n))
-        start += n
-    return out
-
-
-def train_plan(entries: list[dict], seed: int, epoch: int, rank: int, world_size: int,
-               batch_videos: int, num_workers: int) -> list[list[tuple[str, list[str]]]]:
-    """Per worker role: the shard segments [(path, [keys])] it reads this epoch (see module doc)."""
-    rng = np.random.default_rng([seed, epoch, 0])
-    seq = _sequence(entries, rng.permutation(len(entries)))
-    n = len(seq)
-    steps = _steps(n, world_size, batch_videos)
-    per_rank = steps * batch_videos
-    mine = [seq[i % n] for i in range(rank * per_rank, (rank + 1) * per_rank)]
-    return [_segments(mine[first * batch_videos:(first + count) * batch_videos])
-            for first, count in _split_batches(steps, max(1, num_workers))]
-
-
-def eval_plan(entries: list[dict], rank: int, world_size: int, batch_videos: int,
-              num_workers: int) -> list[list[tuple[str, list[str]]]]:
-    seq = _sequence(entries, range(len(entries)))
-    n = len(seq)
-    mine = seq[rank * n // world_size:(rank + 1) * n // world_size]
-    n_batches = math.ceil(len(mine) / batch_videos)
-    return [_segments(mine[first * batch_videos:(first + count) * batch_videos])
-            for first, count in _split_batches(n_batches, max(1, num_workers))]
-
-
-# ----------------------------------------------------------------------------- streaming
-
-
-def _read_segment(path: str, keys: list[str], crops: bool):
-    wanted = set(keys)
-    stream = iter_raw([path], select=wanted.__contains__, crops=crops)
-    done = 0
-    for key, raw in zip(keys, stream):
-        if raw["__key__"] != key:
-            raise ShardError(f"{path}: found sample {raw['__key__']}, the manifest lists {key} next")
-        done += 1
-        yield raw
-    if done < len(keys):
-        raise ShardError(f"{path}: ends before sample {keys[done]} listed in the manifest")
-
-
-def _interleave(segments, rng: np.random.Generator, crops: bool):
-    """Draw from all segments at once, each step from one chosen in proportion to what it has left."""
-    streams = [_read_segment(p, k, crops) for p, k in segments]
-    left = np.array([len(k) for _, k in segments], dtype=np.float64)
-    while left.sum() > 0:
-        i = rng.choice(len(streams), p=left / left.sum())
-        left[i] -= 1
-        yield next(streams[i])
-
-
-def _worker_id() -> int:
+def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
-    return 0 if info is None else info.id
+    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _count(n: int, role: int, nw: int) -> int:
-    """How many of the rank's batches 0 .. n-1 belong to `role` (batch j is role j % nw's)."""
-    return max(0, -(-(n - role) // nw))
-
-
-def _epoch_samples(segments, seed, epoch, rank, role, skip, take, shuffle_buffer, hflip, crops):
-    """Raw samples `skip` .. `skip + take - 1` of a role's stream for one epoch."""
-    import webdataset as wds
-
-    if take == 0:
-        return
-    n = sum(len(k) for _, k in segments)
-    stream = _interleave(segments, np.random.default_rng([seed, epoch, rank, role, 1]), crops)
-    if shuffle_buffer > 1:
-        shuffle_seed = int(np.random.SeedSequence([seed, epoch, rank, role, 2]).generate_state(1)[0])
-        stream = wds.shuffle(bufsize=shuffle_buffer, initial=shuffle_buffer,
-                             rng=random.Random(shuffle_seed))(stream)
-    # Flips are drawn per stream position up front, so skipping does not shift them.
-    flips = np.random.default_rng([seed, epoch, rank, role, 3]).random(n) < 0.5 if hflip else np.zeros(n, bool)
-    for pos, raw in enumerate(stream):
-        if pos >= skip + take:
-            break
-        if pos < skip:
-            continue  # raw bytes only: nothing decoded
-        raw["__hflip__"] = bool(flips[pos])
-        yield raw
-
-
-def _train_source(entries, seed, epoch, epochs, rank, world_size, batch_videos, num_workers, start_batch,
-                  used, shuffle_buffer, hflip, crops):
-    """This worker's raw samples, epoch after epoch (`epochs` of them; None: without end).
-
-    The DataLoader hands out batches round-robin: the rank's g-th batch (counted from the
-    first one this loader yields, across epochs) comes from worker g % nw. Epoch e yields
-    its batches first .. used - 1 (first = start_batch in the first epoch, else 0); its
-    batch j is role j % nw's (the plan's contiguous blocks), so worker w plays role
-    (w + first - done) % nw in it, done = batches yielded before the epoch."""
-    nw = max(1, num_workers)
-    w = _worker_id()
-    e, first, done = epoch, start_batch, 0
-    while epochs is None or e < epoch + epochs:
-        role = (w + first - done) % nw
-        plan = train_plan(entries, seed, e, rank, world_size, batch_videos, num_workers)
-        skip, take = _count(first, role, nw), _count(used, role, nw) - _count(first, role, nw)
-        yield from _epoch_samples(plan[role], seed, e, rank, role, skip * batch_videos, take * batch_videos,
-                                  shuffle_buffer, hflip, crops)
-        done += used - first
-        e, first = e + 1, 0
-
-
-def _eval_source(plan, crops):
-    for raw in _interleave_in_order(plan[_worker_id()], crops):
-        raw["__hflip__"] = False
-        yield raw
-
-
-def _interleave_in_order(segments, crops):
-    for path, keys in segments:
-        yield from _read_segment(path, keys, crops)
+def _train_source(order: TrainOrder, share: RankShare, first: int, count: int | None, crops: bool):
+    """This worker's raw samples: the videos of the rank's micro-batches first + w, first + w
+    + nw, ... (count micro-batches in all; None: without end), b samples each."""
+    w, nw = _worker()
+    reader = SampleReader(crops=crops)
+    cached = (None, None)
+    stop = None if count is None else first + count
+    try:
+        for g in itertools.count(first + w, nw):
+            if stop is not None and g >= stop:
+                return
+            epoch, start, end = share.positions(order, g)
+            if cached[0] != epoch:
+                cached = (epoch, order.epoch(epoch))
+            videos, flips = cached[1]
+            for p in range(start, end):
+                raw = reader.read(*order.refs[videos[p]])
+                raw["__hflip__"] = bool(flips[p])
+                yield raw
+    finally:
+        reader.close()
 
 
 def _decode(raw: dict, crops: bool) -> dict:
@@ -227,57 +151,6 @@ def _decode(raw: dict, crops: bool) -> dict:
 # ----------------------------------------------------------------------------- collation
 
 
-def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """[..., C, H, W] float -> [..., C, size, size]."""
-    if x.shape[-2:] == (size, size):
-        return x
-    lead = x.shape[:-3]
-    y = x.reshape(-1, *x.shape[-3:])
-    if mode == "nearest":
-        y = F.interpolate(y, size=(size, size), mode="nearest")
-    else:
-        shrink = y.shape[-1] > size or y.shape[-2] > size
-        y = F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-    return y.reshape(*lead, *y.shape[-3:])
-
-
-def _mean_inv_std() -> tuple[torch.Tensor, torch.Tensor]:
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD) * 255.0)
-    return torch.tensor(IMAGENET_MEAN) * 255.0 * inv_std, inv_std
-
-
-def _alloc(shape, dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a DataLoader worker it is born in shared memory, so
-    handing the batch to the main process does not copy it again (share_memory_() on a
-    new tensor would: it copies the old storage into a new shared one)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
-
-
-def _images(stacks: list[np.ndarray], size: int, normalize: bool) -> torch.Tensor:
-    """uint8 [5,h,w,3] per video (already flipped) -> [B,5,3,size,size]: float normalised,
-    or uint8 when `normalize` is False (normalisation then happens on the device)."""
-    if any(s.shape != stacks[0].shape for s in stacks):
-        return torch.cat([_images([s], size, normalize) for s in stacks])
-    B, (T, h, w, C) = len(stacks), stacks[0].shape
-    if (h, w) == (size, size) and not normalize:
-        buf = _alloc((B, T, h, w, C), torch.uint8)
-        np.stack(stacks, out=buf.numpy())
-        return buf.permute(0, 1, 4, 2, 3)  # channels-last view; to_device makes it contiguous on the GPU
-    x = torch.from_numpy(np.stack(stacks)).permute(0, 1, 4, 2, 3)  # a view: no copy yet
-    if (h, w) != (size, size):
-        x = _resize(x.float(), size, "bilinear")
-        if not normalize:
-            return x.round_().clamp_(0, 255).to(torch.uint8)
-    else:
-        # One pass from uint8 to contiguous float, then one fused scale-and-shift.
-        x = _alloc(x.shape, torch.float32).copy_(x)
-    shift, scale = _mean_inv_std()
-    return x.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
-
-
 def _masks(videos: list[dict], size: int, flips: list[bool], dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """[B,5,size,size] masks (zeros where a frame has none) and mask_valid [B,5]."""
     B = len(videos)
@@ -286,21 +159,21 @@ def _masks(videos: list[dict], size: int, flips: list[bool], dtype) -> tuple[tor
         parts = [_masks([v], size, [f], dtype) for v, f in zip(videos, flips)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     h, w = videos[0]["frames"].shape[1:3]
-    resize = (h, w) != (size, size)
+    resized = (h, w) != (size, size)
     # Written straight into the batch's (shared) buffer when no resize follows; numpy:
     # single-threaded fills are far cheaper than torch's for these small arrays.
-    masks = torch.zeros if resize else _alloc
-    masks = masks((B, FRAMES_PER_VIDEO, h, w), dtype=dtype if not resize else torch.uint8)
+    masks = torch.zeros if resized else alloc_shared
+    masks = masks((B, FRAMES_PER_VIDEO, h, w), dtype=dtype if not resized else torch.uint8)
     out = masks.numpy()
-    if not resize:
+    if not resized:
         out.fill(0)
     for b, (v, flip) in enumerate(zip(videos, flips)):
         frames = v["mask_frames"]
         out[b, frames] = v["masks"][:, :, ::-1] if flip else v["masks"]
         valid[b, frames] = True
-    if resize:
-        masks = _resize(masks[:, :, None].float(), size, "nearest")[:, :, 0]
-        masks = _alloc(masks.shape, dtype).copy_(masks)
+    if resized:
+        masks = resize(masks[:, :, None].float(), size, "nearest")[:, :, 0]
+        masks = alloc_shared(masks.shape, dtype).copy_(masks)
     return masks, torch.from_numpy(valid)
 
 
@@ -317,13 +190,13 @@ def collate(videos: list[dict], image_size: int, crop_size: int, normalize: bool
     frames = [v["frames"][:, :, ::-1] if f else v["frames"] for v, f in zip(videos, flips)]
     crops = None
     if "crops" in videos[0]:
-        crops = _images([v["crops"][:, :, ::-1] if f else v["crops"] for v, f in zip(videos, flips)],
-                        crop_size, normalize)
+        crops = stack_images([v["crops"][:, :, ::-1] if f else v["crops"] for v, f in zip(videos, flips)],
+                             crop_size, normalize)
     masks, valid = _masks(videos, image_size, flips, torch.float32 if normalize else torch.uint8)
-    audio = _alloc((len(videos), *videos[0]["audio"].shape), torch.float32)
+    audio = alloc_shared((len(videos), *videos[0]["audio"].shape), torch.float32)
     np.stack([v["audio"] for v in videos], out=audio.numpy())
     return {
-        "frames": _images(frames, image_size, normalize),
+        "frames": stack_images(frames, image_size, normalize),
         "masks": masks,
         "mask_valid": valid,
         "crops": crops,
@@ -333,21 +206,6 @@ def collate(videos: list[dict], image_size: int, crop_size: int, normalize: bool
         "hflip": torch.tensor(flips),
         "name": [v["name"] for v in videos],
     }
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [...,3,H,W] (any strides) -> contiguous float32, ImageNet-normalised, on x's device."""
-    shift, scale = (t.view(3, 1, 1) for t in _mean_inv_std())
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    if x.device.type == "cpu":
-        # numpy: one thread, cast + transpose + scale in one pass; torch's intra-op threads
-        # cost several times the CPU here when other processes load the cores.
-        out = y.numpy()
-        np.multiply(x.numpy(), scale.numpy(), out=out)
-        np.subtract(out, shift.numpy(), out=out)
-        return y
-    scale, shift = scale.to(x.device, non_blocking=True), shift.to(x.device, non_blocking=True)
-    return y.copy_(x).mul_(scale).sub_(shift)  # copy_: cast + transpose in one kernel
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -376,7 +234,7 @@ def to_device(batch: dict, device, non_blocking: bool = True) -> dict:
     out = {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in out.items()}
     for k in ("frames", "crops"):
         if out.get(k) is not None and out[k].dtype == torch.uint8:
-            out[k] = _normalize(out[k])
+            out[k] = normalize_uint8(out[k])
     if out["masks"].dtype == torch.uint8:
         out["masks"] = _float(out["masks"])
     return out
@@ -387,7 +245,7 @@ def to_device(batch: dict, device, non_blocking: bool = True) -> dict:
 
 class Batches:
     """The batches of a loader: iterable, with len() = the number of batches it yields
-    (a TypeError for an endless one, epochs=None).
+    (a TypeError for an endless one).
 
     `loader` yields what the workers send (uint8 images and masks, small arrays as numpy,
     see _to_wire); each batch is finished by `to_device` on `device` (None: the CPU, in
@@ -398,7 +256,7 @@ class Batches:
 
     def __len__(self) -> int:
         if self.length is None:
-            raise TypeError("an endless train loader (epochs=None) has no length")
+            raise TypeError("an endless train loader has no length")
         return self.length
 
     def __iter__(self):
@@ -407,7 +265,7 @@ class Batches:
 
 
 def _loader(source, cfg_data, batch_videos: int, partial: bool, num_workers: int, device, crops: bool,
-            transport: str = "uint8"):
+            transport: str = "uint8", seed: int = 0):
     import webdataset as wds
 
     pipeline = wds.DataPipeline(
@@ -424,51 +282,175 @@ def _loader(source, cfg_data, batch_videos: int, partial: bool, num_workers: int
         pipeline, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin,
         prefetch_factor=cfg_data.prefetch_factor if num_workers > 0 else None,
         persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+        # its own generator: starting the workers draws no number from the training RNG streams
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    # torchrun and Slurm signal whole process groups. SIGTERM/SIGUSR2 ask the rank to save at
-    # the next step boundary, which needs its loader workers alive until then; they still end
-    # with the rank (the DataLoader shuts them down, and they exit when their parent is gone).
+    # Terminals, torchrun and Slurm signal whole process groups. A stop signal asks the rank
+    # to save at the next step boundary, which needs its loader workers alive until then; they
+    # still end with the rank (the DataLoader shuts them down, and they exit when their parent
+    # is gone).
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
-def train_loader(shard_dir: str | Path, cfg_data, rank: int, world_size: int, seed: int, epoch: int,
-                 start_batch: int = 0, device=None, crops: bool = True, epochs: int | None = 1,
-                 batches_per_epoch: int | None = None) -> Batches:
-    """Batches of `cfg_data.batch_videos` videos of one rank, from batch `start_batch` of
-    `epoch` on, for `epochs` epochs (None: without end) through one set of worker
-    processes (module docstring).
 
-    Epoch e yields its batches 0 .. P-1, P = `batches_per_epoch` (default and at most
-    steps_per_epoch(...); fewer: the same first P batches, e.g. when grad_accum does not
-    divide it), the first epoch from `start_batch` on; the sequence is the one that
-    separate one-epoch loaders would give. `device` (e.g. "cuda:0"): workers send uint8
-    images (pinned) and the batch is normalised on that device (same values; saves most
-    of the loader's CPU); None: float batches on the CPU. crops=False: no crops read or
+
+def train_loader(shard_dir: str | Path, cfg_data, rank: int, world_size: int, seed: int, epoch: int = 0,
+                 step: int = 0, *, grad_accum: int = 1, global_batch: int | None = None,
+                 steps: int | None = None, endless: bool = False, device=None, crops: bool = True) -> Batches:
+    """This rank's micro-batches from optimizer step `step` of `epoch` on: `steps` optimizer
+    steps (default: to the end of the epoch), or without end (`endless`), through one set
+    of worker processes; grad_accum micro-batches per step (module docstring).
+
+    `global_batch`: G videos per optimizer step over all ranks (default: cfg_data's, see
+    config.global_batch). `device` (e.g. "cuda:0"): the batch is normalised on that device
+    from pinned uint8; None: float batches on the CPU. crops=False: no crops read or
     decoded, batch["crops"] is None (a model without a crop branch).
+    Raises ConfigError when G does not split into world_size x grad_accum equal parts,
+    ValueError for a position outside the epoch, ShardError for a shard set without train videos.
     """
+    from avs_dist.config import global_batch as derive
+
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    manifest = read_manifest(shard_dir)
-    steps = steps_per_epoch(manifest, world_size, cfg_data.batch_videos)
-    used = steps if batches_per_epoch is None else batches_per_epoch
-    if not 1 <= used <= steps:
-        raise ValueError(f"batches_per_epoch {batches_per_epoch} is not in [1, {steps}] (batches per epoch)")
-    if not 0 <= start_batch <= used:
-        raise ValueError(f"start_batch {start_batch} is not in [0, {used}] (batches per epoch)")
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs {epochs} is not >= 1 (or None: without end)")
-    nw = cfg_data.num_workers
-    source = functools.partial(_train_source, split_shards(shard_dir, "train", manifest), seed, epoch, epochs,
-                               rank, world_size, cfg_data.batch_videos, nw, start_batch, used,
-                               cfg_data.shuffle_buffer, cfg_data.hflip, crops)
-    length = None if epochs is None else used * epochs - start_batch
-    return Batches(_loader(source, cfg_data, cfg_data.batch_videos, False, nw, device, crops), length, device)
+    g, b = derive(cfg_data, world_size, grad_accum, global_batch)
+    order = TrainOrder.from_shards(shard_dir, seed, g, cfg_data.hflip)
+    s = order.steps_per_epoch
+    if not 0 <= step < s:
+        raise ValueError(f"step {step} is not in [0, {s}) (steps per epoch of {g} videos)")
+    if steps is None and not endless:
+        steps = s - step
+    if steps is not None and (endless or steps < 1):
+        raise ValueError("train_loader: give steps >= 1 or endless=True, not both")
+    share = RankShare(rank, world_size, grad_accum, b)
+    first = (epoch * s + step) * grad_accum
+    count = None if endless else steps * grad_accum
+    source = functools.partial(_train_source, order, share, first, count, crops)
+    loader = _loader(source, cfg_data, b, False, cfg_data.num_workers, device, crops, seed=seed)
+    return Batches(loader, count, device)
+
+
+@dataclass
+class StepBatches:
+    """What one optimizer step trains on: `micro` (grad_accum batches of this rank), the
+    epoch they belong to, whether they close it, and the seconds spent waiting for them."""
+
+    micro: list[dict]
+    epoch: int
+    epoch_end: bool
+    wait_s: float
+
+
+class TrainStream:
+    """This rank's train data, one optimizer step at a time; the only owner of the data
+    position (epoch, step in epoch) and of the epoch arithmetic (Stateful).
+
+    One endless loader serves the whole run (no worker restart at epoch boundaries); it is
+    started at the first `next_step`, so `load_state_dict` must come before that.
+    state_dict() = {"epoch", "step_in_epoch", "global_batch_videos", "train_videos", "seed"}:
+    world-size free, so a checkpoint continues on any number of ranks whose per-rank batch
+    divides G (ValueError naming both global batches otherwise)."""
+
+    def __init__(self, shard_dir, cfg_data, rank: int, world_size: int, seed: int, grad_accum: int = 1,
+                 global_batch: int | None = None, device=None, crops: bool = True):
+        from avs_dist.config import global_batch as derive
+
+        self.shard_dir, self.cfg_data, self.rank, self.world_size = shard_dir, cfg_data, rank, world_size
+        self.seed, self.grad_accum, self.device, self.crops = seed, grad_accum, device, crops
+        self.global_batch, self.micro_batch = derive(cfg_data, world_size, grad_accum, global_batch)
+        self.manifest = read_manifest(shard_dir)
+        self.order = TrainOrder.from_shards(shard_dir, seed, self.global_batch, cfg_data.hflip, self.manifest)
+        self.steps_per_epoch = self.order.steps_per_epoch
+        self.epoch = self.step_in_epoch = 0
+        self.last_epoch = 0  # the epoch of the last step handed out
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
+                "global_batch_videos": self.global_batch, "train_videos": len(self.order.refs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._it is not None:
+            raise RuntimeError("TrainStream.load_state_dict after the stream started")
+        if state["global_batch_videos"] != self.global_batch:
+            raise ValueError(f"the checkpoint's global batch is {state['global_batch_videos']} videos per step, "
+                             f"this run's is {self.global_batch} ({self.world_size} ranks x {self.micro_batch} x "
+                             f"grad_accum {self.grad_accum}); set data.global_batch_videos="
+                             f"{state['global_batch_videos']} to continue it")
+        if state["train_videos"] != len(self.order.refs) or state["seed"] != self.seed:
+            raise ValueError(f"the checkpoint was trained on {state['train_videos']} train videos with seed "
+                             f"{state['seed']}, this run has {len(self.order.refs)} with seed {self.seed}: "
+                             f"not the same data order")
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+
+    def next_step(self) -> StepBatches:
+        t0 = time.perf_counter()
+        if self._it is None:
+            self._it = iter(train_loader(self.shard_dir, self.cfg_data, self.rank, self.world_size, self.seed,
+                                         self.epoch, self.step_in_epoch, grad_accum=self.grad_accum,
+                                         global_batch=self.global_batch, endless=True, device=self.device,
+                                         crops=self.crops))
+        micro = [next(self._it) for _ in range(self.grad_accum)]
+        epoch = self.last_epoch = self.epoch
+        self.step_in_epoch += 1
+        end = self.step_in_epoch == self.steps_per_epoch
+        if end:
+            self.epoch, self.step_in_epoch = epoch + 1, 0
+        return StepBatches(micro, epoch, end, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._it = None  # the DataLoader iterator shuts its workers down when collected
+
+
+def eval_plan(entries: list[dict], rank: int, world_size: int, batch_videos: int,
+              num_workers: int) -> list[list[tuple[str, list[str]]]]:
+    """Per worker: the shard segments [(path, [keys])] of this rank's block of the split."""
+    seq = [(e["path"], key) for e in entries for key in e["keys"]]
+    n = len(seq)
+    mine = seq[rank * n // world_size:(rank + 1) * n // world_size]
+    n_batches = math.ceil(len(mine) / batch_videos)
+    out, start = [], 0
+    for w in range(max(1, num_workers)):
+        count = n_batches // max(1, num_workers) + (w < n_batches % max(1, num_workers))
+        out.append(_segments(mine[start * batch_videos:(start + count) * batch_videos]))
+        start += count
+    return out
+
+
+def _segments(items: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """Consecutive (path, key) items -> per-shard segments, each read in one forward pass."""
+    segs: list[tuple[str, list[str]]] = []
+    for path, key in items:
+        if not segs or segs[-1][0] != path:
+            segs.append((path, []))
+        segs[-1][1].append(key)
+    return segs
+
+
+def _read_segment(path: str, keys: list[str], crops: bool):
+    wanted = set(keys)
+    stream = iter_raw([path], select=wanted.__contains__, crops=crops)
+    done = 0
+    for key, raw in zip(keys, stream):
+        if raw["__key__"] != key:
+            raise ShardError(f"{path}: found sample {raw['__key__']}, the manifest lists {key} next")
+        done += 1
+        yield raw
+    if done < len(keys):
+        raise ShardError(f"{path}: ends before sample {keys[done]} listed in the manifest")
+
+
+def _eval_source(plan, crops):
+    w, _ = _worker()
+    for path, keys in plan[w]:
+        for raw in _read_segment(path, keys, crops):
+            raw["__hflip__"] = False
+            yield raw
 
 
 def eval_loader(shard_dir: str | Path, split: str, cfg_data, rank: int = 0, world_size: int = 1,

@@ -93,6 +93,31 @@ def verify_shards(shard_dir: str | Path) -> dict:
     return {"ok": not problems, "checked": len(manifest["shards"]), "problems": problems, "extra": extra}
 
 
+def check_shards(shard_dir: str | Path, splits=None, sha256: bool = False, manifest: dict | None = None) -> int:
+    """Check the shards of `splits` (default: all) against the manifest before reading them:
+    present and of the listed size, and with sha256=True of the listed sha256 too.
+
+    Returns the number of shards checked; raises ShardError naming every bad file."""
+    shard_dir = Path(shard_dir)
+    manifest = manifest or read_manifest(shard_dir)
+    problems, checked = [], 0
+    for e in manifest["shards"]:
+        if splits is not None and e["split"] not in splits:
+            continue
+        checked += 1
+        path = shard_dir / e["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != e["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {e['bytes']} (truncated or replaced)")
+        elif sha256 and sha256_file(path) != e["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest's (corrupt)")
+    if problems:
+        raise ShardError(f"{len(problems)} of {checked} shards of {shard_dir} do not match {MANIFEST}:\n  "
+                         + "\n  ".join(problems))
+    return checked
+
+
 # ----------------------------------------------------------------------------- decoding
 
 

@@ -2,16 +2,16 @@
 
 `TrainJob` is the submitit callable: one instance runs in every task (one task per GPU, or
 per process on CPU). It turns `submitit.JobEnvironment()` into the torchrun variables the
-trainer reads, then calls `avs_dist.train.run`.
+trainer reads, then trains one rank (train/session.py, train/loop.py).
 
 Preemption and time limits. Slurm sends SIGUSR2 (`--signal=USR2@<delay>`) to every process
 of the job step. submitit's own SIGUSR2 handler would, on global rank 0 only, call
 `checkpoint()`, run `scontrol requeue` and `sys.exit` from inside the signal handler, i.e.
 in the middle of a step, while the other ranks keep training and ZeRO state is sharded
 across all of them. So `TrainJob` replaces that handler, on every rank, with one that only
-calls `avs_dist.train.request_stop()`. The ranks agree on the flag at the next step boundary
-and all save one checkpoint together; `run` returns "stopped" on every rank after a barrier,
-so the checkpoint is complete. Only then does rank 0 invoke submitit's saved handler, which
+requests a stop (train/stop.py). The ranks agree on it at the next step boundary and all
+save one checkpoint together; the loop returns "stopped" on every rank after a barrier, so
+the checkpoint is complete. SIGTERM, SIGINT and SIGHUP stop the same way, without a requeue. Only then does rank 0 invoke submitit's saved handler, which
 pickles `checkpoint()`'s resubmission, requeues the job and exits. The requeued job resumes
 from that checkpoint (`resume="auto"`).
 
@@ -72,35 +72,27 @@ def _log(msg: str) -> None:
 
 
 class _StopSignals:
-    """Latches SIGUSR2 (requeue) and SIGTERM (cancel / Slurm preemption) for this process.
+    """Latches which stop signal this process got (SIGUSR2: requeue; SIGTERM / SIGINT / SIGHUP:
+    cancel or Slurm preemption) and requests the run's stop (launch/signals.py). Slurm signals
+    every process of the step, DataLoader workers included; they ignore it (data/loader.py)."""
 
-    The handlers only set flags: Python runs them between bytecodes of the main thread,
-    possibly inside a collective, so nothing else is safe there. Slurm signals every process
-    of the step, DataLoader workers included; forked workers inherit these handlers, and
-    the pid check makes them ignore the signal (the rank process handles it)."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
+    def __init__(self, stop) -> None:
+        self.stop = stop
         self.usr2 = False
-        self.term = False
+        self.other = False
         self.submitit_handler = None
 
     def install(self) -> None:
-        from avs_dist.train import request_stop
+        from avs_dist.launch.signals import install_stop_signals
 
-        def on_usr2(signum, frame):
-            if os.getpid() == self.pid:
+        def seen(signum):
+            if signum == signal.SIGUSR2:
                 self.usr2 = True
-                request_stop()
-
-        def on_term(signum, frame):
-            if os.getpid() == self.pid:
-                self.term = True
-                request_stop()
+            else:
+                self.other = True
 
         self.submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, on_usr2)
-        signal.signal(signal.SIGTERM, on_term)
+        install_stop_signals(self.stop, also=seen)
 
     def requeue_via_submitit(self) -> None:
         """Rank 0, after every rank saved: submitit's handler checkpoints + requeues + exits."""
@@ -156,15 +148,24 @@ class TrainJob(submitit.helpers.Checkpointable):
                                     f"--max-requeues {self.max_requeues}; its last checkpoint is in "
                                     f"{self.run_dir}/checkpoints (resubmit with the same --run-dir to continue)")
 
-        signals = _StopSignals()
-        signals.install()
         from avs_dist.config import load_config
-        from avs_dist.train import run
+        from avs_dist.train.loop import train
+        from avs_dist.train.session import Session
+        from avs_dist.train.stop import StopRequest, stop_file
 
+        stop = StopRequest(stop_file(self.run_dir))
+        signals = _StopSignals(stop)
+        signals.install()
         cfg = load_config(self.config, self.overrides)
-        result = run(cfg, self.run_dir, resume="auto" if done else self.resume)
+        import torch
 
-        if result.get("status") == "completed" or not (signals.usr2 or signals.term):
+        from avs_dist.launch.args import check_run
+
+        check_run(cfg, job_env.num_tasks, torch.cuda.is_available())  # the shards may have changed since submit
+        with Session.open(cfg, self.run_dir, resume="auto" if done else self.resume) as session:
+            result = session.finish(train(session, stop), stop)
+
+        if result.get("status") == "completed" or not (signals.usr2 or signals.other):
             atexit.register(_leave_after_result, job_env.paths.result_pickle)
             return result
 
@@ -172,10 +173,10 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         step = result.get("step")
         if not signals.usr2:
-            # SIGTERM alone: scancel, or Slurm preempting / killing at the time limit. Slurm
-            # decides about requeueing; leaving without a result lets `--wait` read its state.
+            # SIGTERM (or INT / HUP) alone: scancel, or Slurm preempting / killing at the time
+            # limit. Slurm decides about requeueing; leaving without a result lets `--wait` read its state.
             if rank == 0:
-                _log(f"SIGTERM: checkpoint at step {step} saved in {self.run_dir}/checkpoints; exiting")
+                _log(f"{stop.reason}: checkpoint at step {step} saved in {self.run_dir}/checkpoints; exiting")
             hard_exit(INTERRUPTED_EXIT)
         if done >= self.max_requeues:
             raise RequeueLimitError(f"job {job_env.job_id} was interrupted (SIGUSR2: preemption or time limit) "

@@ -1,0 +1,72 @@
+"""The flags every training launcher shares, and the checks a run can fail before it starts.
+
+`avs-dist train`, the rank entry and `avs-dist submit` build their parsers on `run_parser()`
+(argparse parents), so each flag is defined once, and call `check_run` before any process
+starts: a bad config, a global batch that does not split over the ranks, a setting this
+machine cannot run, or a shard missing or of the wrong size is reported at once, naming the
+key or the file, instead of after hours of training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from avs_dist.config import Config, ConfigError, global_batch, load_config
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", required=True, help="preset name (avs_dist/configs) or a .toml path")
+    p.add_argument("--shards", required=True, help="shard set written by `avs-dist pack` (sets data.shards)")
+    p.add_argument("--run-dir", required=True, help="checkpoints, logs and metrics go here")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest valid checkpoint of --run-dir, default), never, or a checkpoint folder")
+    p.add_argument("--check-sha256", action="store_true",
+                   help="before starting, also check every shard's sha256 against the manifest "
+                        "(always checked: present, and of the manifest's size)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+    return p
+
+
+def resolve_config(args) -> Config:
+    """The config of `args` (preset + overrides, --shards as data.shards), validated."""
+    return load_config(args.config, [*args.overrides, f"data.shards={json.dumps(str(args.shards))}"])
+
+
+def rank_args(args) -> list[str]:
+    """The rank entry's command line for the same run."""
+    out = ["--config", args.config, "--shards", str(args.shards), "--run-dir", str(args.run_dir),
+           "--resume", args.resume, *args.overrides]
+    return out + (["--check-sha256"] if args.check_sha256 else [])
+
+
+def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
+    """What the config cannot know by itself: whether this machine and world size can run it."""
+    if cfg.train.sync_bn and not cuda and world_size > 1:
+        raise ConfigError("train.sync_bn needs GPUs (SyncBatchNorm does not run on CPU); "
+                          "without it BN statistics are averaged across ranks for eval and checkpoints")
+    if cfg.train.strategy != "ddp" and cfg.train.precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 with DeepSpeed needs a GPU (its CPU accelerator has no fp16); "
+                          "use bf16 or fp32, or train.strategy=ddp (torch GradScaler)")
+    global_batch(cfg.data, world_size, cfg.optim.grad_accum)
+
+
+def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, shards: bool = True) -> dict:
+    """Every check of a run on `world_size` ranks before any of them starts; returns the manifest.
+
+    ConfigError for the config and the runtime, ShardError for the shard set: its manifest,
+    train videos, and every shard of the splits the run reads (train, and val / test when
+    they have videos) present with the manifest's size (and sha256 with `sha256`).
+    shards=False skips the shard set (`avs-dist submit --dry-run`)."""
+    from avs_dist.data.shards import ShardError, check_shards, read_manifest
+
+    check_runtime(cfg, world_size, cuda)
+    if not shards:
+        return {}
+    manifest = read_manifest(cfg.data.shards)
+    splits = manifest.get("splits", {})
+    if not splits.get("train", {}).get("videos"):
+        raise ShardError(f"{cfg.data.shards}: the shard set has no train videos")
+    check_shards(cfg.data.shards, [s for s in ("train", "val", "test") if splits.get(s, {}).get("videos")],
+                 sha256=sha256, manifest=manifest)
+    return manifest

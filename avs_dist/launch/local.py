@@ -1,0 +1,151 @@
+"""`avs-dist train`: check the run, then train with --nproc local ranks under torchrun.
+
+    avs-dist train --config tiny --shards DIR --run-dir DIR [--nproc N] [--max-restarts R] [k=v ...]
+
+With one process and no restarts the rank runs in this process. Otherwise this process
+starts torchrun (its own session, so a terminal's Ctrl-C reaches only us) with the rank
+entry (launch/rank.py) and supervises the run:
+
+- SIGTERM, SIGUSR2, SIGINT or SIGHUP here writes the run's stop file: every rank saves one
+  checkpoint at the next step boundary and exits; a second signal aborts (SIGTERM to torchrun).
+- torchrun signalled: it passes SIGTERM/SIGINT/SIGHUP on to the ranks (which then stop the
+  same way), or dies (SIGUSR2, SIGKILL) and the ranks, now orphans, notice within seconds
+  (launch/signals.py) and stop. This process is their child subreaper: orphaned ranks
+  become its children, and it waits for every one of them.
+- a rank signalled: all ranks agree to stop at the next step boundary.
+- this process killed (SIGKILL): the ranks notice within seconds and stop.
+
+Exit code 0 when the run completed or stopped after its checkpoint (the last line says
+which; status.json too), 1 when it failed, 2 for a bad command line, config or shard set.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from avs_dist.launch.args import check_run, rank_args, resolve_config, run_parser
+from avs_dist.launch.signals import LAUNCHER_ENV, STOP_SIGNALS
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avs-dist train", parents=[run_parser()],
+                                description="train with one or --nproc local processes (torchrun)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks (processes) to start")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts of all ranks after a failure (each resumes from the last checkpoint)")
+    return p
+
+
+def torchrun_command(nproc: int, max_restarts: int, args: list[str]) -> list[str]:
+    from avs_dist import distributed
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{distributed.free_port()}", "--monitor-interval", "0.5",
+            "-m", "avs_dist.launch.rank", *args]
+
+
+def _become_subreaper() -> bool:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux: orphaned ranks go to init; their watchdog still ends them
+        return False
+
+
+def _wait_for_orphans() -> None:
+    """Reap every remaining child: ranks (and their loader workers) whose torchrun died."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+def supervise(cmd: list[str], run_dir: Path) -> int:
+    """Run `cmd` (torchrun) to the end, turning signals into the run's stop file (module docstring)."""
+    from avs_dist.fileio import write_text_atomic
+    from avs_dist.train.stop import stop_file
+
+    _become_subreaper()
+    proc = subprocess.Popen(cmd, env={**os.environ, LAUNCHER_ENV: str(os.getpid())}, start_new_session=True)
+    seen: list[str] = []
+
+    def on_signal(signum, frame):
+        seen.append(signal.Signals(signum).name)
+        if len(seen) == 1:
+            write_text_atomic(stop_file(run_dir), f"{seen[0]} to avs-dist train (pid {os.getpid()})\n")
+            print(f"avs-dist train: {seen[0]}: every rank saves a checkpoint at the next step boundary, then "
+                  "exits (signal again to abort without one)", file=sys.stderr, flush=True)
+        else:
+            print(f"avs-dist train: {seen[-1]} again: aborting", file=sys.stderr, flush=True)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    rc = proc.wait()
+    _wait_for_orphans()
+    return _outcome(rc, run_dir)
+
+
+def _outcome(rc: int, run_dir: Path) -> int:
+    path = run_dir / "status.json"
+    status = json.loads(path.read_text()) if path.is_file() else {}
+    state = status.get("status")
+    if state == "completed":
+        print(f"avs-dist train: run completed: {status['step']} steps, results in {run_dir}", flush=True)
+        return 0
+    if state == "stopped":
+        print(f"avs-dist train: run stopped at step {status['step']}/{status['total_steps']} with a checkpoint in "
+              f"{run_dir / 'checkpoints'}; the same command resumes it", flush=True)
+        return 0
+    how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+    print(f"avs-dist train: the run failed (torchrun ended with {how}); {run_dir} keeps its last checkpoint",
+          file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from avs_dist.config import ConfigError
+    from avs_dist.data.shards import ShardError
+
+    args = _parser().parse_intermixed_args(argv)
+    if args.nproc < 1 or args.max_restarts < 0:
+        print(f"avs-dist train: --nproc must be >= 1 and --max-restarts >= 0 "
+              f"(got {args.nproc}, {args.max_restarts})", file=sys.stderr)
+        return 2
+    try:
+        import torch
+
+        cfg = resolve_config(args)
+        check_run(cfg, args.nproc, torch.cuda.is_available(), sha256=args.check_sha256)
+    except (ConfigError, ShardError) as e:
+        print(f"avs-dist train: {e}", file=sys.stderr)
+        return 2
+    from avs_dist.train.stop import stop_file
+
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop_file(run_dir).unlink(missing_ok=True)  # a request left from an earlier run is not for this one
+    (run_dir / "status.json").unlink(missing_ok=True)
+    if args.nproc == 1 and args.max_restarts == 0:
+        from avs_dist.launch.rank import main as rank_main
+
+        return rank_main(rank_args(args))  # this process is the rank
+    return supervise(torchrun_command(args.nproc, args.max_restarts, rank_args(args)), run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Checkpoints: the one place that knows their format, when to write them and which are valid.
+
+Format (FORMAT_VERSION 2)::
+
+    run_dir/checkpoints/step_00000123/
+        model.pt        {"model": fp32 state dict of the unwrapped model (BatchNorm statistics
+                        averaged over ranks), "config": config dict, "step", "epoch", "metrics"}
+        trainer.pt      {"format": 2, "world_size", "strategy": train.strategy,
+                         "train": TrainState.state_dict()      step, best val mIoU, last val, eval_pending,
+                         "data": TrainStream.state_dict()      epoch, step in epoch, global batch, seed,
+                         "strategy_state": Strategy.state_dict()   DDP: optimizer, scheduler, scaler,
+                         "ranks": [RankState.state_dict() of every rank]   RNG streams, own BN statistics}
+        ds/             DeepSpeed engine checkpoint, one shard per rank (ZeRO strategies only)
+        COMPLETE.json   {"step", "epoch", "world_size", "strategy", "files": {relative path: sha256}},
+                        written last
+    run_dir/checkpoints/best/   model.pt + COMPLETE.json of the best val mIoU so far
+    run_dir/checkpoints/.tmp-*  a folder being written (deleted at the next start)
+
+A checkpoint folder is valid iff COMPLETE.json is readable, lists model.pt, and every file
+it lists is there with that sha256 (`verify`): `--resume auto` (`latest_valid`) and
+`avs-dist eval` (`model_file`) both use this rule. A folder is written under a temporary
+name and renamed into place once complete, so a crash leaves either the whole checkpoint
+or a temp folder.
+
+The world size does not bind a checkpoint: the data position is counted in global batches
+(data/loader.py), DDP's optimizer state is replicated, and a ZeRO checkpoint of another world
+size is loaded through DeepSpeed's universal format (train/strategy.py). RNG streams and
+per-rank BN statistics then restart as train/state.py describes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from avs_dist import distributed
+from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
+
+FORMAT_VERSION = 2
+
+
+COMPLETE = "COMPLETE.json"
+STEP_RE = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = ".tmp-"
+
+
+def ckpt_root(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def temp_path(run_dir, name: str) -> Path:
+    return ckpt_root(run_dir) / f"{TMP_PREFIX}{name}"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def write_complete(folder: Path, meta: dict) -> None:
+    """Hash every file in `folder` (recursively) into COMPLETE.json, written last and fsynced."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _files(folder)}
+    record = {**meta, "files": files, "time": time.time()}
+    write_text_atomic(folder / COMPLETE, json.dumps(record, indent=1))
+
+
+def verify(folder: Path) -> str | None:
+    """None when `folder` is a complete, intact checkpoint, else why not."""
+    folder = Path(folder)
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        return f"{marker.name} missing (interrupted write)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"{marker.name} unreadable: {e}"
+    if "model.pt" not in files:
+        return "model.pt not listed in COMPLETE.json"
+    for rel, digest in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} missing"
+        if sha256_file(path) != digest:
+            return f"{rel} sha256 mismatch (corrupt)"
+    return None
+
+
+def finalize(tmp: Path, final: Path) -> None:
+    """Move a completed temp folder into place; an existing `final` is replaced."""
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def remove_temps(run_dir) -> list[Path]:
+    """Delete temp folders left by a crashed writer (call on rank 0 before any rank writes)."""
+    root = ckpt_root(run_dir)
+    gone = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
+def step_folders(root) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_* folder directly in `root`, oldest first; validity is not checked."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint of a run, oldest first; validity is not checked."""
+    return step_folders(ckpt_root(run_dir))
+
+
+def latest_valid(run_dir, warn=print) -> Path | None:
+    """Newest checkpoint that verifies; corrupt or incomplete ones are passed over with a warning."""
+    for step, path in reversed(list_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def resolve_resume(run_dir, resume: str, warn=print) -> Path | None:
+    """'auto': newest valid checkpoint of run_dir (None for a fresh run); 'never': None;
+    otherwise a checkpoint folder (or its model.pt) that must verify."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_valid(run_dir, warn)
+    path = Path(resume)
+    if path.is_file() and path.name == "model.pt":
+        path = path.parent
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+    problem = verify(path)
+    if problem is not None:
+        raise ValueError(f"--resume {resume}: {problem}")
+    return path
+
+
+def prune(run_dir, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` step_* folders (best/ is separate and never pruned)."""
+    ckpts = list_checkpoints(run_dir)
+    gone = []
+    for _, path in ckpts[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path)
+    return gone
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save + fsync, so COMPLETE.json never vouches for data still in the page cache."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_torch(path: Path, map_location="cpu"):
+    # Our own files: they hold numpy RNG states and config dicts, not just tensors.
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def write_model_folder(folder: Path, model_state: dict, config: dict, step: int, epoch: int,
+                       metrics: dict | None = None) -> None:
+    """model.pt of the format above."""
+    save_torch({"model": model_state, "config": config, "step": step, "epoch": epoch,
+                "metrics": metrics or {}}, folder / "model.pt")
+
+
+def save_best(run_dir, model_state: dict, config: dict, step: int, epoch: int, metrics: dict) -> Path:
+    """Replace checkpoints/best/ with this model (rank 0 only)."""
+    root = ckpt_root(run_dir)
+    tmp = temp_path(run_dir, "best")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_model_folder(tmp, model_state, config, step, epoch, metrics)
+    write_complete(tmp, {"step": step, "epoch": epoch, "kind": "best"})
+    final = root / "best"
+    finalize(tmp, final)
+    return final
+
+
+def read_complete(folder: Path) -> dict:
+    """The COMPLETE.json record of a (verified) checkpoint folder."""
+    return json.loads((Path(folder) / COMPLETE).read_text())
+
+
+def model_file(path) -> Path:
+    """The model.pt to evaluate for `path`: a file as it is; a valid checkpoint folder's model.pt;
+    for a run or checkpoints/ folder, best/ if valid, else the newest valid step_*/.
+
+    Raises FileNotFoundError when there is none, ValueError for an invalid folder named directly."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "model.pt").is_file() or (path / COMPLETE).is_file():
+        problem = verify(path)
+        if problem is not None:
+            raise ValueError(f"{path}: not a valid checkpoint ({problem}); pass {path / 'model.pt'} itself "
+                             "to evaluate that file anyway")
+        return path / "model.pt"
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    for folder in [root / "best", *(p for _, p in reversed(step_folders(root)))]:
+        if folder.is_dir() and verify(folder) is None:
+            return folder / "model.pt"
+    raise FileNotFoundError(f"{path}: no model.pt here, and no valid best/ or step_*/ checkpoint below it")
+
+
+def find_resume(run_dir, resume: str, d, warn) -> tuple[Path, dict] | None:
+    """`resolve_resume` on rank 0, the answer on every rank: (folder, its COMPLETE.json) or None."""
+    found = resolve_resume(run_dir, resume, warn) if d.is_main else None
+    found = distributed.broadcast_object(d, None if found is None else str(found))
+    return None if found is None else (Path(found), read_complete(found))
+
+
+def restore(folder: Path, strategy, states: dict, rank_state, d, warn) -> dict:
+    """Load checkpoint `folder` into the components (all ranks); returns its trainer.pt.
+
+    ValueError when the folder is not of this format or was written by another strategy."""
+    trainer = load_torch(folder / "trainer.pt")
+    if not isinstance(trainer, dict) or trainer.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: written by an older avs-dist (trainer.pt format {trainer.get('format')!r}, "
+                         f"expected {FORMAT_VERSION}); it cannot be resumed, but model.init_from={folder} "
+                         "starts a new run from its weights")
+    if trainer["strategy"].startswith("zero") != strategy.__class__.__name__.startswith("Zero"):
+        raise ValueError(f"{folder}: written with train.strategy={trainer['strategy']}; resume it with that "
+                         "strategy (DDP and ZeRO checkpoints are not interchangeable)")
+    strategy.load_state_dict(trainer["strategy_state"], load_torch(folder / "model.pt")["model"])
+    strategy.load_shards(folder, trainer["world_size"])
+    for name, component in states.items():
+        component.load_state_dict(trainer[name])
+    if trainer["world_size"] == d.world_size:
+        rank_state.load_state_dict(trainer["ranks"][d.rank])
+    else:
+        rank_state.reseed(trainer["train"]["step"])
+        warn(f"{folder} was written by {trainer['world_size']} ranks, this run has {d.world_size}: same data "
+             "order from here on; RNG streams reseeded and every rank starts from the rank-averaged BatchNorm "
+             "statistics (the run continues, but not bit-identically)")
+    return trainer
+
+
+class Checkpointer:
+    """Decides when to checkpoint and writes the folders of the format above.
+
+    `states`: the Stateful components whose state_dict goes into trainer.pt (same on every
+    rank: "train", "data"); `rank_state`: gathered from every rank; `strategy`: the model
+    weights, its own state and per-rank shards. Every method is called on every rank."""
+
+    def __init__(self, run_dir, d, cfg, strategy, states: dict, rank_state, log):
+        self.run_dir, self.d, self.cfg, self.strategy = Path(run_dir), d, cfg, strategy
+        self.states, self.rank_state, self.log = states, rank_state, log
+        self.every, self.keep_last = cfg.train.ckpt_every_steps, cfg.train.keep_last
+
+    def due(self, step: int, total_steps: int, stopping: bool) -> bool:
+        return stopping or step == total_steps or step % self.every == 0
+
+    def save(self, step: int, epoch: int, metrics: dict) -> Path:
+        """checkpoints/step_<step>/; rank 0 renames the finished folder into place."""
+        from avs_dist.config import to_dict
+
+        d = self.d
+        name = step_name(step)
+        tmp, final = temp_path(self.run_dir, name), ckpt_root(self.run_dir) / name
+        with distributed.averaged_buffers(self.strategy.module, d):
+            model_state = self.strategy.model_state_dict()
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier(d)
+        self.strategy.save_shards(tmp)
+        ranks = distributed.gather_objects(d, self.rank_state.state_dict())
+        if d.is_main:
+            write_model_folder(tmp, model_state, to_dict(self.cfg), step, epoch, metrics)
+            save_torch({"format": FORMAT_VERSION, "world_size": d.world_size, "strategy": self.cfg.train.strategy,
+                        **{k: s.state_dict() for k, s in self.states.items()},
+                        "strategy_state": self.strategy.state_dict(), "ranks": ranks}, tmp / "trainer.pt")
+        distributed.barrier(d)  # every rank's shards are on disk
+        if d.is_main:
+            write_complete(tmp, {"step": step, "epoch": epoch, "world_size": d.world_size,
+                                 "strategy": self.cfg.train.strategy})
+            finalize(tmp, final)
+            prune(self.run_dir, self.keep_last)
+            self.log.info(f"checkpoint {final}")
+        distributed.barrier(d)
+        return final
+
+    def save_best(self, step: int, epoch: int, metrics: dict) -> None:
+        """checkpoints/best/ with the current weights (a collective under ZeRO)."""
+        from avs_dist.config import to_dict
+
+        state = self.strategy.model_state_dict()
+        if self.d.is_main:
+            path = save_best(self.run_dir, state, to_dict(self.cfg), step, epoch, metrics)
+            self.log.info(f"best val mIoU {metrics['val'].get('miou'):.4f} at step {step}: {path}")
+        distributed.barrier(self.d)

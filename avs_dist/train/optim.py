@@ -1,0 +1,47 @@
+"""Optimizer and learning-rate schedule (both Stateful through torch's own state_dict)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from avs_dist.config import Config
+
+
+def lr_multiplier(cfg: Config, total_steps: int):
+    """LambdaLR factor for the step taken after `s` optimizer steps: linear warm-up to 1,
+    then constant or cosine down to optim.min_lr_ratio at the last step."""
+    o = cfg.optim
+
+    def factor(s: int) -> float:
+        if s < o.warmup_steps:
+            return (s + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - o.warmup_steps - 1)
+        progress = min(1.0, (s - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Adam / AdamW over the trainable parameters only (the frozen VGGish gets no state), in
+    two groups: group 0 all but the TPAVI blocks at optim.lr, group 1 the TPAVI blocks at
+    optim.lr x optim.tpavi_lr_mult (left out when it has no parameters)."""
+    o = cfg.optim
+    groups: dict[bool, list] = {False: [], True: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[".tpavi_b" in f".{name}"].append(p)
+    param_groups = [{"params": groups[False], "lr": o.lr}]
+    if groups[True]:
+        param_groups.append({"params": groups[True], "lr": o.lr * o.tpavi_lr_mult})
+    opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return opt_cls(param_groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """LambdaLR(lr_multiplier): the lr of step s (0-based) is optim.lr x factor(s)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))

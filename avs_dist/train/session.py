@@ -1,0 +1,161 @@
+"""Session: the components of one rank's training run, built, wired and resumed in one place.
+
+    with Session.open(cfg, run_dir, resume="auto") as s:   # process group, components, resume
+        result = s.finish(train(s, stop), stop)             # final test eval, status files
+
+`open` joins the process group (distributed.setup) and `close` leaves it. Files of the run
+directory: config.json / config.toml (the resolved config), pids/rank<r>.pid,
+metrics.jsonl, eval.jsonl, tb/, checkpoints/ (train/checkpoint.py), final_metrics.json
+(completed runs), status.json ({"status": "completed" | "stopped", "step", "total_steps",
+"time"}, written last by rank 0).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from avs_dist import distributed
+from avs_dist.config import Config, save_config, to_dict
+from avs_dist.data.layout import FRAMES_PER_VIDEO
+from avs_dist.data.loader import TrainStream
+from avs_dist.fileio import write_json
+from avs_dist.precision import resolve_precision
+from avs_dist.train import checkpoint as ckpt
+from avs_dist.train.logger import RunLogger
+from avs_dist.train.optim import build_optimizer, build_scheduler
+from avs_dist.train.state import RankState, TrainState, seed_everything
+from avs_dist.train.strategy import build_strategy
+from avs_dist.train.validate import Validator
+
+
+def build_model_for_training(cfg: Config, d) -> nn.Module:
+    """The model on this rank's device with the same initial weights on every rank."""
+    from avs_dist.models import build_model, to_channels_last
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    if cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(d.device)
+    if d.device.type == "cuda" and cfg.model.channels_last:
+        to_channels_last(model)  # Conv2d weights only: TPAVI's 5-d Conv3d weights cannot be
+    return model
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, d) -> None:
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.remove_temps(run_dir)
+        if removed:
+            print(f"removed unfinished checkpoint folders: {[str(p) for p in removed]}", flush=True)
+        save_config(cfg, run_dir / "config.json")
+    distributed.barrier(d)
+    (run_dir / "pids").mkdir(exist_ok=True)
+    (run_dir / "pids" / f"rank{d.rank}.pid").write_text(f"{os.getpid()}\n")
+
+
+def _flat_final(result: dict) -> dict:
+    out = {f"{split}/{k}": v for split in ("val", "test") for k, v in (result.get(split) or {}).items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if result.get("best_val_miou") is not None:
+        out["best_val_miou"] = result["best_val_miou"]
+    return out
+
+
+@dataclass
+class Session:
+    cfg: Config
+    d: distributed.Dist
+    run_dir: Path
+    precision: str
+    total_steps: int
+    state: TrainState
+    data: TrainStream
+    strategy: object
+    checkpointer: ckpt.Checkpointer
+    validator: Validator
+    log: RunLogger
+
+    @classmethod
+    def open(cls, cfg: Config, run_dir, resume: str = "auto") -> Session:
+        """This process as one rank of the job the environment describes (RANK, WORLD_SIZE, ...
+        as torchrun sets them; a world of one without them). `resume`: "auto" (the newest valid
+        checkpoint of run_dir, if any), "never", or a checkpoint folder."""
+        d = distributed.setup(cfg.train.strategy)
+        try:
+            return cls._build(cfg, Path(run_dir), d, resume)
+        except BaseException:
+            distributed.teardown()
+            raise
+
+    @classmethod
+    def _build(cls, cfg: Config, run_dir: Path, d, resume: str) -> Session:
+        _prepare_run_dir(run_dir, cfg, d)
+
+        def early_warn(msg):  # before the logger exists (it needs the resumed step)
+            print(f"[rank {d.rank}] WARNING: {msg}" if d.rank else f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+        found = ckpt.find_resume(run_dir, resume, d, early_warn)
+        precision = resolve_precision(cfg.train.precision, d.device)
+        data = TrainStream(cfg.data.shards, cfg.data, d.rank, d.world_size, cfg.train.seed, cfg.optim.grad_accum,
+                           device=d.device, crops=cfg.model.crop_branch)
+        total = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch
+        model = build_model_for_training(cfg, d)
+        optimizer = build_optimizer(model, cfg)
+        strategy = build_strategy(model, optimizer, build_scheduler(optimizer, cfg, total), cfg, d, precision,
+                                  resume_world_size=found[1]["world_size"] if found else None)
+        seed_everything(cfg.train.seed + d.rank)  # per-rank streams (augmentation is the loader's, seeded apart)
+        state, rank_state = TrainState(), RankState(strategy.module, d.rank, cfg.train.seed)
+        states = {"train": state, "data": data}
+        if found:
+            ckpt.restore(found[0], strategy, states, rank_state, d, early_warn)
+        log = RunLogger(run_dir, to_dict(cfg), d.rank, total, data.steps_per_epoch, start_step=state.step,
+                        frames_per_step=data.global_batch * FRAMES_PER_VIDEO)
+        if found:
+            log.info(f"resumed from {found[0]} (step {state.step}, epoch {data.epoch}, "
+                     f"step {data.step_in_epoch} of the epoch)")
+        log.info(f"rank 0 of {d.world_size} on {d.device} ({d.backend}), strategy {cfg.train.strategy}, "
+                 f"precision {precision}, global batch {data.global_batch} videos ({data.micro_batch} per rank x "
+                 f"grad_accum {cfg.optim.grad_accum}), {data.steps_per_epoch} steps/epoch, {total} steps")
+        checkpointer = ckpt.Checkpointer(run_dir, d, cfg, strategy, states, rank_state, log)
+        validator = Validator(cfg, d, strategy, checkpointer, log, data.manifest.get("splits", {}))
+        return cls(cfg, d, run_dir, precision, total, state, data, strategy, checkpointer, validator, log)
+
+    def finish(self, status: str, stop=None) -> dict:
+        """The run's result on every rank; after a completed run, the final test evaluation.
+        Rank 0 writes final_metrics.json (completed) and status.json, and removes the stop file
+        of the stop it honoured."""
+        state, d = self.state, self.d
+        result = {"status": status, "step": state.step, "epoch": self.data.last_epoch,
+                  "total_steps": self.total_steps, "world_size": d.world_size, "strategy": self.cfg.train.strategy,
+                  "precision": self.precision, "global_batch_videos": self.data.global_batch,
+                  "best_val_miou": state.best, "val": state.last_val}
+        if status == "completed":
+            result.update(self.validator.final(state.step))
+            self.log.finish(_flat_final(result), to_dict(self.cfg))
+        if d.is_main:
+            if status == "completed":
+                write_json(self.run_dir / "final_metrics.json", result)
+            elif stop is not None:
+                stop.consume()
+            write_json(self.run_dir / "status.json", {"status": status, "step": state.step,
+                                                      "total_steps": self.total_steps, "time": time.time()})
+        distributed.barrier(d)
+        return result
+
+    def close(self) -> None:
+        self.log.close()
+        self.data.close()
+        distributed.teardown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
