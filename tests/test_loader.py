@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from avs_dist.config import DataConfig
+from avs_dist.data.masks import mask_targets
 from avs_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, eval_loader, steps_per_epoch, train_loader
 from avs_dist.data.shards import iter_videos, read_manifest
 
@@ -122,7 +123,7 @@ def test_flip_is_consistent(s4_shards):
                     unflipped += 1
                 np.testing.assert_array_equal(_uint8(b["frames"][i]), frames)
                 np.testing.assert_array_equal(_uint8(b["crops"][i]), crops)
-                np.testing.assert_array_equal(b["masks"][i, 0].numpy(), mask.astype(np.float32))
+                np.testing.assert_array_equal(b["masks"][i, 0].numpy(), mask_targets(mask))
     assert flipped and unflipped
     cfg.hflip = False
     assert not any(b["hflip"].any() for batches in _epoch(s4_shards, cfg) for b in batches)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from avs_dist.data.classes import class_index
 from avs_dist.data.layout import read_subset
+from avs_dist.data.masks import mask_targets
 from avs_dist.data.shards import ShardError, iter_videos, read_manifest, verify_shards
 
 
@@ -18,9 +19,12 @@ def _png_rgb(path):
         return np.asarray(im.convert("RGB"))
 
 
-def _png_mask(path):
+def _reference_target(path, subset):
+    """The AVSBench loader's mask target: PIL convert('1') (S4) / convert('P') (MS3), then ToTensor."""
+    from torchvision.transforms import ToTensor
+
     with Image.open(path) as im:
-        return (np.asarray(im) != 0).astype(np.uint8)
+        return ToTensor()(im.convert("1" if subset == "s4" else "P"))[0].numpy()
 
 
 def _pkl(path):
@@ -41,8 +45,9 @@ def test_round_trip_bit_identical(subset, synth_root, request):
             assert v["category"] == r.category and v["label"] == class_index(r.category)
             assert v["frames"].dtype == np.uint8 and v["frames"].shape == (5, 64, 64, 3)
             np.testing.assert_array_equal(v["frames"], np.stack([_png_rgb(p) for p in r.frame_paths]))
-            assert v["masks"].dtype == np.uint8 and set(np.unique(v["masks"])) <= {0, 1}
-            np.testing.assert_array_equal(v["masks"], np.stack([_png_mask(p) for p in r.mask_paths]))
+            assert v["masks"].dtype == np.uint8 and set(np.unique(v["masks"])) <= {0, 255}  # synth: clean
+            np.testing.assert_array_equal(mask_targets(v["masks"]),
+                                          np.stack([_reference_target(p, subset) for p in r.mask_paths]))
             assert v["mask_frames"].tolist() == r.mask_frames
             assert v["mask_frames"].dtype == np.int64
             assert v["audio"].dtype == np.float32 and v["audio"].shape == (5, 96, 64)
@@ -105,3 +110,4 @@ def test_inspect_ok_and_png(s4_shards, tmp_path, capsys):
     assert "sha256 OK" in text and "train" in text
     with Image.open(out) as im:
         assert im.size == (5 * 64, 3 * 64)
+

@@ -2,19 +2,27 @@
 
 ``manifest.json`` (written last; its absence means the pack did not complete)::
 
-    format "avs-dist-shards", schema_version 1, subset "s4" | "ms3", created,
+    format "avs-dist-shards", schema_version 2, subset "s4" | "ms3", created,
     classes        the 23 S4 classes in reference order (label = position)
     options        packing options (image_format, jpeg_quality, crop_size, shard_videos,
                    boxes, skip_bad, data_root)
     splits         {split: {"videos": n, "shards": k}}
     shards         [{"file", "split", "videos", "keys", "sha256", "bytes"}] in split, CSV order
     skipped        [{"name", "split", "row", "problems": ["path: reason", ...]}]
+    masks_not_clean  {"count": n, "of": masks packed, "files": [{"file", "pixels", "values"}]}:
+                   masks that are not clean 0 / 255 (data/masks.py), in shard order
+
+Schema 2 stores each mask as the reference's target times 255; schema 1 stored 0/1 masks
+made by "any non-zero pixel is foreground", which is not the reference's rule: such a set
+is refused with a request to re-pack.
 
 ``iter_videos(shard_dir, split)`` yields one dict per video, in CSV order:
 
     frames       uint8 [5,H,W,3]     the 5 frames, RGB, bit-identical to the source PNGs
     crops        uint8 [5,c,c,3]     sounding-object crops (box -> crop -> bilinear resize)
-    masks        uint8 [M,H,W] 0/1   ground-truth masks (S4 train: M=1, else 5)
+    masks        uint8 [M,H,W]       ground-truth masks (S4 train: M=1, else 5) as stored:
+                                     the reference's float target is v / 255 (S4 0 / 255,
+                                     MS3 the palette index; masks.mask_targets computes it)
     mask_frames  int64 [M]           0-based frame index of each mask
     audio        float32 [5,96,64]   VGGish log-mel (equal to the .pkl in float32)
     name, category (str or None for MS3), label (int, -1 for MS3), split,
@@ -36,7 +44,7 @@ from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
 from avs_dist.fileio import sha256_file
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ShardError(RuntimeError):
@@ -53,6 +61,10 @@ def read_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format") == "avs-dist-shards" and manifest.get("schema_version") == 1:
+        raise ShardError(f"{path}: schema 1, packed by an older avs-dist whose masks are 0/1 by \"any non-zero "
+                         f"pixel is foreground\", not the reference's PIL conversion; re-pack it "
+                         f"(avs-dist pack --overwrite --out {shard_dir})")
     if manifest.get("format") != "avs-dist-shards" or manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{path}: format {manifest.get('format')!r} schema {manifest.get('schema_version')!r}, "
                          f"expected 'avs-dist-shards' schema {SCHEMA_VERSION}")
