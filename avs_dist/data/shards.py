@@ -79,6 +79,58 @@ def split_shards(shard_dir: str | Path, split: str, manifest: dict | None = None
     return [dict(e, path=str(Path(shard_dir) / e["file"])) for e in manifest["shards"] if e["split"] == split]
 
 
+def _shard_problem(path: Path, entry: dict, sha256: bool) -> str | None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path}: missing"
+    except OSError as e:
+        return f"{path}: unreadable ({e.strerror})"
+    if not path.is_file():
+        return f"{path}: not a regular file"
+    if size != entry["bytes"]:
+        what = "truncated: " if size < entry["bytes"] else ""
+        return f"{path}: {what}{size} bytes, manifest says {entry['bytes']}"
+    if sha256:
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            return f"{path}: unreadable ({e.strerror})"
+        if digest != entry["sha256"]:
+            return f"{path}: sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}..."
+    return None
+
+
+def shard_problems(shard_dir: str | Path, splits=SPLITS, sha256: bool = False,
+                   manifest: dict | None = None) -> tuple[int, list[str]]:
+    """(shards checked, ["path: reason", ...]) for the shards of `splits` against the manifest:
+    presence and size, and with `sha256` the full checksum (reads every byte)."""
+    shard_dir = Path(shard_dir)
+    manifest = manifest or read_manifest(shard_dir)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ShardError(f"unknown split {unknown[0]!r} (one of {', '.join(SPLITS)})")
+    entries = [e for e in manifest["shards"] if e["split"] in splits]
+    problems = [p for e in entries if (p := _shard_problem(shard_dir / e["file"], e, sha256)) is not None]
+    return len(entries), problems
+
+
+def check_shards(shard_dir: str | Path, splits=SPLITS, sha256: bool = False) -> int:
+    """Check, before a run starts, every shard of `splits` that it will read: present and of
+    the manifest's size (cheap: one stat per shard), and with `sha256=True` also the full
+    checksum (reads every byte; ``avs-dist inspect`` always does it).
+
+    Returns the number of shards checked. Raises ShardError naming every bad file and why
+    (missing, truncated / wrong size, sha256 mismatch), or the manifest's problem."""
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    checked, problems = shard_problems(shard_dir, splits, sha256)
+    if problems:
+        what = "size and sha256" if sha256 else "presence and size"
+        raise ShardError(f"{len(problems)} of the {checked} {'/'.join(splits)} shards in {shard_dir} do not match "
+                         f"{MANIFEST} ({what} checked); re-pack or restore them:\n  " + "\n  ".join(problems))
+    return checked
+
+
 def verify_shards(shard_dir: str | Path) -> dict:
     """Check every shard against the manifest (presence, size, sha256).
 
@@ -87,22 +139,10 @@ def verify_shards(shard_dir: str | Path) -> dict:
     """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
-    problems = []
-    for e in manifest["shards"]:
-        path = shard_dir / e["file"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != e["bytes"]:
-            problems.append(f"{path}: {size} bytes, manifest says {e['bytes']}")
-            continue
-        digest = sha256_file(path)
-        if digest != e["sha256"]:
-            problems.append(f"{path}: sha256 {digest[:16]}..., manifest says {e['sha256'][:16]}...")
+    checked, problems = shard_problems(shard_dir, SPLITS, True, manifest)
     listed = {e["file"] for e in manifest["shards"]}
     extra = sorted(p.name for p in shard_dir.glob("*.tar*") if p.name not in listed)
-    return {"ok": not problems, "checked": len(manifest["shards"]), "problems": problems, "extra": extra}
+    return {"ok": not problems, "checked": checked, "problems": problems, "extra": extra}
 
 
 # ----------------------------------------------------------------------------- decoding
