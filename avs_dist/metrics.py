@@ -1,22 +1,27 @@
 """AVSBench-exact mIoU / F-measure, their batch-size-free versions, and a streaming evaluator.
 
-The reference (AVSBench `utility.py`) computes, for one test batch of N frames [N,H,W]:
+The reference (AVSBench `utility.py`) computes, for one test batch of N frames [N,H,W]
+with float targets G (0/1 for clean masks; MS3 targets are palette index / 255, so a mask
+that is not clean 0/255 gives values in between, see data/masks.py):
 
-* ``mask_iou``: P = sigmoid(logit) > 0.5 (strict), G = mask. Per frame
-  IoU = |P & G| / (|P | G| + 1e-7); when G is empty, IoU = |~P & ~G| / (H*W) (the share of
-  pixels that are background in both). The batch value is the mean over its N frames.
+* ``mask_iou``: P = (sigmoid(logit) > 0.5) (strict) as 0/1. Per frame
+  IoU = sum(P * G) / (sum(max(P, G)) + 1e-7); when sum(G) == 0, IoU =
+  sum((1 - G) * (1 - P)) / (H*W) (the share of pixels that are background in both). The
+  batch value is the mean over its N frames.
 * ``Eval_Fmeasure``: p = sigmoid(logit); thresholds t_i = linspace(0, 1 - 1e-10, 255) in
   float32 (so the last one is exactly 1.0); a pixel is predicted at t_i when p >= t_i.
-  Per frame: precision = TP / (#pred + 1e-20), recall = TP / (#gt + 1e-20),
-  F = 1.3 P R / (0.3 P + R), NaN -> 0. Frames with an empty GT are skipped; the F curves
-  of the remaining frames are averaged and the batch contributes the max over thresholds
-  (0 when every frame of the batch is empty).
+  Per frame: TP = sum(G over the predicted pixels), precision = TP / (#pred + 1e-20),
+  recall = TP / (sum(G) + 1e-20), F = 1.3 P R / (0.3 P + R), NaN -> 0. Frames with
+  mean(G) == 0 are skipped; the F curves of the remaining frames are averaged and the batch
+  contributes the max over thresholds (0 when every frame of the batch is empty).
 * The reported figure is the unweighted mean of the per-batch values, so both depend on
   the test batch size (AVSBench: 4 videos = 20 frames).
 
-Everything here is computed from per-frame integer statistics (intersection, union,
-background agreement, #gt, and per-threshold TP / #pred from one 256-bin histogram of the
-sigmoid values), so frames can be evaluated anywhere, gathered across ranks, and regrouped
+Everything here is computed from per-frame statistics (intersection, union, background
+agreement, sum(G), and per-threshold TP / #pred from 256-bin histograms of the sigmoid
+values): G-weighted sums in float64, which are exact for 0/1 and v/255 targets (so the
+order of summation, across pixels, ranks or batches, never changes a bit), and pixel counts
+in int64. So frames can be evaluated anywhere, gathered across ranks, and regrouped
 into any batch size afterwards. The batch-size-free figures are
 
 * ``miou``: mean over all evaluated frames of the per-frame IoU (same empty-GT rule);
@@ -53,44 +58,52 @@ def _as_frames(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def frame_stats(logits: torch.Tensor, masks: torch.Tensor, curves: bool = True) -> dict:
-    """Per-frame integer statistics of a batch; stays on the input's device (no host sync).
+    """Per-frame statistics of a batch; stays on the input's device (no host sync).
 
-    Returns int64 tensors: ``inter``, ``union``, ``bg`` (background in both), ``gt`` (#gt
-    pixels), each [N]; ``npix`` [N]; with ``curves``, ``tp`` and ``pred`` [N,255]: TP and
-    #predicted pixels at each F threshold.
+    `masks`: float targets in [0, 1] (any real dtype). Returns, each [N]: float64 ``inter``
+    sum(P*G), ``union`` sum(max(P, G)), ``bg`` sum((1-G)(1-P)), ``gt`` sum(G); int64 ``npix``;
+    with ``curves``, [N,255]: float64 ``tp`` (sum of G over the pixels predicted at each F
+    threshold) and int64 ``pred`` (#predicted pixels).
     """
     logits, masks = _as_frames(logits, masks)
     n, h, w = logits.shape
     prob = torch.sigmoid(logits.float())  # the reference thresholds float32 sigmoids
-    gt = masks > 0.5
+    # float64: the products and sums of 0/1 and v/255 float32 targets are exact in it.
+    gt = masks.to(torch.float64)
     pred = prob > 0.5
     stats = {
-        "inter": (pred & gt).sum((1, 2)),
-        "union": (pred | gt).sum((1, 2)),
-        "bg": (~pred & ~gt).sum((1, 2)),
+        "inter": torch.where(pred, gt, 0.0).sum((1, 2)),
+        "union": torch.where(pred, 1.0, gt).sum((1, 2)),  # max(P, G) for G in [0, 1]
+        "bg": torch.where(pred, 0.0, 1.0 - gt).sum((1, 2)),
         "gt": gt.sum((1, 2)),
         "npix": torch.full((n,), h * w, dtype=torch.int64, device=logits.device),
     }
     if curves:
-        # bin k = number of thresholds t with t <= p, so the pixel is predicted at t_i iff i < k.
-        bins = torch.bucketize(prob.reshape(n, -1), f_thresholds(prob.device), right=True)
-        nb = NUM_THRESHOLDS + 1
-        frame = torch.arange(n, device=prob.device).unsqueeze(1) * nb
-        # Non-GT pixels go to a second block of n*nb bins; scatter_add_ (unlike CUDA bincount)
-        # never reads a size back to the host.
-        key = bins + frame + (~gt).reshape(n, -1).long() * (n * nb)
-        hist = torch.zeros(2 * n * nb, dtype=torch.int64, device=prob.device)
-        hist.scatter_add_(0, key.reshape(-1), torch.ones_like(key).reshape(-1))
-        hist = hist.view(2, n, nb)
-        # count at threshold i = pixels in bins i+1..255: a reversed cumulative sum.
-        above = hist[:, :, 1:].flip(-1).cumsum(-1).flip(-1)
-        stats["tp"] = above[0]
-        stats["pred"] = above[0] + above[1]
+        stats["tp"], stats["pred"] = _threshold_sums(prob.reshape(n, -1), gt.reshape(n, -1))
     return stats
 
 
+def _threshold_sums(prob: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """prob, gt [N, P] -> (sum of gt, count) over the pixels with p >= t_i, each [N, 255]."""
+    n = prob.shape[0]
+    # bin k = number of thresholds t with t <= p, so the pixel is predicted at t_i iff i < k.
+    bins = torch.bucketize(prob, f_thresholds(prob.device), right=True)
+    nb = NUM_THRESHOLDS + 1
+    key = (bins + torch.arange(n, device=prob.device).unsqueeze(1) * nb).reshape(-1)
+    # scatter_add_ (unlike CUDA bincount) never reads a size back to the host.
+    count = torch.zeros(n * nb, dtype=torch.int64, device=prob.device)
+    count.scatter_add_(0, key, torch.ones_like(key))
+    weight = torch.zeros(n * nb, dtype=torch.float64, device=prob.device)
+    weight.scatter_add_(0, key, gt.reshape(-1))
+
+    def above(hist):  # value at threshold i = bins i+1..255: a reversed cumulative sum
+        return hist.view(n, nb)[:, 1:].flip(-1).cumsum(-1).flip(-1)
+
+    return above(weight), above(count)
+
+
 def iou_from_stats(stats: dict) -> torch.Tensor:
-    """Per-frame IoU (float64) with the reference's empty-GT rule."""
+    """Per-frame IoU (float64) with the reference's empty-GT rule (sum(G) == 0)."""
     inter, union = stats["inter"].double(), stats["union"].double()
     empty = stats["gt"] == 0
     inter = torch.where(empty, stats["bg"].double(), inter)
@@ -109,7 +122,7 @@ def fcurve_from_stats(stats: dict) -> torch.Tensor:
 
 
 def batch_fscore(curves: torch.Tensor, gt_pixels: torch.Tensor) -> torch.Tensor:
-    """Eval_Fmeasure of one batch from its frame curves: empty-GT frames skipped, max of mean."""
+    """Eval_Fmeasure of one batch from its frame curves: frames with sum(G) == 0 skipped, max of mean."""
     keep = (gt_pixels > 0).to(curves.dtype).unsqueeze(-1)
     kept = keep.sum()
     mean = (curves * keep).sum(0) / kept.clamp(min=1)
@@ -117,13 +130,13 @@ def batch_fscore(curves: torch.Tensor, gt_pixels: torch.Tensor) -> torch.Tensor:
 
 
 def avsbench_miou(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The reference ``mask_iou`` of one batch [N,H,W] (logits before sigmoid, masks 0/1)."""
+    """The reference ``mask_iou`` of one batch [N,H,W] (logits before sigmoid, float targets in [0, 1])."""
     stats = frame_stats(logits, masks, curves=False)
     return iou_from_stats(stats).mean().float()
 
 
 def avsbench_fscore(logits: torch.Tensor, masks: torch.Tensor) -> float:
-    """The reference ``Eval_Fmeasure`` of one batch [N,H,W] (logits before sigmoid, masks 0/1)."""
+    """The reference ``Eval_Fmeasure`` of one batch [N,H,W] (logits before sigmoid, float targets in [0, 1])."""
     stats = frame_stats(logits, masks, curves=True)
     return float(batch_fscore(fcurve_from_stats(stats), stats["gt"]))
 
@@ -166,9 +179,10 @@ class StreamingEvaluator:
         """This rank's statistics as CPU tensors: per video [V,...] with ``index`` [V]."""
         if not self._chunks:
             t = self.frames_per_video
-            out = {k: torch.zeros(0, t, dtype=torch.int64) for k in _PER_FRAME[:5]}
+            out = {k: torch.zeros(0, t, dtype=torch.float64) for k in ("inter", "union", "bg", "gt")}
+            out["npix"] = torch.zeros(0, t, dtype=torch.int64)
             if self.curves:
-                out.update(tp=torch.zeros(0, t, NUM_THRESHOLDS, dtype=torch.int64),
+                out.update(tp=torch.zeros(0, t, NUM_THRESHOLDS, dtype=torch.float64),
                            pred=torch.zeros(0, t, NUM_THRESHOLDS, dtype=torch.int64))
             out.update(valid=torch.zeros(0, t, dtype=torch.bool), index=torch.zeros(0, dtype=torch.int64))
             return out

@@ -171,3 +171,27 @@ def test_xml_errors_propagate_with_path(tmp_path):
     assert src[0] == "mask"
     with pytest.raises(BoxError, match="frame 1 is 10x10"):
         boxes_for_video(rec, (H, W), {0: np.ones((10, 10))}, None)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_xml_with_bom_crlf_and_float_corners(tmp_path, encoding):
+    """What other annotation tools and editors write: a byte-order mark, CRLF, float corners."""
+    text = ('<?xml version="1.0" encoding="{}"?>\r\n'.format("utf-16" if encoding == "utf-16" else "utf-8")
+            + LABELIMG.format(w=W, h=H, objects=OBJ.format(name="dog", x0=" 11.5", y0="21.0\r\n", x1=50.25, y1=40))
+            .replace("\n", "\r\n"))
+    path = tmp_path / "a.xml"
+    path.write_bytes(text.encode(encoding))
+    objs, hw = parse_voc_xml(path)
+    assert hw == (H, W) and objs[0]["box"] == (10.5, 20.0, 50.25, 40.0)
+
+
+@pytest.mark.parametrize("field, value", [("x0", "nan"), ("x1", "inf"), ("y0", "-nan"), ("w", "nan")])
+def test_non_finite_numbers_are_named_errors(tmp_path, field, value):
+    # float() reads "nan" / "inf"; a NaN corner used to slip through every range check
+    box = dict(x0=11, y0=21, x1=50, y1=40)
+    size = dict(w=W, h=H)
+    (box if field in box else size)[field] = value
+    path = tmp_path / "nan.xml"
+    path.write_text(LABELIMG.format(**size, objects=OBJ.format(name="dog", **box)))
+    with pytest.raises(BoxError, match=f"nan.xml: <.*> is '{value}', not a finite number"):
+        parse_voc_xml(path)

@@ -9,6 +9,7 @@ import torch
 
 from avs_dist.config import DataConfig
 from avs_dist.config import ConfigError
+from avs_dist.data.masks import mask_targets
 from avs_dist.data.loader import TrainOrder, TrainStream, eval_loader, train_loader
 from avs_dist.data.shards import iter_videos, read_manifest
 from avs_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -124,7 +125,7 @@ def test_flip_is_consistent(s4_shards):
                     unflipped += 1
                 np.testing.assert_array_equal(_uint8(b["frames"][i]), frames)
                 np.testing.assert_array_equal(_uint8(b["crops"][i]), crops)
-                np.testing.assert_array_equal(b["masks"][i, 0].numpy(), mask.astype(np.float32))
+                np.testing.assert_array_equal(b["masks"][i, 0].numpy(), mask_targets(mask))
     assert flipped and unflipped
     cfg.hflip = False
     assert not any(b["hflip"].any() for batches in _epoch(s4_shards, cfg) for b in batches)

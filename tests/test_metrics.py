@@ -177,7 +177,99 @@ def test_histogram_counts_match_threshold_loop():
     for i in (0, 1, 100, 254):
         binary = prob >= f_thresholds()[i]
         assert torch.equal(stats["pred"][:, i], binary.sum((1, 2)))
-        assert torch.equal(stats["tp"][:, i], (binary & (masks > 0)).sum((1, 2)))
+        assert torch.equal(stats["tp"][:, i], (binary & (masks > 0)).sum((1, 2)).double())
+
+
+# ---- non-binary targets: the reference's own formulas (AVSBench utility.py) as the oracle ----
+# MS3 targets are palette index / 255 (data/masks.py), so masks that are not clean 0/255 give
+# values between 0 and 1; the reference then multiplies and maxes with them, never thresholds.
+
+def torch_ref_mask_iou(pred, target, eps=1e-7):
+    """AVSBench ``mask_iou``, as written there (float32, torch)."""
+    n, num_pixels = pred.size(0), pred.size(-1) * pred.size(-2)
+    no_obj_flag = target.sum(2).sum(1) == 0
+    pred = (torch.sigmoid(pred) > 0.5).int()
+    inter = (pred * target).sum(2).sum(1)
+    union = torch.max(pred, target).sum(2).sum(1)
+    inter_no_obj = ((1 - target) * (1 - pred)).sum(2).sum(1)
+    inter[no_obj_flag] = inter_no_obj[no_obj_flag]
+    union[no_obj_flag] = num_pixels
+    return (torch.sum(inter / (union + eps)) / n).item()
+
+
+def torch_ref_fmeasure(pred, gt, pr_num=255):
+    """AVSBench ``Eval_Fmeasure`` with its ``_eval_pr``, as written there (float32, torch)."""
+    pred = torch.sigmoid(pred)
+    avg_f, img_num, score = 0.0, 0, torch.zeros(pr_num)
+    thlist = torch.linspace(0, 1 - 1e-10, pr_num)
+    for img_id in range(pred.size(0)):
+        if torch.mean(gt[img_id]) == 0.0:
+            continue
+        prec, recall = torch.zeros(pr_num), torch.zeros(pr_num)
+        for i in range(pr_num):
+            y_temp = (pred[img_id] >= thlist[i]).float()
+            tp = (y_temp * gt[img_id]).sum()
+            prec[i], recall[i] = tp / (y_temp.sum() + 1e-20), tp / (gt[img_id].sum() + 1e-20)
+        f_score = (1 + 0.3) * prec * recall / (0.3 * prec + recall)
+        f_score[f_score != f_score] = 0
+        avg_f += f_score
+        img_num += 1
+        score = avg_f / img_num
+    return score.max().item()
+
+
+def soft_case(n_frames=10, h=12, w=10, seed=0):
+    """Targets index / 255 as the reference's convert('P') + ToTensor gives them: 0/255 objects
+    with halos and soft edges (values 1..254), some frames empty, one frame all halo."""
+    from avs_dist.data.masks import mask_targets
+
+    g = torch.Generator().manual_seed(seed)
+    index = torch.where(torch.rand(n_frames, h, w, generator=g) > 0.6, 255, 0).to(torch.uint8)
+    soft = torch.rand(n_frames, h, w, generator=g) < 0.25
+    index[soft] = torch.randint(1, 255, (int(soft.sum()),), generator=g, dtype=torch.uint8)
+    index[::4] = 0  # empty frames
+    index[1] = torch.where(index[1] > 0, 3, 0).to(torch.uint8)  # only a faint halo: not empty
+    target = mask_targets(index)
+    logits = torch.randn(n_frames, h, w, generator=g) * 3 + (target - 0.5) * 2
+    return logits, target
+
+
+def test_non_binary_targets_match_the_reference_formulas():
+    for seed in range(3):
+        logits, target = soft_case(seed=seed)
+        assert ((target > 0) & (target < 1)).any()
+        assert avsbench_miou(logits, target).item() == pytest.approx(torch_ref_mask_iou(logits, target), abs=1e-6)
+        assert avsbench_fscore(logits, target) == pytest.approx(torch_ref_fmeasure(logits, target), abs=1e-6)
+    # the binary rule (target > 0.5) would give other values: the test can tell them apart
+    logits, target = soft_case(seed=0)
+    binary = (target > 0.5).float()
+    assert abs(torch_ref_mask_iou(logits, binary) - torch_ref_mask_iou(logits, target)) > 1e-3
+    assert abs(torch_ref_fmeasure(logits, binary) - torch_ref_fmeasure(logits, target)) > 1e-3
+
+
+def test_faint_halo_only_frame_is_not_empty():
+    # sum(G) > 0, so the reference uses inter / union (not background agreement) and keeps it in F
+    target = torch.zeros(1, 4, 4)
+    target[0, 1, 1] = 3 / 255
+    logits = torch.full((1, 4, 4), -BIG)
+    assert avsbench_miou(logits, target).item() == pytest.approx(torch_ref_mask_iou(logits, target), abs=1e-9)
+    assert avsbench_miou(logits, target).item() == 0.0  # nothing predicted, not the empty-GT 1.0
+    stats = frame_stats(logits, target)
+    assert stats["gt"].item() == pytest.approx(3 / 255) and stats["tp"].dtype == torch.float64
+
+
+def test_streaming_equals_reference_on_non_binary_targets():
+    logits, target = soft_case(n_frames=35, seed=4)  # 7 videos
+    ev = StreamingEvaluator(batch_videos=2)
+    for lg, batch in _batches(logits, target, [6, 0, 3, 1, 5, 2, 4], 3):
+        ev.update(lg, batch)
+    res = ev.result()
+    ious = [torch_ref_mask_iou(logits[s:s + 10], target[s:s + 10]) for s in range(0, 35, 10)]
+    fs = [torch_ref_fmeasure(logits[s:s + 10], target[s:s + 10]) for s in range(0, 35, 10)]
+    assert res["miou_avsbench"] == pytest.approx(np.mean(ious), abs=1e-6)
+    assert res["f_avsbench"] == pytest.approx(np.mean(fs), abs=1e-6)
+    assert res["miou"] == pytest.approx(torch_ref_mask_iou(logits, target), abs=1e-6)
+    assert res["f"] == pytest.approx(torch_ref_fmeasure(logits, target), abs=1e-6)
 
 
 # ---- against the loop re-implementation ----

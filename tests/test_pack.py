@@ -22,12 +22,15 @@ def _sha(path):
 
 def test_manifest(s4_shards, synth_root):
     m = read_manifest(s4_shards)
-    assert m["schema_version"] == 1 and m["subset"] == "s4"
+    assert m["schema_version"] == 2 and m["subset"] == "s4"
     assert m["classes"] == list(S4_CLASSES)
     assert m["options"]["crop_size"] == 32 and m["options"]["shard_videos"] == 4
     assert m["options"]["image_format"] == "npy" and m["options"]["boxes"].endswith("Single-source")
     assert m["skipped"] == []
     records = read_subset(synth_root, "s4")
+    n_masks = sum(len(r.mask_paths) for r in records)
+    assert m["masks_not_clean"] == {"count": 0, "of": n_masks, "files": []}  # synth masks are clean 0/255
+    assert all(set(e) == {"file", "split", "videos", "keys", "sha256", "bytes"} for e in m["shards"])
     for split in ("train", "val", "test"):
         n = sum(r.split == split for r in records)
         entries = [e for e in m["shards"] if e["split"] == split]

@@ -10,7 +10,8 @@ from PIL import Image
 
 from avs_dist.data.classes import class_index
 from avs_dist.data.layout import read_subset
-from avs_dist.data.shards import ShardError, iter_videos, read_manifest, verify_shards
+from avs_dist.data.masks import mask_targets
+from avs_dist.data.shards import ShardError, check_shards, iter_videos, read_manifest, verify_shards
 
 
 def _png_rgb(path):
@@ -18,9 +19,12 @@ def _png_rgb(path):
         return np.asarray(im.convert("RGB"))
 
 
-def _png_mask(path):
+def _reference_target(path, subset):
+    """The AVSBench loader's mask target: PIL convert('1') (S4) / convert('P') (MS3), then ToTensor."""
+    from torchvision.transforms import ToTensor
+
     with Image.open(path) as im:
-        return (np.asarray(im) != 0).astype(np.uint8)
+        return ToTensor()(im.convert("1" if subset == "s4" else "P"))[0].numpy()
 
 
 def _pkl(path):
@@ -41,8 +45,9 @@ def test_round_trip_bit_identical(subset, synth_root, request):
             assert v["category"] == r.category and v["label"] == class_index(r.category)
             assert v["frames"].dtype == np.uint8 and v["frames"].shape == (5, 64, 64, 3)
             np.testing.assert_array_equal(v["frames"], np.stack([_png_rgb(p) for p in r.frame_paths]))
-            assert v["masks"].dtype == np.uint8 and set(np.unique(v["masks"])) <= {0, 1}
-            np.testing.assert_array_equal(v["masks"], np.stack([_png_mask(p) for p in r.mask_paths]))
+            assert v["masks"].dtype == np.uint8 and set(np.unique(v["masks"])) <= {0, 255}  # synth: clean
+            np.testing.assert_array_equal(mask_targets(v["masks"]),
+                                          np.stack([_reference_target(p, subset) for p in r.mask_paths]))
             assert v["mask_frames"].tolist() == r.mask_frames
             assert v["mask_frames"].dtype == np.int64
             assert v["audio"].dtype == np.float32 and v["audio"].shape == (5, 96, 64)
@@ -105,3 +110,45 @@ def test_inspect_ok_and_png(s4_shards, tmp_path, capsys):
     assert "sha256 OK" in text and "train" in text
     with Image.open(out) as im:
         assert im.size == (5 * 64, 3 * 64)
+
+
+def test_check_shards_names_every_bad_file(s4_shards, tmp_path):
+    """What train / eval / submit run before starting: presence and size (one stat per shard),
+    sha256 on request."""
+    copy = tmp_path / "copy"
+    shutil.copytree(s4_shards, copy)
+    n = len(read_manifest(copy)["shards"])
+    assert check_shards(copy) == n and check_shards(copy, sha256=True) == n
+    assert check_shards(copy, splits="val") == read_manifest(copy)["splits"]["val"]["shards"]
+
+    flipped = copy / "train-00001.tar"  # same size: only the checksum sees it
+    data = bytearray(flipped.read_bytes())
+    data[2000] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    assert check_shards(copy) == n
+    truncated = copy / "train-00000.tar"
+    size = truncated.stat().st_size
+    truncated.write_bytes(truncated.read_bytes()[: size // 2])
+    grown = copy / "val-00000.tar"
+    grown_size = grown.stat().st_size
+    grown.write_bytes(grown.read_bytes() + b"\0" * 512)
+    (copy / "test-00000.tar").unlink()
+
+    with pytest.raises(ShardError) as err:
+        check_shards(copy)
+    msg = str(err.value)
+    assert "3 of the" in msg and "presence and size" in msg
+    assert f"{truncated}: truncated: {size // 2} bytes, manifest says {size}" in msg
+    assert f"{grown}: {grown_size + 512} bytes, manifest says {grown_size}" in msg
+    assert f"{copy / 'test-00000.tar'}: missing" in msg and "train-00001.tar" not in msg
+    with pytest.raises(ShardError) as err:
+        check_shards(copy, sha256=True)
+    assert "4 of the" in str(err.value) and f"{flipped}: sha256" in str(err.value)
+    with pytest.raises(ShardError) as err:  # only the splits the run reads
+        check_shards(copy, splits=("train",))
+    assert "train-00000.tar" in str(err.value) and "val-00000" not in str(err.value)
+    with pytest.raises(ShardError, match="unknown split 'dev'"):
+        check_shards(copy, splits=("dev",))
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="incomplete"):
+        check_shards(copy)

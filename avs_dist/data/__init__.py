@@ -13,7 +13,7 @@ from avs_dist.data.classes import S4_CLASSES, class_index  # noqa: F401
 
 def __getattr__(name):
     # Lazy so that importing avs_dist.data does not pull in webdataset for layout-only users.
-    if name in ("iter_videos", "read_manifest", "verify_shards"):
+    if name in ("iter_videos", "read_manifest", "verify_shards", "check_shards"):
         from avs_dist.data import shards
         return getattr(shards, name)
     raise AttributeError(name)

@@ -8,6 +8,7 @@ inclusive integer pixels, so a VOC box (xmin, ymin, xmax, ymax) becomes
 """
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -34,9 +35,12 @@ def _text(elem: ET.Element, tag: str, path: Path) -> str:
 def _number(elem: ET.Element, tag: str, path: Path) -> float:
     value = _text(elem, tag, path)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise BoxError(f"{path}: <{tag}> is {value!r}, not a number") from None
+    if not math.isfinite(number):  # float() takes "nan" and "inf"; every comparison with NaN is False
+        raise BoxError(f"{path}: <{tag}> is {value!r}, not a finite number")
+    return number
 
 
 def parse_voc_xml(path: str | Path) -> tuple[list[dict], tuple[int, int]]:

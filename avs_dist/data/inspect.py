@@ -49,6 +49,13 @@ def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
         console.print(f"[yellow]{len(manifest['skipped'])} videos were skipped when packing:")
         for b in manifest["skipped"]:
             console.print(f"  {b['name']} ({b['split']}): " + "; ".join(b["problems"]))
+    masks = manifest["masks_not_clean"]
+    if masks["count"]:
+        from avs_dist.data.pack import not_clean_summary
+
+        console.print(not_clean_summary(masks), style="yellow", markup=False, highlight=False)
+    else:
+        console.print(f"masks: all {masks['of']} clean 0/255")
     if report["ok"]:
         console.print(f"[green]sha256 OK for all {report['checked']} shards")
     else:

@@ -32,8 +32,9 @@ shared memory) and `to_device` normalises them in the consumer: on the GPU with
 process (`avs-dist bench data` measured both splits of the work: this one costs less CPU).
 
 A batch is a dict (B videos; H = W = cfg.image_size, c = cfg.crop_size):
-  frames float32 [B,5,3,H,W] ImageNet-normalised; masks float32 [B,5,H,W] 0/1 (zeros where
-  there is no mask); mask_valid bool [B,5]; crops float32 [B,5,3,c,c] normalised (None
+  frames float32 [B,5,3,H,W] ImageNet-normalised; masks float32 [B,5,H,W] the reference's
+  targets (stored v / 255, data/masks.py: S4 0/1, MS3 palette index / 255; zeros where there
+  is no mask); mask_valid bool [B,5]; crops float32 [B,5,3,c,c] normalised (None
   with crops=False: nothing of the crops is read); audio float32 [B,5,1,96,64];
   label int64 [B] (-1 for MS3); index int64 [B]; hflip bool [B]; name list[str].
 Frames and crops are resized (bilinear, antialiased when shrinking, rounded to uint8)
@@ -52,6 +53,7 @@ import numpy as np
 import torch
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
+from avs_dist.data.masks import mask_targets
 from avs_dist.data.samples import SampleReader
 from avs_dist.data.shards import ShardError, decode_sample, iter_raw, read_manifest, split_shards
 from avs_dist.data.transforms import alloc_shared, normalize_uint8, resize, stack_images
@@ -167,13 +169,15 @@ def _masks(videos: list[dict], size: int, flips: list[bool], dtype) -> tuple[tor
     out = masks.numpy()
     if not resized:
         out.fill(0)
+    float_now = dtype != torch.uint8 and not resized
     for b, (v, flip) in enumerate(zip(videos, flips)):
         frames = v["mask_frames"]
-        out[b, frames] = v["masks"][:, :, ::-1] if flip else v["masks"]
+        stored = v["masks"][:, :, ::-1] if flip else v["masks"]
+        out[b, frames] = mask_targets(stored) if float_now else stored  # the target is stored v / 255
         valid[b, frames] = True
     if resized:
-        masks = resize(masks[:, :, None].float(), size, "nearest")[:, :, 0]
-        masks = alloc_shared(masks.shape, dtype).copy_(masks)
+        masks = resize(masks[:, :, None].float(), size, "nearest")[:, :, 0].to(torch.uint8)
+        masks = alloc_shared(masks.shape, dtype).copy_(mask_targets(masks) if dtype != torch.uint8 else masks)
     return masks, torch.from_numpy(valid)
 
 
@@ -208,14 +212,6 @@ def collate(videos: list[dict], image_size: int, crop_size: int, normalize: bool
     }
 
 
-def _float(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu":
-        return x.float()
-    y = torch.empty(x.shape, dtype=torch.float32)
-    np.copyto(y.numpy(), x.numpy())
-    return y
-
-
 _WIRE_NUMEL = 4096
 
 
@@ -236,7 +232,7 @@ def to_device(batch: dict, device, non_blocking: bool = True) -> dict:
         if out.get(k) is not None and out[k].dtype == torch.uint8:
             out[k] = normalize_uint8(out[k])
     if out["masks"].dtype == torch.uint8:
-        out["masks"] = _float(out["masks"])
+        out["masks"] = mask_targets(out["masks"])  # stored v -> the reference's target v / 255
     return out
 
 

@@ -10,10 +10,15 @@ Each video is one WebDataset sample, key ``{index:06d}`` (its position in the sp
   or ``frame0.jpg`` .. (``--image-format jpeg``, lossy);
 - crops: the same with ``crops`` / ``crop{i}``: each frame's sounding-object box cropped
   and resized to ``crop_size`` x ``crop_size`` (PIL bilinear on the exact sub-pixel box);
-- ``masks.npy`` uint8 0/1 [M,H,W] (any non-zero mask pixel is foreground);
+- ``masks.npy`` uint8 [M,H,W]: the reference's target times 255 (masks.py: S4 PIL
+  ``convert('1')`` -> 0 / 255, MS3 ``convert('P')`` -> the palette index), target = v / 255;
 - ``audio.npy`` float32 [5,96,64] VGGish log-mel;
 - ``meta.json``: name, category, label, split, index, row (CSV row), mask_frames, boxes,
   box_source, audio_source, frame_size.
+
+Masks that are not clean 0 / 255 (soft edges, halos, coloured or 0/1-valued masks, see
+masks.py) are packed as the reference reads them, and counted and listed in the summary
+and in the manifest (``masks_not_clean``): such data is not what the reference was trained on.
 
 Bad input. Every video is validated first (all files decoded). By default any bad video
 stops the pack with one report listing every bad video, the file and the reason, and
@@ -50,6 +55,7 @@ from PIL import Image
 
 from avs_dist.data.classes import S4_CLASSES, class_index
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS, SUBSET_DIRS, LayoutError, VideoRecord, read_subset, subset_root
+from avs_dist.data.masks import stored_mask
 from avs_dist.data.shards import MANIFEST, SCHEMA_VERSION
 from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
 
@@ -91,23 +97,25 @@ def _read_rgb(path: Path, problems: list[str]) -> np.ndarray | None:
         return None
 
 
-def _read_mask(path: Path, hw: tuple[int, int] | None, problems: list[str]) -> np.ndarray | None:
+def _read_mask(path: Path, subset: str, hw: tuple[int, int] | None, problems: list[str],
+               not_clean: list[dict]) -> np.ndarray | None:
+    """uint8 [H,W] stored target (masks.stored_mask) or None (problem recorded); a mask that is
+    not clean 0 / 255 is appended to `not_clean` as {"file", "pixels", "values"}."""
     if not path.is_file():
         problems.append(f"{path}: mask not found")
         return None
     try:
         with Image.open(path) as im:
-            # Mode 'P' (MS3) holds palette indices: index 0 is background, as in mode 'L'/'1'.
-            arr = np.asarray(im if im.mode in ("1", "L", "P", "I", "I;16") else im.convert("RGB"))
+            arr, soft = stored_mask(im, subset)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         problems.append(f"{path}: unreadable mask ({e})")
         return None
-    if arr.ndim == 3:
-        arr = arr.any(axis=-1)
     if hw is not None and arr.shape != hw:
         problems.append(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} (WxH), its frame is {hw[1]}x{hw[0]}")
         return None
-    return (arr != 0).astype(np.uint8)
+    if soft is not None:
+        not_clean.append({"file": str(path), **soft})
+    return arr
 
 
 def _crop(frame: np.ndarray, box, size: int) -> np.ndarray:
@@ -120,7 +128,9 @@ def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta
                with_crops: bool = True) -> tuple[dict | None, list[str]]:
     """Read and check every file of one video: (arrays, []) or (None, ["path: reason", ...]).
 
-    All problems of the video are collected, not only the first one.
+    All problems of the video are collected, not only the first one. The arrays' "masks" are
+    the stored targets (uint8, target = v / 255) and "masks_not_clean" lists the video's
+    masks that are not clean 0 / 255 ({"file", "pixels", "values"}).
     """
     from avs_dist.data.audio import AudioError, load_audio
     from avs_dist.data.boxes import BoxError, boxes_for_video
@@ -147,11 +157,12 @@ def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta
                 problems.append(f"{p}: frame is {f.shape[1]}x{f.shape[0]}, frame 1 is {hw[1]}x{hw[0]}")
 
     masks_dir = rec.mask_paths[0].parent if rec.mask_paths else None
+    not_clean: list[dict] = []
     if masks_dir is not None and not masks_dir.is_dir():
         problems.append(f"{masks_dir}: mask folder not found")
         masks = [None] * len(rec.mask_paths)
     else:
-        masks = [_read_mask(p, hw, problems) for p in rec.mask_paths]
+        masks = [_read_mask(p, rec.subset, hw, problems, not_clean) for p in rec.mask_paths]
 
     audio, audio_source = None, None
     try:
@@ -167,7 +178,9 @@ def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta
     boxes, box_source = None, None
     if hw is not None and all(m is not None for m in masks) and all(f is not None for f in frames):
         try:
-            boxes, box_source = boxes_for_video(rec, hw, dict(zip(rec.mask_frames, masks)), opts.boxes)
+            # Foreground for a box: target > 1/2 (stored v > 127), how a prediction is read.
+            fg = {k: m > 127 for k, m in zip(rec.mask_frames, masks)}
+            boxes, box_source = boxes_for_video(rec, hw, fg, opts.boxes)
             boxes = np.asarray(boxes, dtype=np.float32)
             h, w = hw
             for i, b in enumerate(boxes):
@@ -189,6 +202,7 @@ def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta
         "boxes": boxes,
         "box_source": list(box_source),
         "label": label,
+        "masks_not_clean": not_clean,
     }
     if with_crops:
         video["crops"] = np.stack([_crop(f, b, opts.crop_size) for f, b in zip(frames, boxes)])
@@ -251,7 +265,7 @@ def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord,
 
     final = Path(out) / file
     tmp = final.with_name(file + ".tmp")
-    keys = []
+    keys, not_clean, n_masks = [], [], 0
     with open(tmp, "wb") as f:
         hw = _HashingWriter(f)
         # mtime=0: the same input gives byte-identical shards (stable sha256 across rebuilds).
@@ -269,12 +283,16 @@ def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord,
                 }
                 sample = encode_sample(video, meta, opts)
                 keys.append(sample["__key__"])
+                not_clean += video["masks_not_clean"]
+                n_masks += len(video["masks"])
                 tw.write(sample)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
+    # The mask counts travel with the entry (and a chunk's record); build_manifest moves them
+    # to the manifest's "masks_not_clean".
     return {"file": file, "split": split, "videos": len(items), "keys": keys,
-            "sha256": hw.sha.hexdigest(), "bytes": hw.bytes}
+            "sha256": hw.sha.hexdigest(), "bytes": hw.bytes, "masks": n_masks, "masks_not_clean": not_clean}
 
 
 def _validate_chunk(recs: list[VideoRecord], opts: PackOptions, csv_path: str) -> list[list[str]]:
@@ -383,7 +401,14 @@ def _write_shards(out: Path, jobs, opts, csv_path, bar, pool) -> list[dict]:
     return _map_chunks(_write_job, jobs, (str(out), opts, csv_path), bar, task, pool, size=lambda j: len(j[2]))
 
 
+_MASK_KEYS = ("masks", "masks_not_clean")
+
+
 def build_manifest(subset: str, options: dict, entries: list[dict], skipped: list[dict]) -> dict:
+    """The manifest (shards.py) from the shard entries _write_shard returned, in plan order."""
+    not_clean = [m for e in entries for m in e.get("masks_not_clean", [])]
+    masks = {"count": len(not_clean), "of": sum(e.get("masks", 0) for e in entries), "files": not_clean}
+    entries = [{k: v for k, v in e.items() if k not in _MASK_KEYS} for e in entries]
     splits = {s: {"videos": sum(e["videos"] for e in entries if e["split"] == s),
                   "shards": sum(1 for e in entries if e["split"] == s)} for s in SPLITS}
     return {
@@ -396,7 +421,22 @@ def build_manifest(subset: str, options: dict, entries: list[dict], skipped: lis
         "splits": splits,
         "shards": entries,
         "skipped": skipped,
+        "masks_not_clean": masks,
     }
+
+
+def not_clean_summary(masks: dict, shown: int = 5) -> str:
+    """A few lines on the masks that are not clean 0 / 255 ("" when all are clean)."""
+    if not masks["count"]:
+        return ""
+    lines = [f"{masks['count']} of {masks['of']} masks are not clean 0/255 (soft edges, halos, palette or "
+             f"colour masks): packed as the reference's PIL conversion reads them, but this is not the data "
+             f"the reference was trained on; all are listed in {MANIFEST} (masks_not_clean):"]
+    for m in masks["files"][:shown]:
+        lines.append(f"  {m['file']}: {m['pixels']} pixels not 0/255 (values {m['values']})")
+    if masks["count"] > shown:
+        lines.append(f"  ... and {masks['count'] - shown} more")
+    return "\n".join(lines)
 
 
 def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Path | None = None,
@@ -452,6 +492,8 @@ def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Pa
     counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in manifest["splits"].items())
     log(f"packed {subset} into {out} in {time.time() - t0:.1f}s: {counts}"
         + (f"; skipped {len(bad)} bad videos" if bad else ""))
+    if manifest["masks_not_clean"]["count"]:
+        log(not_clean_summary(manifest["masks_not_clean"]))
     return manifest
 
 
@@ -504,6 +546,10 @@ def pack_chunk(data_root: str | Path, subset: str, out: str | Path, chunk: int, 
     write_text_atomic(_chunk_file(out, chunk, num_chunks), json.dumps(record, indent=1) + "\n")
     log(f"packed chunk {chunk} of {num_chunks} into {out} in {time.time() - t0:.1f}s: "
         f"{len(entries)} shards, {len(recs)} videos")
+    n_soft = sum(len(e["masks_not_clean"]) for e in entries)
+    if n_soft:
+        log(f"{n_soft} of its {sum(e['masks'] for e in entries)} masks are not clean 0/255 "
+            f"(the manifest lists them after --finalize)")
     return record
 
 
@@ -560,6 +606,8 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
     chunk_dir.rmdir()
     counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in manifest["splits"].items())
     log(f"finalized {subset} in {out} from {num_chunks} chunks: {counts}")
+    if manifest["masks_not_clean"]["count"]:
+        log(not_clean_summary(manifest["masks_not_clean"]))
     return manifest
 
 

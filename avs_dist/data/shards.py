@@ -2,19 +2,27 @@
 
 ``manifest.json`` (written last; its absence means the pack did not complete)::
 
-    format "avs-dist-shards", schema_version 1, subset "s4" | "ms3", created,
+    format "avs-dist-shards", schema_version 2, subset "s4" | "ms3", created,
     classes        the 23 S4 classes in reference order (label = position)
     options        packing options (image_format, jpeg_quality, crop_size, shard_videos,
                    boxes, skip_bad, data_root)
     splits         {split: {"videos": n, "shards": k}}
     shards         [{"file", "split", "videos", "keys", "sha256", "bytes"}] in split, CSV order
     skipped        [{"name", "split", "row", "problems": ["path: reason", ...]}]
+    masks_not_clean  {"count": n, "of": masks packed, "files": [{"file", "pixels", "values"}]}:
+                   masks that are not clean 0 / 255 (data/masks.py), in shard order
+
+Schema 2 stores each mask as the reference's target times 255; schema 1 stored 0/1 masks
+made by "any non-zero pixel is foreground", which is not the reference's rule: such a set
+is refused with a request to re-pack.
 
 ``iter_videos(shard_dir, split)`` yields one dict per video, in CSV order:
 
     frames       uint8 [5,H,W,3]     the 5 frames, RGB, bit-identical to the source PNGs
     crops        uint8 [5,c,c,3]     sounding-object crops (box -> crop -> bilinear resize)
-    masks        uint8 [M,H,W] 0/1   ground-truth masks (S4 train: M=1, else 5)
+    masks        uint8 [M,H,W]       ground-truth masks (S4 train: M=1, else 5) as stored:
+                                     the reference's float target is v / 255 (S4 0 / 255,
+                                     MS3 the palette index; masks.mask_targets computes it)
     mask_frames  int64 [M]           0-based frame index of each mask
     audio        float32 [5,96,64]   VGGish log-mel (equal to the .pkl in float32)
     name, category (str or None for MS3), label (int, -1 for MS3), split,
@@ -36,7 +44,7 @@ from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
 from avs_dist.fileio import sha256_file
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ShardError(RuntimeError):
@@ -53,6 +61,10 @@ def read_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format") == "avs-dist-shards" and manifest.get("schema_version") == 1:
+        raise ShardError(f"{path}: schema 1, packed by an older avs-dist whose masks are 0/1 by \"any non-zero "
+                         f"pixel is foreground\", not the reference's PIL conversion; re-pack it "
+                         f"(avs-dist pack --overwrite --out {shard_dir})")
     if manifest.get("format") != "avs-dist-shards" or manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{path}: format {manifest.get('format')!r} schema {manifest.get('schema_version')!r}, "
                          f"expected 'avs-dist-shards' schema {SCHEMA_VERSION}")
@@ -67,6 +79,58 @@ def split_shards(shard_dir: str | Path, split: str, manifest: dict | None = None
     return [dict(e, path=str(Path(shard_dir) / e["file"])) for e in manifest["shards"] if e["split"] == split]
 
 
+def _shard_problem(path: Path, entry: dict, sha256: bool) -> str | None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path}: missing"
+    except OSError as e:
+        return f"{path}: unreadable ({e.strerror})"
+    if not path.is_file():
+        return f"{path}: not a regular file"
+    if size != entry["bytes"]:
+        what = "truncated: " if size < entry["bytes"] else ""
+        return f"{path}: {what}{size} bytes, manifest says {entry['bytes']}"
+    if sha256:
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            return f"{path}: unreadable ({e.strerror})"
+        if digest != entry["sha256"]:
+            return f"{path}: sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}..."
+    return None
+
+
+def shard_problems(shard_dir: str | Path, splits=SPLITS, sha256: bool = False,
+                   manifest: dict | None = None) -> tuple[int, list[str]]:
+    """(shards checked, ["path: reason", ...]) for the shards of `splits` against the manifest:
+    presence and size, and with `sha256` the full checksum (reads every byte)."""
+    shard_dir = Path(shard_dir)
+    manifest = manifest or read_manifest(shard_dir)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ShardError(f"unknown split {unknown[0]!r} (one of {', '.join(SPLITS)})")
+    entries = [e for e in manifest["shards"] if e["split"] in splits]
+    problems = [p for e in entries if (p := _shard_problem(shard_dir / e["file"], e, sha256)) is not None]
+    return len(entries), problems
+
+
+def check_shards(shard_dir: str | Path, splits=SPLITS, sha256: bool = False, manifest: dict | None = None) -> int:
+    """Check, before a run starts, every shard of `splits` that it will read: present and of
+    the manifest's size (cheap: one stat per shard), and with `sha256=True` also the full
+    checksum (reads every byte; ``avs-dist inspect`` always does it).
+
+    Returns the number of shards checked. Raises ShardError naming every bad file and why
+    (missing, truncated / wrong size, sha256 mismatch), or the manifest's problem."""
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    checked, problems = shard_problems(shard_dir, splits, sha256, manifest)
+    if problems:
+        what = "size and sha256" if sha256 else "presence and size"
+        raise ShardError(f"{len(problems)} of the {checked} {'/'.join(splits)} shards in {shard_dir} do not match "
+                         f"{MANIFEST} ({what} checked); re-pack or restore them:\n  " + "\n  ".join(problems))
+    return checked
+
+
 def verify_shards(shard_dir: str | Path) -> dict:
     """Check every shard against the manifest (presence, size, sha256).
 
@@ -75,47 +139,10 @@ def verify_shards(shard_dir: str | Path) -> dict:
     """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
-    problems = []
-    for e in manifest["shards"]:
-        path = shard_dir / e["file"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != e["bytes"]:
-            problems.append(f"{path}: {size} bytes, manifest says {e['bytes']}")
-            continue
-        digest = sha256_file(path)
-        if digest != e["sha256"]:
-            problems.append(f"{path}: sha256 {digest[:16]}..., manifest says {e['sha256'][:16]}...")
+    checked, problems = shard_problems(shard_dir, SPLITS, True, manifest)
     listed = {e["file"] for e in manifest["shards"]}
     extra = sorted(p.name for p in shard_dir.glob("*.tar*") if p.name not in listed)
-    return {"ok": not problems, "checked": len(manifest["shards"]), "problems": problems, "extra": extra}
-
-
-def check_shards(shard_dir: str | Path, splits=None, sha256: bool = False, manifest: dict | None = None) -> int:
-    """Check the shards of `splits` (default: all) against the manifest before reading them:
-    present and of the listed size, and with sha256=True of the listed sha256 too.
-
-    Returns the number of shards checked; raises ShardError naming every bad file."""
-    shard_dir = Path(shard_dir)
-    manifest = manifest or read_manifest(shard_dir)
-    problems, checked = [], 0
-    for e in manifest["shards"]:
-        if splits is not None and e["split"] not in splits:
-            continue
-        checked += 1
-        path = shard_dir / e["file"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != e["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {e['bytes']} (truncated or replaced)")
-        elif sha256 and sha256_file(path) != e["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest's (corrupt)")
-    if problems:
-        raise ShardError(f"{len(problems)} of {checked} shards of {shard_dir} do not match {MANIFEST}:\n  "
-                         + "\n  ".join(problems))
-    return checked
+    return {"ok": not problems, "checked": checked, "problems": problems, "extra": extra}
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -18,6 +18,13 @@ object), outside the AVSBench tree because AVSBench has no boxes; pack with
 `--boxes {out}/boxes/Single-source`. The XML <path> is the frame's path relative to `out`
 so that the files do not depend on where they are written.
 
+Masks are clean 0 / 255: S4 grayscale ('L'), MS3 palette images ('P', a gray palette) whose
+foreground index is 255, so the reference's ``convert('P')`` / 255 gives 1. With ``halo=W``
+(``--halo-masks W``) every other video's masks get a W-pixel ring of value 3 around the
+object (index 3 for MS3), the faint halo annotation exports leave: the reference reads it as
+background in S4 (PIL's dithering) and as a 3/255 target in MS3, and `pack` reports those
+masks as not clean.
+
 Same arguments and seed -> byte-identical files. Clips are 5 s, except every fourth video
 (4.2 s), whose last log-mel example is a repeat, as in AVSBench.
 """
@@ -52,6 +59,7 @@ CLIP_S = 5.0
 GRID = 3  # objects live in distinct cells of a GRID x GRID layout, so they never overlap
 OBJECT_FRACTION = (0.20, 0.27)  # object side as a fraction of the frame side
 NOISE_STD = 0.002
+HALO_VALUE = 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,11 +306,23 @@ def _write_png(path: Path, img: Image.Image) -> None:
     img.save(path, format="PNG")
 
 
-def _mask_image(mask: np.ndarray, subset: str) -> Image.Image:
-    if subset == "s4":  # binary masks, read back with convert('1')
-        return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")  # MS3 masks are palette images
-    img.putpalette([0, 0, 0, 255, 255, 255])
+def halo_ring(mask: np.ndarray, width: int) -> np.ndarray:
+    """bool [H,W]: the pixels within `width` pixels (chessboard distance) of the mask, outside it."""
+    from PIL import ImageFilter
+
+    grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * width + 1))
+    return (np.asarray(grown) > 0) & ~mask
+
+
+def _mask_image(mask: np.ndarray, subset: str, halo: int = 0) -> Image.Image:
+    values = np.where(mask, 255, 0).astype(np.uint8)
+    if halo:
+        values[halo_ring(mask, halo)] = HALO_VALUE
+    if subset == "s4":  # grayscale, read by the reference with convert('1')
+        return Image.fromarray(values, mode="L")
+    # MS3: a palette image read with convert('P') / 255, so the foreground index must be 255.
+    img = Image.fromarray(values, mode="P")
+    img.putpalette([v for i in range(256) for v in (i, i, i)])
     return img
 
 
@@ -321,7 +341,7 @@ def _write_csv(root: Path, subset: str, videos: list[dict]) -> None:
 
 
 def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool,
-                 n_classes: int | None = None) -> dict:
+                 n_classes: int | None = None, halo: int = 0) -> dict:
     videos = plan_subset(subset, n, seed, n_classes)
     root = layout.subset_root(out, subset)
     _write_csv(root, subset, videos)
@@ -333,8 +353,9 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
         sounding_ids = [v["objects"].index(c) + 1 for c in v["sounding"]]
         for t, path in enumerate(rec.frame_paths):
             _write_png(path, Image.fromarray(frames[t], mode="RGB"))
+        video_halo = halo if v["index"] % 2 == 1 else 0
         for t, path in zip(rec.mask_frames, rec.mask_paths):
-            _write_png(path, _mask_image(np.isin(ids[t], sounding_ids), subset))
+            _write_png(path, _mask_image(np.isin(ids[t], sounding_ids), subset, video_halo))
         rng = np.random.default_rng([seed, SUBSET_IDS[subset], 2, v["index"]])
         amp = 0.4 if subset == "s4" else 0.28
         wav = sum(class_sound(c, v["seconds"], rng, amp * rng.uniform(0.75, 1.0)) for c in v["sounding"])
@@ -358,22 +379,25 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
         "videos": [{"name": v["name"], "split": v["split"], "scene": v["scene"], "category": v["category"],
                     "sounding": [S4_CLASSES[c] for c in v["sounding"]],
                     "distractors": [S4_CLASSES[c] for c in v["distractors"]],
-                    "seconds": v["seconds"]} for v in videos],
+                    "seconds": v["seconds"], "halo": halo if v["index"] % 2 == 1 else 0} for v in videos],
     }
 
 
 def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "both", seed: int = 0,
-             xml: bool = True, force: bool = False, classes: int | None = None) -> dict:
+             xml: bool = True, force: bool = False, classes: int | None = None, halo: int = 0) -> dict:
     """Write the synthetic dataset under `out`; returns a summary (per subset: root, boxes
     folder, split sizes, classes, and every video's name, split, scene (the same number for
     twins), sounding and distractor classes, in CSV order). Refuses to write into an existing
     subset folder unless `force`, which first deletes that subset's folder and its boxes
-    folder."""
+    folder. `halo` > 0: every other video's masks get a ring of that many pixels of value 3
+    (module docstring)."""
     if subset not in ("s4", "ms3", "both"):
         raise ValueError(f"subset must be s4, ms3 or both, got {subset!r}")
     if size < 32:
         raise ValueError(f"size must be at least 32 px, got {size}")
     split_sizes(videos)  # rejects videos < 3
+    if halo < 0:
+        raise ValueError(f"halo must be >= 0 pixels, got {halo}")
     out = Path(out)
     subsets = ["s4", "ms3"] if subset == "both" else [subset]
     for s in subsets:
@@ -385,7 +409,7 @@ def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "
                 shutil.rmtree(d)
     summary = {"out": str(out), "seed": seed, "size": size, "videos_per_subset": videos, "subsets": {}}
     for s in subsets:
-        summary["subsets"][s] = write_subset(out, s, videos, size, seed, xml, classes)
+        summary["subsets"][s] = write_subset(out, s, videos, size, seed, xml, classes, halo)
     return summary
 
 
@@ -399,12 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=None,
                    help="number of classes used (2..23; default about one per three train videos)")
     p.add_argument("--no-xml", action="store_true", help="do not write labelImg box XML")
+    p.add_argument("--halo-masks", type=int, default=0, metavar="W",
+                   help="give every other video's masks a W-pixel ring of value 3 (not clean 0/255; default 0)")
     p.add_argument("--force", action="store_true", help="replace existing subset folders under --out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         summary = generate(args.out, videos=args.videos, size=args.size, subset=args.subset, seed=args.seed,
-                           xml=not args.no_xml, force=args.force, classes=args.classes)
+                           xml=not args.no_xml, force=args.force, classes=args.classes, halo=args.halo_masks)
     except (ValueError, FileExistsError) as e:
         print(f"avs-dist synth: {e}", file=sys.stderr)
         return 2
