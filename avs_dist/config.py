@@ -108,6 +108,7 @@ class TrainConfig:
     log_every_steps: int = 10  # terminal lines; metrics.jsonl gets every step
     image_every_steps: int = 200  # TensorBoard overlay grids
     audio_gap_eval: bool = True  # also evaluate with mismatched audio at the end
+    record_videos: bool = False  # every rank writes the names of the videos of each step to run_dir/videos/
 
 
 @dataclass

@@ -272,7 +272,7 @@ def print_result(result: dict, title: str) -> None:
     Console().print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avs-dist eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
@@ -290,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-sha256", action="store_true",
                    help="also check the split's shards' sha256 against the manifest (always: present, right size)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.image_size=224)")
-    args = p.parse_intermixed_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
 
     from avs_dist import distributed
     from avs_dist.data.loader import eval_loader

@@ -24,3 +24,29 @@ def run_session(cmd: list[str], timeout: float, env: dict | None = None) -> tupl
     finally:
         kill_session(proc)
     return proc.returncode, out
+
+
+def pids_with_env(key: str, value: str) -> list[int]:
+    """Processes whose environment has key=value (e.g. every process of one `avs-dist train`,
+    which hands AVS_LAUNCHER_PID to torchrun, the ranks and their loader workers, in sessions
+    of their own)."""
+    import pathlib
+
+    want = f"{key}={value}".encode()
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if want in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def kill_env(key: str, value: str) -> None:
+    for pid in pids_with_env(key, value):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -68,7 +68,8 @@ class PerFileDataset(torch.utils.data.Dataset):
 
         r = self.records[i]
         imgs = torch.stack([self.img_transform(Image.open(p).convert("RGB")) for p in r.frame_paths])
-        masks = torch.stack([self.mask_transform(Image.open(p).convert("1")) for p in r.mask_paths])
+        mode = "1" if r.subset == "s4" else "P"  # the reference's S4 and MS3 loaders (avsbench-format.md §1)
+        masks = torch.stack([self.mask_transform(Image.open(p).convert(mode)) for p in r.mask_paths])
         with open(r.logmel_path, "rb") as f:
             audio = pickle.load(f).detach()
         return imgs, audio, masks, r.category or "", r.name
@@ -107,20 +108,8 @@ def _measure(make_batches, count, tensors) -> dict:
             "cores_used": round(cpu / wall, 2), "load_avg_1min": round(load, 2)}
 
 
-def run(data_root: str | Path, shards: str | Path, videos: int = 128, workers: int = 2,
-        batch_videos: int = 4, split: str = "train", rounds: int = 3, loaders=LOADERS) -> dict:
-    manifest = read_manifest(shards)
-    subset = manifest["subset"]
-    skipped = {s["name"] for s in manifest["skipped"]}
-    records = [r for r in read_subset(data_root, subset) if r.split == split and r.name not in skipped][:videos]
-    n = len(records)
-    if n == 0:
-        raise ValueError(f"no {split} videos to read in {data_root} / {shards}")
-    first = next(iter_videos(shards, split))
-    size = tuple(first["frames"].shape[1:3])
-    # Keep the stored sizes: resizing would be the same extra work for every loader.
-    cfg = DataConfig(eval_batch_videos=batch_videos, num_workers=workers, prefetch_factor=2,
-                     image_size=size[0], crop_size=first["crops"].shape[1])
+def _makers(shards, split: str, cfg: DataConfig, n: int, records, batch_videos: int, workers: int) -> dict:
+    """name -> (make a fresh loader, videos in a batch, the batch's tensors) for each LOADERS entry."""
 
     def shards_count(b):
         return len(b["index"])
@@ -136,7 +125,7 @@ def run(data_root: str | Path, shards: str | Path, videos: int = 128, workers: i
     def tensors(b):
         return b.values()
 
-    makers = {
+    return {
         "per_file": (per_file, lambda b: b[0].shape[0], lambda b: b[:3]),
         "reference_like": (lambda: eval_loader(shards, split, cfg, max_videos=n, crops=False), shards_count,
                            tensors),
@@ -146,6 +135,24 @@ def run(data_root: str | Path, shards: str | Path, videos: int = 128, workers: i
         "uint8_for_gpu": (uint8(False), shards_count, tensors),
         "uint8_for_gpu_two_branch": (uint8(True), shards_count, tensors),
     }
+
+
+def run(data_root: str | Path, shards: str | Path, videos: int = 128, workers: int = 2,
+        batch_videos: int = 4, split: str = "train", rounds: int = 3, loaders=LOADERS) -> dict:
+    manifest = read_manifest(shards)
+    subset = manifest["subset"]
+    skipped = {s["name"] for s in manifest["skipped"]}
+    records = [r for r in read_subset(data_root, subset) if r.split == split and r.name not in skipped][:videos]
+    n = len(records)
+    if n == 0:
+        raise ValueError(f"no {split} videos to read in {data_root} / {shards}")
+    first = next(iter_videos(shards, split))
+    size = tuple(first["frames"].shape[1:3])
+    # Keep the stored sizes: resizing would be the same extra work for every loader.
+    cfg = DataConfig(eval_batch_videos=batch_videos, num_workers=workers, prefetch_factor=2,
+                     image_size=size[0], crop_size=first["crops"].shape[1])
+
+    makers = _makers(shards, split, cfg, n, records, batch_videos, workers)
     loaders = ["per_file", *(k for k in loaders if k != "per_file")]
     results = {k: [] for k in loaders}
     for _ in range(rounds):

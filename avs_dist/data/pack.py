@@ -124,6 +124,59 @@ def _crop(frame: np.ndarray, box, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1)))
 
 
+def _read_frames(rec: VideoRecord, problems: list[str]) -> tuple[list, tuple[int, int] | None]:
+    """The 5 frames (None where unreadable) and the size all of them must share."""
+    frames_dir = rec.frame_paths[0].parent
+    if not frames_dir.is_dir():
+        problems.append(f"{frames_dir}: frame folder not found (no frames for this CSV row)")
+        return [None] * FRAMES_PER_VIDEO, None
+    frames = [_read_rgb(p, problems) for p in rec.frame_paths]
+    good = [f for f in frames if f is not None]
+    hw = good[0].shape[:2] if good else None
+    for p, f in zip(rec.frame_paths, frames):
+        if f is not None and f.shape[:2] != hw:
+            problems.append(f"{p}: frame is {f.shape[1]}x{f.shape[0]}, frame 1 is {hw[1]}x{hw[0]}")
+    return frames, hw
+
+
+def _read_audio(rec: VideoRecord, problems: list[str]):
+    """(log-mel [5,1,96,64] float32 or None, "pkl" | "wav" | None)."""
+    from avs_dist.data.audio import AudioError, load_audio
+
+    try:
+        audio, source = load_audio(rec)
+    except AudioError as e:
+        problems.append(str(e) if str(rec.logmel_path) in str(e) or str(rec.wav_path) in str(e)
+                        else f"{rec.logmel_path}: {e}")
+        return None, None
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.shape != (FRAMES_PER_VIDEO, 1, 96, 64):
+        problems.append(f"{rec.logmel_path}: audio features have shape {list(audio.shape)}, expected [5, 1, 96, 64]")
+        return None, None
+    return audio, source
+
+
+def _boxes(rec: VideoRecord, hw, masks: list, opts: PackOptions, problems: list[str]):
+    """(boxes float32 [5,4], box sources) from the XML or the masks; (None, None) with problems."""
+    from avs_dist.data.boxes import BoxError, boxes_for_video
+
+    try:
+        # Foreground for a box: target > 1/2 (stored v > 127), how a prediction is read.
+        fg = {k: m > 127 for k, m in zip(rec.mask_frames, masks)}
+        boxes, source = boxes_for_video(rec, hw, fg, opts.boxes)
+    except BoxError as e:
+        problems.append(str(e))
+        return None, None
+    boxes = np.asarray(boxes, dtype=np.float32)
+    h, w = hw
+    for i, b in enumerate(boxes):
+        x0, y0, x1, y1 = (float(v) for v in b)
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            problems.append(f"frame {i + 1} of {rec.name}: box {[x0, y0, x1, y1]} ({source[i]}) "
+                            f"is empty or outside the {w}x{h} image")
+    return boxes, source
+
+
 def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta CSV",
                with_crops: bool = True) -> tuple[dict | None, list[str]]:
     """Read and check every file of one video: (arrays, []) or (None, ["path: reason", ...]).
@@ -132,30 +185,13 @@ def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta
     the stored targets (uint8, target = v / 255) and "masks_not_clean" lists the video's
     masks that are not clean 0 / 255 ({"file", "pixels", "values"}).
     """
-    from avs_dist.data.audio import AudioError, load_audio
-    from avs_dist.data.boxes import BoxError, boxes_for_video
-
     problems: list[str] = []
     label = -1
     try:
         label = class_index(rec.category)
     except KeyError as e:
         problems.append(f"{csv_path}: row {rec.row + 2}: {e.args[0]}")
-
-    frames_dir = rec.frame_paths[0].parent
-    if not frames_dir.is_dir():
-        problems.append(f"{frames_dir}: frame folder not found (no frames for this CSV row)")
-        frames = [None] * FRAMES_PER_VIDEO
-    else:
-        frames = [_read_rgb(p, problems) for p in rec.frame_paths]
-    hw = None
-    good = [f for f in frames if f is not None]
-    if good:
-        hw = good[0].shape[:2]
-        for p, f in zip(rec.frame_paths, frames):
-            if f is not None and f.shape[:2] != hw:
-                problems.append(f"{p}: frame is {f.shape[1]}x{f.shape[0]}, frame 1 is {hw[1]}x{hw[0]}")
-
+    frames, hw = _read_frames(rec, problems)
     masks_dir = rec.mask_paths[0].parent if rec.mask_paths else None
     not_clean: list[dict] = []
     if masks_dir is not None and not masks_dir.is_dir():
@@ -163,47 +199,15 @@ def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta
         masks = [None] * len(rec.mask_paths)
     else:
         masks = [_read_mask(p, rec.subset, hw, problems, not_clean) for p in rec.mask_paths]
-
-    audio, audio_source = None, None
-    try:
-        audio, audio_source = load_audio(rec)
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.shape != (FRAMES_PER_VIDEO, 1, 96, 64):
-            problems.append(f"{rec.logmel_path}: audio features have shape {list(audio.shape)}, expected [5, 1, 96, 64]")
-            audio = None
-    except AudioError as e:
-        problems.append(str(e) if str(rec.logmel_path) in str(e) or str(rec.wav_path) in str(e)
-                        else f"{rec.logmel_path}: {e}")
-
-    boxes, box_source = None, None
+    audio, audio_source = _read_audio(rec, problems)
+    boxes = box_source = None
     if hw is not None and all(m is not None for m in masks) and all(f is not None for f in frames):
-        try:
-            # Foreground for a box: target > 1/2 (stored v > 127), how a prediction is read.
-            fg = {k: m > 127 for k, m in zip(rec.mask_frames, masks)}
-            boxes, box_source = boxes_for_video(rec, hw, fg, opts.boxes)
-            boxes = np.asarray(boxes, dtype=np.float32)
-            h, w = hw
-            for i, b in enumerate(boxes):
-                x0, y0, x1, y1 = (float(v) for v in b)
-                if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-                    problems.append(f"frame {i + 1} of {rec.name}: box {[x0, y0, x1, y1]} ({box_source[i]}) "
-                                    f"is empty or outside the {w}x{h} image")
-        except BoxError as e:
-            problems.append(str(e))
-
+        boxes, box_source = _boxes(rec, hw, masks, opts, problems)
     if problems:
         return None, problems
-    video = {
-        "frames": np.stack(frames),
-        "masks": np.stack(masks) if masks else np.zeros((0, *hw), np.uint8),
-        "mask_frames": list(rec.mask_frames),
-        "audio": audio[:, 0],
-        "audio_source": audio_source,
-        "boxes": boxes,
-        "box_source": list(box_source),
-        "label": label,
-        "masks_not_clean": not_clean,
-    }
+    video = {"frames": np.stack(frames), "masks": np.stack(masks) if masks else np.zeros((0, *hw), np.uint8),
+             "mask_frames": list(rec.mask_frames), "audio": audio[:, 0], "audio_source": audio_source,
+             "boxes": boxes, "box_source": list(box_source), "label": label, "masks_not_clean": not_clean}
     if with_crops:
         video["crops"] = np.stack([_crop(f, b, opts.crop_size) for f, b in zip(frames, boxes)])
     return video, []

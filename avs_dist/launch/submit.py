@@ -238,64 +238,35 @@ def _abs_config(config: str) -> str:
     return str(Path(config).resolve()) if is_config_path(config) else config
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from avs_dist.launch.slurm import TrainJob
+def check_request(args, config: str, base: list[str]) -> list[list[str]]:
+    """Every check before anything is submitted; returns the override list of each job.
 
-    run_dir = Path(args.run_dir).resolve()
-    shards = Path(args.shards).resolve()
-    config = _abs_config(args.config)
-    base = [*args.overrides, f"data.shards={json.dumps(str(shards))}"]
-    try:
-        for name, value in (("--nodes", args.nodes), ("--time", args.time), ("--max-requeues", args.max_requeues + 1),
-                            ("--tasks-per-node", args.tasks_per_node or 1), ("--signal-delay", args.signal_delay)):
-            if value < 1:
-                raise ConfigError(f"{name} must be positive")
-        specs = read_array_specs(args.array) if args.array else [[]]
-        tasks = tasks_per_node(args)
-        for i, spec in enumerate(specs):
-            # every job's config, and (once) the shard set, are checked before anything is submitted
-            cfg = load_config(config, [*base, *spec])
-            check_run(cfg, args.nodes * tasks, args.gpus_per_node > 0, sha256=args.check_sha256,
-                      shards=not args.dry_run and i == 0)
-    except (ConfigError, RuntimeError, ValueError, OSError) as e:
-        print(f"avs-dist submit: {e}", file=sys.stderr)
-        return 2
+    Every job's config, and once the shard set (not with --dry-run), are checked for a world of
+    --nodes x --tasks-per-node ranks (launch/args.py check_run). ConfigError / ShardError / OSError."""
+    for name, value in (("--nodes", args.nodes), ("--time", args.time), ("--max-requeues", args.max_requeues + 1),
+                        ("--tasks-per-node", args.tasks_per_node or 1), ("--signal-delay", args.signal_delay)):
+        if value < 1:
+            raise ConfigError(f"{name} must be positive")
+    specs = read_array_specs(args.array) if args.array else [[]]
+    for i, spec in enumerate(specs):
+        cfg = load_config(config, [*base, *spec])
+        check_run(cfg, args.nodes * tasks_per_node(args), args.gpus_per_node > 0, sha256=args.check_sha256,
+                  shards=not args.dry_run and i == 0)
+    return specs
 
-    if args.array:
-        width = len(str(len(specs) - 1))
-        run_dirs = [run_dir / sweep_dir_name(i, spec, width) for i, spec in enumerate(specs)]
-    else:
-        run_dirs = [run_dir]
-    folder = Path(args.log_folder).resolve() if args.log_folder else run_dir / "slurm"
-    params = slurm_parameters(args, len(specs))
-    try:
-        executor = make_executor(folder, params, args.max_requeues, args.dry_run)
-    except (RuntimeError, ValueError) as e:  # no srun on this machine; an option submitit rejects
-        print(f"avs-dist submit: {e}", file=sys.stderr)
-        return 2
-    jobs_fn = [TrainJob(config, [*base, *spec], str(rd), args.max_requeues, resume=args.resume)
-               for spec, rd in zip(specs, run_dirs)]
 
-    if args.dry_run:
-        print("# sbatch parameters (submitit SlurmExecutor.update_parameters)")
-        print(json.dumps(executor.parameters, indent=2, default=str))
-        print(f"# max requeues: {args.max_requeues}; log folder: {folder}")
-        for fn in jobs_fn:
-            print(f"# job: config {fn.config}, run dir {fn.run_dir}, overrides {' '.join(fn.overrides)}")
-        print("# sbatch script")
-        print(sbatch_script(executor, len(specs)))
-        return 0
+def print_dry_run(executor, folder: Path, max_requeues: int, jobs_fn: list, n_jobs: int) -> None:
+    print("# sbatch parameters (submitit SlurmExecutor.update_parameters)")
+    print(json.dumps(executor.parameters, indent=2, default=str))
+    print(f"# max requeues: {max_requeues}; log folder: {folder}")
+    for fn in jobs_fn:
+        print(f"# job: config {fn.config}, run dir {fn.run_dir}, overrides {' '.join(fn.overrides)}")
+    print("# sbatch script")
+    print(sbatch_script(executor, n_jobs))
 
-    from submitit.core.utils import FailedSubmissionError
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        jobs = executor.submit_array(jobs_fn)  # one function: submitit sends a plain (non-array) job
-    except (FailedSubmissionError, OSError, RuntimeError) as e:
-        print(f"avs-dist submit: sbatch failed: {e}", file=sys.stderr)
-        return 1
-
+def print_submitted(jobs: list, specs: list, run_dir: Path, run_dirs: list[Path], params: dict) -> None:
+    """Job ids, log paths, the sweep map (an array) and how to follow the run."""
     tasks = params["nodes"] * params["ntasks_per_node"]
     for job, rd in zip(jobs, run_dirs):
         paths = job.task(0).paths
@@ -310,6 +281,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  status: squeue -j {first}; sacct -j {first}")
     print(f"  tensorboard --logdir {run_dir if len(jobs) > 1 else run_dir / 'tb'}")
     sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from avs_dist.launch.slurm import TrainJob
+
+    run_dir = Path(args.run_dir).resolve()
+    config = _abs_config(args.config)
+    base = [*args.overrides, f"data.shards={json.dumps(str(Path(args.shards).resolve()))}"]
+    try:
+        specs = check_request(args, config, base)
+    except (ConfigError, RuntimeError, ValueError, OSError) as e:
+        print(f"avs-dist submit: {e}", file=sys.stderr)
+        return 2
+    width = len(str(len(specs) - 1))
+    run_dirs = [run_dir / sweep_dir_name(i, spec, width) for i, spec in enumerate(specs)] if args.array else [run_dir]
+    folder = Path(args.log_folder).resolve() if args.log_folder else run_dir / "slurm"
+    params = slurm_parameters(args, len(specs))
+    try:
+        executor = make_executor(folder, params, args.max_requeues, args.dry_run)
+    except (RuntimeError, ValueError) as e:  # no srun on this machine; an option submitit rejects
+        print(f"avs-dist submit: {e}", file=sys.stderr)
+        return 2
+    jobs_fn = [TrainJob(config, [*base, *spec], str(rd), args.max_requeues, resume=args.resume)
+               for spec, rd in zip(specs, run_dirs)]
+    if args.dry_run:
+        print_dry_run(executor, folder, args.max_requeues, jobs_fn, len(specs))
+        return 0
+
+    from submitit.core.utils import FailedSubmissionError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        jobs = executor.submit_array(jobs_fn)  # one function: submitit sends a plain (non-array) job
+    except (FailedSubmissionError, OSError, RuntimeError) as e:
+        print(f"avs-dist submit: sbatch failed: {e}", file=sys.stderr)
+        return 1
+    print_submitted(jobs, specs, run_dir, run_dirs, params)
     return wait_for(jobs, run_dirs) if args.wait else 0
 
 

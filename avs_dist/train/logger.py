@@ -11,9 +11,12 @@ every `train.log_every_steps` steps, at the last step, and whenever the loop ask
 every step a checkpoint covers); every queued step then becomes one metrics.jsonl line.
 Overlay images go to TensorBoard every `train.image_every_steps` steps. The terminal shows
 a line at the first step, every log_every steps and at the last one (rich bars on a TTY).
+With `train.record_videos`, every rank also writes run_dir/videos/rank<r>.jsonl: per step
+{"step", "epoch", "names"} of the videos it trained on (audits of the data order).
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -70,6 +73,9 @@ class RunLogger:
         self._peak_mem = 0
         self.terminal = None
         self.sinks: list = []
+        self.videos = None
+        if train.get("record_videos"):
+            self.videos = JsonlSink.per_rank(self.run_dir / "videos" / f"rank{rank}.jsonl", self.start_step)
         if rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,10 @@ class RunLogger:
     def record_step(self, step: int, batches, out, seconds: float, flush: bool = False) -> None:
         """One optimizer step of the loop: `batches` (data/loader.py StepBatches), `out`
         (train/step.py StepOutput), `seconds` from asking for the data to the optimizer step."""
+        if self.videos is not None:
+            self.videos.write(json.dumps({"step": step, "epoch": batches.epoch,
+                                          "names": [n for b in batches.micro for n in b["name"]]}) + "\n")
+            self.videos.flush()
         if self.rank != 0:
             return  # only rank 0 logs: the other ranks skip the device-to-host copies
         device = out.losses.device
@@ -192,6 +202,8 @@ class RunLogger:
         self._closed = True
         for sink in self.sinks:
             sink.close()
+        if self.videos is not None:
+            self.videos.close()
 
     def __enter__(self):
         return self

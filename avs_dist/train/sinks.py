@@ -155,6 +155,13 @@ class JsonlSink:
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._eval = open(run_dir / "eval.jsonl", "a", encoding="utf-8")
 
+    @staticmethod
+    def per_rank(path: Path, start_step: int):
+        """An append handle on a JSONL file of one rank, without the lines after start_step."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(path, start_step)
+        return open(path, "a", encoding="utf-8")
+
     def step(self, record: dict, show: bool) -> None:
         self._metrics.write(json.dumps(json_value(record)) + "\n")
         self._metrics.flush()
