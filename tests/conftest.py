@@ -46,6 +46,16 @@ def ms3_shards(tmp_path_factory, synth_root):
     return _pack(tmp_path_factory, synth_root, "ms3")
 
 
+@pytest.fixture
+def roots(synth_root, tmp_path):
+    """A writable copy of the synthetic download (both subsets and their boxes), for tests that edit files."""
+    root = tmp_path / "data"
+    for sub in ("Single-source", "Multi-sources"):
+        shutil.copytree(synth_root / sub, root / sub)
+        shutil.copytree(synth_root / "boxes" / sub, root / "boxes" / sub)
+    return root
+
+
 def slurm_missing() -> str | None:
     if shutil.which("sinfo") is None:
         return "no Slurm client here (sinfo not found); start one with slurm/dev-cluster.sh start"

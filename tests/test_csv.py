@@ -6,7 +6,6 @@ deliberately only where the reference would mangle a name (NaN / number parsing)
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import pandas as pd
 import pytest
@@ -32,15 +31,6 @@ def reference_rows(path, columns) -> list[list[str]]:
 
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def roots(synth_root, tmp_path):
-    root = tmp_path / "data"
-    for sub in ("Single-source", "Multi-sources"):
-        shutil.copytree(synth_root / sub, root / sub)
-        shutil.copytree(synth_root / "boxes" / sub, root / "boxes" / sub)
-    return root
 
 
 def test_issue_spreadsheet_saved_csv_packs_identically(roots, s4_shards, tmp_path):

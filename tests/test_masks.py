@@ -139,15 +139,6 @@ def test_target_lut_is_to_tensor_for_every_value():
         mask_targets(x.float())
 
 
-@pytest.fixture
-def roots(synth_root, tmp_path):
-    root = tmp_path / "data"
-    for sub in ("Single-source", "Multi-sources"):
-        shutil.copytree(synth_root / sub, root / sub)
-        shutil.copytree(synth_root / "boxes" / sub, root / "boxes" / sub)
-    return root
-
-
 def test_issue_halo_case(roots, tmp_path, capsys):
     """Issue 11, case 2: an S4 test mask rewritten as a 0/255 object (200 pixels) with a
     3-pixel ring of value 3. Before: 428 foreground pixels (every non-zero pixel); the

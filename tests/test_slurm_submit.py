@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
