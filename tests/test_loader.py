@@ -305,3 +305,18 @@ def test_uint8_then_to_device_equals_float_collate(s4_shards):
     for x, y in zip(a, b):
         for k in ("frames", "crops", "masks"):
             torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (3, 2), (5, 1), (8, 0), (12, 2)])
+def test_eval_every_video_once_on_any_world_size(s4_shards, world, workers):
+    """Any number of ranks (nodes x tasks), more ranks than videos included: every video of the
+    split exactly once, and a rank with nothing to do yields no batch."""
+    cfg = _cfg(eval_batch_videos=2, num_workers=workers)
+    n = read_manifest(s4_shards)["splits"]["train"]["videos"]
+    seen = []
+    for rank in range(world):
+        loader = eval_loader(s4_shards, "train", cfg, rank, world)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        seen += [i for b in batches for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(n))
