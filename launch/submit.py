@@ -181,6 +181,34 @@ def _pending_reason(job_id: str) -> str:
     return f" ({reason})" if reason and reason != "None" else ""
 
 
+# The line every rank of TrainJob logs first (avs_dist/slurm.py), in its own stderr log.
+RANK_HOST = re.compile(r"\] rank (\d+) of \d+ on host (\S+)")
+
+
+def lost_ranks(job, run_dir: Path) -> str:
+    """The ranks that wrote no result, by host, and the checkpoint to resume from; '' if none.
+
+    A rank without a result was killed (its node failed, or every process there died): the
+    message names those nodes, which the other ranks' errors (a peer's address) do not."""
+    missing = [i for i in range(job.num_tasks) if not job.task(i).paths.result_pickle.exists()]
+    if not missing:
+        return ""
+    hosts: dict[int, str] = {}
+    for i in range(job.num_tasks):
+        try:
+            hosts.update((int(r), h) for r, h in RANK_HOST.findall(job.task(i).paths.stderr.read_text(errors="replace")))
+        except OSError:
+            pass
+    by_host: dict[str, list[str]] = {}
+    for i in missing:
+        by_host.setdefault(hosts.get(i, "a host it never named"), []).append(str(i))
+    where = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(r)} on {h}" for h, r in by_host.items())
+    done = sorted(run_dir.glob("checkpoints/*/COMPLETE.json"))
+    resume = (f"resubmit with the same --run-dir to resume from {done[-1].parent}" if done
+              else "no checkpoint was saved yet")
+    return f"  {where}: ended without a result (killed, or the node failed); {resume}\n"
+
+
 def wait_for(jobs: list, run_dirs: list[Path]) -> int:
     """Follow the jobs' states until they end; print each one's outcome. 0 iff all completed."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -208,16 +236,18 @@ def wait_for(jobs: list, run_dirs: list[Path]) -> int:
     for job, run_dir in zip(jobs, run_dirs):
         try:
             results = job.results()
+        except FailedJobError as e:  # a subclass of UncompletedJobError: first
+            state = job.get_info(mode="force").get("State", job.state)
+            print(f"avs-dist submit: job {job.job_id} failed (Slurm state {state}).\n{lost_ranks(job, run_dir)}"
+                  f"  run dir: {run_dir}\n"
+                  f"{_tail(str(e), 40)}", file=sys.stderr)
+            rc = 1
+            continue
         except UncompletedJobError as e:
             state = job.get_info(mode="force").get("State", job.state)
             print(f"avs-dist submit: job {job.job_id} ended without a result (Slurm state {state}): it was "
-                  f"cancelled, killed or ran out of time before finishing.\n  run dir: {run_dir}\n"
-                  f"  last log lines:\n{_tail(str(e))}", file=sys.stderr)
-            rc = 1
-            continue
-        except FailedJobError as e:
-            print(f"avs-dist submit: job {job.job_id} failed.\n  run dir: {run_dir}\n{_tail(str(e), 40)}",
-                  file=sys.stderr)
+                  f"cancelled, killed or ran out of time before finishing.\n{lost_ranks(job, run_dir)}"
+                  f"  run dir: {run_dir}\n  last log lines:\n{_tail(str(e))}", file=sys.stderr)
             rc = 1
             continue
         result = results[0]  # every rank returns the same metrics; rank 0 wrote them
