@@ -65,6 +65,22 @@ def complete_checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/COMPLETE.json"))
 
 
+def test_srun_steps_run_inside_their_nodes(dev_nodes):
+    """A job step on two nodes runs in each node's namespace: its hostname, its own address, and
+    no route out of the bridge."""
+    out = subprocess.run(["srun", "-N2", "-n2", "--time=2", "sh", "-c",
+                          'echo "$(hostname) $(ip -4 -o addr show dev eth0 | cut -d" " -f7) '
+                          '$(ip route show default | wc -l)"'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert all(row[2] == "0" for row in rows), out.stdout  # no default route
+    seen = {node: addr for node, addr, _ in rows}
+    assert len(seen) == 2 and set(seen) <= set(dev_nodes), out.stdout
+    for node, addr in seen.items():  # the address every node and this machine resolve the name to
+        assert addr.split("/")[0] == subprocess.run(["getent", "hosts", node], capture_output=True, text=True,
+                                                    check=True).stdout.split()[0]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_two_nodes_by_two_tasks_equal_one_node_by_four(strategy, s4_shards, slurm_nodes, request, tmp_path):
     reference = request.getfixturevalue(f"reference_{strategy}")
