@@ -1,26 +1,43 @@
 #!/usr/bin/env bash
-# A real single-node Slurm (with accounting) on this machine, for development and CI.
+# A real Slurm (with accounting) on this machine, for development and CI: one node, or N
+# compute nodes that are network namespaces on a private bridge.
 #
-#   slurm/dev-cluster.sh start    install (once), configure and start munged, MariaDB,
-#                                 slurmdbd, slurmctld, slurmd; idempotent
-#   slurm/dev-cluster.sh stop     cancel its jobs, stop exactly the daemons `start` started
-#   slurm/dev-cluster.sh status   sinfo + squeue; exit 0 iff the cluster is up
+#   slurm/dev-cluster.sh start [--nodes N]   install (once), configure and start munged, MariaDB,
+#                                            slurmdbd, slurmctld and one slurmd per node; idempotent
+#   slurm/dev-cluster.sh stop                cancel its jobs, stop exactly the daemons `start` started,
+#                                            remove the namespaces, bridge, addresses and hosts lines
+#   slurm/dev-cluster.sh status              daemons, nodes, sinfo, squeue; exit 0 iff every node is up
+#   slurm/dev-cluster.sh exec NODE CMD...    run CMD on NODE: its network, hostname and hosts file
+#   slurm/dev-cluster.sh kill-node NODE      SIGKILL every process of NODE, its slurmd too (a node
+#                                            failure); the next `start` brings the node back
 #
-# Needs root and Debian 12 (Slurm 22.05 packages). No systemd: daemons are started by
-# hand and every pid this script started is recorded under $AVS_SLURM_DIR/started/, so
-# `stop` never touches a munged or MariaDB that was already running before `start`.
+# --nodes 1 (the default): the machine itself is the node (`hostname -s` at 127.0.0.1).
+# --nodes N >= 2: node i is `avsn<i>`, a network namespace with its own address
+# $AVS_SLURM_SUBNET.(10+i) on the bridge avsdev0 (the controller side is $AVS_SLURM_SUBNET.1),
+# its own hostname (UTS namespace) and its own slurmd; the namespaces have no default route,
+# so nothing they send leaves the bridge. One slurmctld, slurmdbd and munged serve all nodes.
+#
+# Needs root and Debian 12 (Slurm 22.05 packages; iproute2 for N >= 2). No systemd: daemons are
+# started by hand and every pid, namespace, link and hosts line this script made is recorded
+# under $AVS_SLURM_DIR/started/, so `stop` never touches anything that was there before `start`.
 # Logs: $AVS_SLURM_DIR/log/. Why each setting is there: docs/slurm.md and the comments below.
 set -euo pipefail
 
 STATE=${AVS_SLURM_DIR:-/var/lib/avs-dist-slurm}
 CLUSTER=${AVS_SLURM_CLUSTER:-avsdev}
 PARTITION=${AVS_SLURM_PARTITION:-debug}
+SUBNET=${AVS_SLURM_SUBNET:-10.213.47}  # the first three octets of a private /24
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 MARKER="# written by avs-dist slurm/dev-cluster.sh"
+HOSTS_MARK="# avs-dist dev-cluster"  # ends every /etc/hosts line this script adds
 CONF=/etc/slurm/slurm.conf
 DBD_CONF=/etc/slurm/slurmdbd.conf
 DB_PASS_FILE=$STATE/db-password
-NODE=$(hostname -s)
+CTL=$(hostname -s)  # slurmctld's host: the machine
+BRIDGE=avsdev0
+NODE_PREFIX=avsn
+NS_PREFIX=avsdev-
+CTL_ADDR=$SUBNET.1
 T0=$(date +%s%N)
 
 elapsed() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100)); }
@@ -28,6 +45,20 @@ say() { printf '[dev-cluster %5ss] %s\n' "$(elapsed)" "$*"; }
 die() { echo "dev-cluster: error: $*" >&2; exit 1; }
 
 need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts daemons)"; }
+
+# --- nodes -----------------------------------------------------------------------
+# NODES is the node count of the running (or about to start) cluster; $STATE/started/nodes
+# keeps it between calls, so status/stop/exec know the layout `start` made.
+NODES=1
+load_nodes() { [[ -s $STATE/started/nodes ]] && NODES=$(<"$STATE/started/nodes") || NODES=1; }
+node_names() {  # one name per line
+  if ((NODES == 1)); then echo "$CTL"; else local i; for ((i = 1; i <= NODES; i++)); do echo "$NODE_PREFIX$i"; done; fi
+}
+node_index() { [[ $1 =~ ^$NODE_PREFIX([0-9]+)$ ]] && ((BASH_REMATCH[1] >= 1 && BASH_REMATCH[1] <= NODES)) && echo "${BASH_REMATCH[1]}"; }
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+node_ns() { echo "$NS_PREFIX$NODE_PREFIX$1"; }
+node_veth() { echo "avsdev-v$1"; }  # the host side; it is eth0 inside the node
+node_list() { ((NODES == 1)) && echo "$CTL" || echo "$NODE_PREFIX[1-$NODES]"; }
 
 # --- pid bookkeeping ---------------------------------------------------------------
 # A pid counts as ours only while /proc/<pid>/comm still names the daemon, so a recycled
@@ -39,6 +70,11 @@ alive() {  # alive NAME COMM -> 0 if the recorded pid runs COMM
   [[ -r /proc/$pid/comm && $(</proc/$pid/comm) == "$2" ]]
 }
 record() { mkdir -p "$STATE/started"; echo "$2" >"$STATE/started/$1.pid"; }
+
+# Network objects `start` created, one "KIND NAME" per line (netns, link, etcnetns, hosts),
+# so `stop` removes exactly those.
+made() { grep -qxF "$1 $2" "$STATE/started/network" 2>/dev/null; }
+note_made() { made "$1" "$2" || echo "$1 $2" >>"$STATE/started/network"; }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION CMD... : poll CMD every 0.25 s
   local limit=$1 what=$2; shift 2
@@ -60,6 +96,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 
 install_packages() {
   local missing=() p
+  ((NODES == 1)) || PACKAGES+=(iproute2)
   for p in "${PACKAGES[@]}"; do installed "$p" || missing+=("$p"); done
   if ((${#missing[@]} == 0)); then say "packages already installed"; return; fi
   command -v apt-get >/dev/null || die "apt-get not found: this script needs Debian/Ubuntu packages (${PACKAGES[*]})"
@@ -79,32 +116,187 @@ install_packages() {
   say "packages installed"
 }
 
+# --- network: one namespace per node on a private bridge ------------------------------
+subnet_free() {  # no address or route of this machine overlaps $SUBNET.0/24, except our bridge's
+  [[ $SUBNET =~ ^(10\.[0-9]{1,3}|172\.(1[6-9]|2[0-9]|3[01])|192\.168)\.[0-9]{1,3}$ ]] ||
+    die "AVS_SLURM_SUBNET=$SUBNET must be the first three octets of a private /24 (e.g. 10.213.47)"
+  local clash
+  clash=$( { ip -4 route show root "$SUBNET.0/24"; ip -4 route show match "$SUBNET.0/24"; } | grep -v '^default' |
+    grep -v " dev $BRIDGE " || true)
+  [[ -z $clash ]] || die "subnet $SUBNET.0/24 overlaps this machine's routes ($clash); pick another with AVS_SLURM_SUBNET"
+}
+
+# Every interface we make gets IPv6 off before it comes up: no link-local addresses, router
+# solicitations or MLD reports; the nodes speak only IPv4 to each other and the controller.
+no_ipv6() {  # no_ipv6 [NETNS] IFACE|all|default
+  local f=/proc/sys/net/ipv6/conf/${*: -1}/disable_ipv6
+  if (($# == 2)); then ip netns exec "$1" sh -c "[ ! -e $f ] || echo 1 > $f"; else [[ ! -e $f ]] || echo 1 >"$f"; fi
+}
+
+setup_bridge() {
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    note_made link "$BRIDGE"
+    no_ipv6 "$BRIDGE"
+  elif ! made link "$BRIDGE"; then
+    die "a network interface $BRIDGE that this script did not make exists; remove it or stop what made it"
+  fi
+  ip addr replace "$CTL_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+}
+
+setup_node_net() {  # setup_node_net I
+  local i=$1 ns veth addr
+  ns=$(node_ns "$i"); veth=$(node_veth "$i"); addr=$(node_addr "$i")
+  if [[ ! -e /run/netns/$ns ]]; then
+    ip netns add "$ns"
+    note_made netns "$ns"
+    no_ipv6 "$ns" all; no_ipv6 "$ns" default
+  elif ! made netns "$ns"; then
+    die "network namespace $ns exists but was not made by this script; remove it (ip netns del $ns) first"
+  fi
+  if ! ip link show "$veth" >/dev/null 2>&1; then
+    ip link add "$veth" type veth peer name eth0 netns "$ns"
+    no_ipv6 "$veth"
+  fi
+  ip link set "$veth" master "$BRIDGE"
+  ip link set "$veth" up
+  ip -n "$ns" addr replace "$addr/24" dev eth0
+  ip -n "$ns" link set lo up
+  ip -n "$ns" link set eth0 up
+  # No default route: an address outside the bridge is unreachable from inside the node.
+  ! ip -n "$ns" route show default | grep -q . || die "namespace $ns has a default route; refusing to run nodes that can reach outside"
+}
+
+# The node's network namespace, a UTS namespace with its hostname, and a mount namespace
+# in which its hosts file covers /etc/hosts. (Not `ip netns exec`: that remounts /sys, which
+# hides /sys/fs/cgroup, and slurmd 22.05 will not start without it.)
+in_node() {  # in_node I CMD...
+  local i=$1 ns; shift
+  ns=$(node_ns "$i")
+  nsenter --net="/run/netns/$ns" -- unshare --uts --mount --propagation private -- \
+    /bin/sh -c 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"' \
+    sh "/etc/netns/$ns/hosts" "$NODE_PREFIX$i" "$@"
+}
+
+hosts_lines() {  # the nodes' names, as every node and the machine resolve them
+  local i; for ((i = 1; i <= NODES; i++)); do echo "$(node_addr "$i") $NODE_PREFIX$i"; done
+}
+
+write_hosts() {
+  local i ns name existing
+  # Inside a node /etc/netns/<ns>/hosts covers /etc/hosts (in_node, and `ip netns exec` does
+  # the same): the controller's name is its bridge address there (127.0.0.1 would be the
+  # node's own loopback).
+  [[ -d /etc/netns ]] || { mkdir /etc/netns; note_made etcnetns /etc/netns; }
+  for ((i = 1; i <= NODES; i++)); do
+    ns=$(node_ns "$i")
+    mkdir -p "/etc/netns/$ns"; note_made etcnetns "/etc/netns/$ns"
+    { printf '127.0.0.1 localhost\n%s %s\n' "$CTL_ADDR" "$CTL"; hosts_lines; } >"/etc/netns/$ns/hosts"
+  done
+  # The machine's /etc/hosts gets one marked line per node, appended (other programs read the
+  # file meanwhile: no rewrite while it is in use); `stop` removes exactly the marked lines.
+  for ((i = 1; i <= NODES; i++)); do
+    name=$NODE_PREFIX$i
+    existing=$(grep -v -F "$HOSTS_MARK" /etc/hosts | awk -v n="$name" '$1 !~ /^#/ { for (f = 2; f <= NF; f++) if ($f == n) print }' || true)
+    [[ -z $existing ]] || die "/etc/hosts already names $name ($existing); this script will not shadow it"
+  done
+  local wanted have
+  wanted=$(hosts_lines | sed "s/\$/ $HOSTS_MARK node/")
+  have=$(grep -F "$HOSTS_MARK node" /etc/hosts || true)
+  if [[ $have != "$wanted" ]]; then
+    [[ -z $have ]] || remove_hosts_lines "$HOSTS_MARK node"
+    [[ -z $(tail -c 1 /etc/hosts) ]] || echo >>/etc/hosts  # a last line without its newline
+    printf '%s\n' "$wanted" >>/etc/hosts
+  fi
+  note_made hosts /etc/hosts
+}
+
+remove_hosts_lines() {  # remove_hosts_lines MARK : rewritten in place, as it may be a bind mount
+  grep -qF "$1" /etc/hosts || return 0
+  local kept; kept=$(grep -v -F "$1" /etc/hosts || true)
+  { [[ -z $kept ]] || printf '%s\n' "$kept"; } >/etc/hosts.avs-dist.tmp
+  cat /etc/hosts.avs-dist.tmp >/etc/hosts; rm -f /etc/hosts.avs-dist.tmp
+}
+
+setup_network() {
+  subnet_free
+  setup_bridge
+  local i; for ((i = 1; i <= NODES; i++)); do setup_node_net "$i"; done
+  write_hosts
+  say "network: bridge $BRIDGE $CTL_ADDR/24, nodes $(hosts_lines | tr '\n' ' ')"
+}
+
+remove_network() {
+  local f=$STATE/started/network kind name pid
+  [[ -s $f ]] || return 0
+  # Processes still inside a node (a job step slurmd left behind, an `exec`) were started
+  # there through this script's slurmd or `exec`: end them, or the namespace outlives `ip netns del`.
+  while read -r kind name; do
+    [[ $kind == netns && -e /run/netns/$name ]] || continue
+    for pid in $(ip netns pids "$name" 2>/dev/null); do kill -TERM "$pid" 2>/dev/null || true; done
+    wait_for 10 "processes in $name" bash -c "[[ -z \$(ip netns pids $name 2>/dev/null) ]]" ||
+      for pid in $(ip netns pids "$name" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  done <"$f"
+  while read -r kind name; do
+    case $kind in
+      netns) ip netns del "$name" 2>/dev/null || true ;;  # its eth0 goes with it, and the veth peer with that
+      link) ip link del "$name" 2>/dev/null || true ;;
+      hosts) remove_hosts_lines "$HOSTS_MARK" ;;
+    esac
+  done <"$f"
+  # /etc/netns/<ns> before /etc/netns itself (reverse order of creation).
+  tac "$f" | while read -r kind name; do
+    [[ $kind == etcnetns ]] || continue
+    [[ $name == /etc/netns ]] && { rmdir "$name" 2>/dev/null || true; continue; }
+    rm -f "$name/hosts"; rmdir "$name" 2>/dev/null || true
+  done
+  rm -f "$f"
+  say "network removed (namespaces, bridge $BRIDGE, addresses, hosts lines)"
+}
+
 # --- configuration ----------------------------------------------------------------
 check_ours() {  # never overwrite a Slurm config that someone else wrote
   [[ ! -e $1 ]] || head -n 1 "$1" | grep -qF "$MARKER" ||
     die "$1 exists and was not written by this script; refusing to overwrite a real cluster's config"
 }
 
+node_lines() {  # one NodeName line per node, the CPU line from the hardware (`slurmd -C`)
+  local hw mem cpuline i
+  hw=$(slurmd -C | head -n 1)
+  mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
+  cpuline=$(sed -e 's/ RealMemory=[0-9]*//' -e 's/ UpTime=.*//' -e 's/^NodeName=[^ ]* //' <<<"$hw")
+  [[ $cpuline == CPUs=* && -n $mem ]] || die "could not parse 'slurmd -C' output: $hw"
+  # RealMemory at ~90% of what it detects (a node reporting less memory than configured is
+  # drained), shared out between the nodes, which all live on this one machine.
+  mem=$(( mem * 9 / 10 / NODES ))
+  if ((NODES == 1)); then
+    echo "NodeName=$CTL $cpuline RealMemory=$mem NodeAddr=127.0.0.1 State=UNKNOWN"
+  else
+    for ((i = 1; i <= NODES; i++)); do
+      echo "NodeName=$NODE_PREFIX$i $cpuline RealMemory=$mem NodeAddr=$(node_addr "$i") State=UNKNOWN"
+    done
+  fi
+}
+
 write_config() {
   check_ours "$CONF"; check_ours "$DBD_CONF"
   mkdir -p /etc/slurm "$STATE"/{ctld,spool,log,run}
-  getent hosts "$NODE" >/dev/null || { echo "127.0.0.1 $NODE" >>/etc/hosts; say "added $NODE to /etc/hosts"; }
-
-  # The node line comes from the hardware (`slurmd -C`); RealMemory at ~90% of what it
-  # detects, because a node reporting less memory than configured is drained.
-  local hw mem cpuline
-  hw=$(slurmd -C | head -n 1)
-  mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
-  cpuline=$(sed -e 's/ RealMemory=[0-9]*//' -e 's/ UpTime=.*//' <<<"$hw")
-  [[ $cpuline == NodeName=* && -n $mem ]] || die "could not parse 'slurmd -C' output: $hw"
-  cpuline=${cpuline/NodeName=* CPUs/NodeName=$NODE CPUs}
+  if ! getent hosts "$CTL" >/dev/null; then
+    echo "127.0.0.1 $CTL $HOSTS_MARK controller" >>/etc/hosts; note_made hosts /etc/hosts; say "added $CTL to /etc/hosts"
+  fi
+  # Single node: everything on loopback. Several: the nodes reach slurmctld and slurmdbd at
+  # the bridge address (their own 127.0.0.1 is inside their namespace).
+  local ctl_addr=127.0.0.1 dbd_host=localhost
+  ((NODES == 1)) || { ctl_addr=$CTL_ADDR; dbd_host=$CTL_ADDR; }
+  local nodes; nodes=$(node_lines)
 
   [[ -s $DB_PASS_FILE ]] || { head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$DB_PASS_FILE"; chmod 600 "$DB_PASS_FILE"; }
 
   cat >"$CONF" <<EOF
 $MARKER (edits are overwritten on start)
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$CTL($ctl_addr)
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
@@ -126,17 +318,21 @@ MailProg=/bin/true
 KillWait=5
 InactiveLimit=0
 MinJobAge=300
+# A node whose slurmd stops answering is DOWN after 30 s (default 300 s), and its jobs end
+# (NODE_FAIL) or requeue: the node-failure tests wait for this.
+SlurmdTimeout=30
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+# %n: one spool, pid file and log per node (several slurmd share this machine's files).
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
-SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmdPidFile=$STATE/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$dbd_host
 JobCompType=jobcomp/none
-$cpuline RealMemory=$(( mem * 9 / 10 )) NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$nodes
+PartitionName=$PARTITION Nodes=$(node_list) Default=YES MaxTime=INFINITE State=UP
 EOF
 
   cat >"$DBD_CONF" <<EOF
@@ -166,7 +362,8 @@ start_munge() {
   chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
   install -d -o munge -g munge -m 755 /run/munge
   rm -f /run/munge/munged.pid
-  # munged refuses to run as root; it daemonizes and writes its own pid file.
+  # munged refuses to run as root; it daemonizes and writes its own pid file. Its socket
+  # is a file under /run/munge, which the nodes' namespaces share with the machine.
   runuser -u munge -- /usr/sbin/munged
   record munged "$(pid_from_file /run/munge/munged.pid 10)" || die "munged did not write its pid file"
   wait_for 10 munged munge_ok || die "munged started but munge/unmunge fails"
@@ -198,27 +395,66 @@ GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
 EOF
 }
 
-start_slurm_daemon() {  # start_slurm_daemon NAME : slurmdbd | slurmctld | slurmd
-  local name=$1 pidfile=$STATE/run/$1.pid
-  if alive "$name" "$name"; then say "$name already running (pid $(<"$STATE/started/$name.pid"))"; return; fi
-  if pgrep -x "$name" >/dev/null; then
-    die "a $name not started by this script is running (pid $(pgrep -x "$name" | head -n 1)); stop it first"
-  fi
+foreign() {  # foreign COMM -> pids running COMM that this script did not start
+  local pid f ours=" "
+  for f in "$STATE"/started/*.pid; do [[ -s $f ]] && ours+="$(<"$f") "; done
+  for pid in $(pgrep -x "$1" || true); do [[ $ours == *" $pid "* ]] || echo "$pid"; done
+}
+
+start_slurm_daemon() {  # start_slurm_daemon NAME [NODE [NETNS]] : slurmdbd | slurmctld | slurmd
+  local name=$1 node=${2:-} ns=${3:-} key=$1 pidfile=$STATE/run/$1.pid
+  [[ -z $node ]] || { key=$name-$node; pidfile=$STATE/run/$name-$node.pid; }
+  if alive "$key" "$name"; then say "$key already running (pid $(<"$STATE/started/$key.pid"))"; return; fi
+  # A daemon that was just started may still show its pre-fork parent for a moment.
+  local other tries
+  for tries in 1 2 3 4 5 6 7 8; do other=$(foreign "$name" | head -n 1); [[ -n $other ]] || break; sleep 0.25; done
+  [[ -z $other ]] || die "a $name not started by this script is running (pid $other); stop it first"
   rm -f "$pidfile"
-  "/usr/sbin/$name" || die "$name failed to start (log: $STATE/log/$name.log)"
-  local pid
-  pid=$(pid_from_file "$pidfile" 15) || { tail -n 20 "$STATE/log/$name.log" >&2; die "$name wrote no pid file"; }
-  record "$name" "$pid"
-  say "$name started (pid $pid)"
+  [[ -z $node ]] || mkdir -p "$STATE/spool/$node"  # SlurmdSpoolDir=.../%n: slurmd does not create it
+  if [[ -z $node ]]; then
+    "/usr/sbin/$name" || die "$name failed to start (log: $STATE/log/$name.log)"
+  elif [[ -z $ns ]]; then
+    /usr/sbin/slurmd -N "$node" || die "slurmd failed to start (log: $STATE/log/slurmd-$node.log)"
+  else
+    # Inside the node: the daemon and every job step it starts inherit its network,
+    # hostname and hosts file.
+    in_node "$(node_index "$node")" /usr/sbin/slurmd -N "$node" ||
+      die "slurmd for $node failed to start (log: $STATE/log/slurmd-$node.log)"
+  fi
+  local pid log=$STATE/log/$key.log
+  pid=$(pid_from_file "$pidfile" 15) || { tail -n 20 "$log" >&2; die "$key wrote no pid file"; }
+  record "$key" "$pid"
+  say "$key started (pid $pid${ns:+, netns $ns})"
 }
 
 dbd_ok() { sacctmgr -n -P list cluster format=cluster; }
-node_ok() { [[ $(sinfo -h -n "$NODE" -o %t 2>/dev/null) =~ ^(idle|mix|alloc|comp)$ ]]; }
+nodes_ok() {  # every node of the cluster is usable
+  local states; states=$(sinfo -h -N -p "$PARTITION" -o '%N %t' 2>/dev/null) || return 1
+  local n; for n in $(node_names); do grep -Eq "^$n (idle|mix|alloc|comp)\$" <<<"$states" || return 1; done
+}
+
+parse_start_args() {
+  while (($#)); do
+    case $1 in
+      --nodes) [[ ${2:-} =~ ^[0-9]+$ ]] || die "--nodes needs a number"; NODES=$2; shift 2 ;;
+      --nodes=*) NODES=${1#--nodes=}; shift ;;
+      *) die "start: unknown argument '$1' (usage: $0 start [--nodes N])" ;;
+    esac
+  done
+  [[ $NODES =~ ^[0-9]+$ ]] && ((NODES >= 1 && NODES <= 32)) || die "--nodes must be between 1 and 32, got '$NODES'"
+}
 
 cmd_start() {
   need_root
+  NODES=1
+  parse_start_args "$@"
   mkdir -p "$STATE"/{log,started}
+  if alive slurmctld slurmctld && [[ -s $STATE/started/nodes && $(<"$STATE/started/nodes") != "$NODES" ]]; then
+    die "the dev cluster is running with $(<"$STATE/started/nodes") node(s); stop it first ($0 stop) to start $NODES"
+  fi
+  echo "$NODES" >"$STATE/started/nodes"
   install_packages
+  ((NODES == 1)) || setup_network
   write_config
   start_munge
   start_mariadb
@@ -228,14 +464,17 @@ cmd_start() {
   dbd_ok | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   start_slurm_daemon slurmctld
   wait_for 30 slurmctld scontrol ping || die "slurmctld does not answer 'scontrol ping' (log: $STATE/log/slurmctld.log)"
-  start_slurm_daemon slurmd
-  if ! wait_for 60 node node_ok; then
-    sinfo -R >&2 || true
-    tail -n 20 "$STATE/log/slurmd.log" >&2
-    die "node $NODE is not idle after 60 s"
+  local i
+  if ((NODES == 1)); then start_slurm_daemon slurmd "$CTL"; else
+    for ((i = 1; i <= NODES; i++)); do start_slurm_daemon slurmd "$NODE_PREFIX$i" "$(node_ns "$i")"; done
   fi
-  echo "$(date -u +%FT%TZ) start $(elapsed)s" >>"$STATE/timings.log"
-  say "cluster '$CLUSTER' up: $(sinfo -h -o '%P %D %c CPUs %m MB %t')"
+  if ! wait_for 60 nodes nodes_ok; then
+    sinfo -R >&2 || true
+    tail -n 20 "$STATE"/log/slurmd-*.log >&2
+    die "not every node is idle after 60 s"
+  fi
+  echo "$(date -u +%FT%TZ) start --nodes $NODES $(elapsed)s" >>"$STATE/timings.log"
+  say "cluster '$CLUSTER' up: $(sinfo -h -o '%P %D node(s) %c CPUs %m MB %t %N')"
 }
 
 stop_pid() {  # stop_pid NAME COMM : TERM, wait up to 20 s, then KILL
@@ -264,34 +503,81 @@ cmd_stop() {
       wait_for 30 jobs bash -c '[[ -z $(squeue -h -o %A 2>/dev/null) ]]' || say "jobs still listed after 30 s: $(squeue -h -o %A | tr '\n' ' ')"
     fi
   fi
-  stop_pid slurmd slurmd
+  local f
+  for f in "$STATE"/started/slurmd-*.pid "$STATE"/started/slurmd.pid; do  # (slurmd.pid: an older version's)
+    [[ -e $f ]] && stop_pid "$(basename "$f" .pid)" slurmd
+  done
   stop_pid slurmctld slurmctld
   stop_pid slurmdbd slurmdbd
   stop_pid mariadb mariadbd
   stop_pid munged munged
+  remove_network
+  rm -f "$STATE/started/nodes"
   say "stopped"
 }
 
 cmd_status() {
-  local up=0
+  local up=0 d comm f i
   if ! command -v sinfo >/dev/null; then echo "Slurm is not installed (run: $0 start)"; exit 1; fi
+  load_nodes
   echo "== daemons started by dev-cluster.sh"
-  local d comm
-  for d in munged mariadb slurmdbd slurmctld slurmd; do
+  for d in munged mariadb slurmdbd slurmctld; do
     comm=$d; [[ $d == mariadb ]] && comm=mariadbd
     if alive "$d" "$comm"; then echo "  $d: running (pid $(<"$STATE/started/$d.pid"))"; else echo "  $d: not started here"; fi
   done
-  echo "== sinfo"; sinfo || up=1
+  echo "== nodes ($NODES)"
+  for d in $(node_names); do
+    local where="127.0.0.1 (this machine)" pid="not running"
+    if ((NODES > 1)); then
+      i=$(node_index "$d")
+      where="$(node_addr "$i") in netns $(node_ns "$i")"
+      [[ -e /run/netns/$(node_ns "$i") ]] || where+=" (MISSING)"
+    fi
+    alive "slurmd-$d" slurmd && pid="pid $(<"$STATE/started/slurmd-$d.pid")"
+    echo "  $d: $where, slurmd $pid, $(sinfo -h -n "$d" -o '%t %E' 2>/dev/null || echo 'state unknown')"
+  done
+  ((NODES == 1)) || echo "  bridge $BRIDGE: $(ip -br -4 addr show dev "$BRIDGE" 2>/dev/null | awk '{print $2, $3}' || echo MISSING)"
+  echo "== sinfo"; sinfo -N -l || up=1
   echo "== squeue"; squeue || up=1
-  echo "== accounting (sacct)"; sacct -n -X -S now-1hours -o JobID,JobName,State | tail -n 5 || up=1
-  node_ok || { echo "node $NODE is not up: $(sinfo -h -n "$NODE" -o '%t %E' 2>/dev/null)"; up=1; }
+  echo "== accounting (sacct)"; sacct -n -X -S now-1hours -o JobID,JobName,State,NodeList | tail -n 5 || up=1
+  nodes_ok || { echo "not every node is up"; up=1; }
   ((up == 0)) && echo "cluster is up" || echo "cluster is NOT up"
   exit $up
 }
 
+cmd_exec() {  # cmd_exec NODE CMD... : as a job step on NODE would see the world
+  need_root
+  load_nodes
+  (($# >= 2)) || die "usage: $0 exec NODE COMMAND [ARG...]"
+  local node=$1 i; shift
+  if ((NODES == 1)); then
+    [[ $node == "$CTL" ]] || die "node '$node' is not in the cluster (nodes: $CTL)"
+    exec "$@"
+  fi
+  i=$(node_index "$node") || die "node '$node' is not in the cluster (nodes: $(node_list))"
+  [[ -e /run/netns/$(node_ns "$i") ]] || die "node $node has no namespace: is the cluster up? ($0 start --nodes $NODES)"
+  in_node "$i" "$@"
+}
+
+cmd_kill_node() {  # cmd_kill_node NODE : a node failure, for tests; `start` brings the node back
+  need_root
+  load_nodes
+  (($# == 1)) || die "usage: $0 kill-node NODE"
+  ((NODES > 1)) || die "kill-node needs a cluster of namespace nodes ($0 start --nodes 2)"
+  local i ns pids
+  i=$(node_index "$1") || die "node '$1' is not in the cluster (nodes: $(node_list))"
+  ns=$(node_ns "$i")
+  pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  [[ -z ${pids// /} ]] || kill -KILL $pids 2>/dev/null || true
+  say "node $1: killed every process in $ns ($(wc -w <<<"$pids") incl. its slurmd); '$0 start --nodes $NODES' brings it back"
+}
+
 case ${1:-} in
-  start) cmd_start ;;
+  start) shift; cmd_start "$@" ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  exec) shift; cmd_exec "$@" ;;
+  kill-node) shift; cmd_kill_node "$@" ;;
+  *) echo "usage: $0 start [--nodes N] | stop | status | exec NODE COMMAND... | kill-node NODE" >&2; exit 2 ;;
 esac

@@ -70,6 +70,12 @@ def slurm_missing() -> str | None:
     return None
 
 
+def _slurm_unmet(reason: str) -> None:
+    """Skip with the reason; under AVS_REQUIRE_SLURM=1 (CI) fail instead."""
+    if os.environ.get("AVS_REQUIRE_SLURM") == "1":
+        pytest.fail(f"AVS_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
@@ -77,6 +83,32 @@ def slurm_cluster():
     and sets AVS_REQUIRE_SLURM=1: there a missing cluster fails the test instead of skipping it."""
     reason = slurm_missing()
     if reason:
-        if os.environ.get("AVS_REQUIRE_SLURM") == "1":
-            pytest.fail(f"AVS_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+        _slurm_unmet(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_nodes(slurm_cluster) -> list[str]:
+    """The usable nodes of the running Slurm, at least two, else skip (fail under
+    AVS_REQUIRE_SLURM=1). CI starts them with `slurm/dev-cluster.sh start --nodes 2`."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15)
+    nodes = sorted({n for n, state in (line.split() for line in out.stdout.splitlines() if line.strip())
+                    if re.fullmatch(r"idle|mix|alloc|comp", state)})
+    if len(nodes) < 2:
+        _slurm_unmet(f"the multi-node tests need at least 2 usable Slurm nodes, sinfo lists {nodes or 'none'} "
+                     f"(start them with: slurm/dev-cluster.sh start --nodes 2)")
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def dev_nodes(slurm_nodes) -> list[str]:
+    """The nodes, when they are this machine's dev-cluster namespaces, which tests may enter
+    (`dev-cluster.sh exec`) and fail on purpose (`kill-node`); else skip (fail under AVS_REQUIRE_SLURM=1)."""
+    for node in slurm_nodes:
+        from slurm_jobs import DEV_CLUSTER
+
+        out = subprocess.run(["bash", str(DEV_CLUSTER), "exec", node, "hostname"], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode != 0 or out.stdout.strip() != node:
+            _slurm_unmet(f"node {node} is not a namespace node of slurm/dev-cluster.sh on this machine "
+                         f"(`dev-cluster.sh exec {node} hostname`: {(out.stderr or out.stdout).strip()})")
+    return slurm_nodes

@@ -102,3 +102,30 @@ def test_cli_dispatches_submit(tmp_path, capsys):
     assert os.environ.get("SUBMITIT_EXECUTOR") is None  # rendering a script starts no job machinery
     json.dumps(submit.slurm_parameters(submit._parser().parse_args(
         ["--config", "tiny", "--shards", "s", "--run-dir", "r"])))  # parameters stay plain data
+
+
+def test_lost_ranks_names_the_hosts_of_ranks_without_a_result(tmp_path):
+    """A 4-rank job whose node 2 died: ranks 2, 3 wrote no result; the message names their host
+    (from the line every TrainJob rank logs) and the checkpoint a resubmission resumes from."""
+    import submitit
+
+    logs, run_dir = tmp_path / "slurm", tmp_path / "run"
+    logs.mkdir()
+    job = submitit.SlurmJob(folder=logs, job_id="42", tasks=(0, 1, 2, 3))
+    for rank, host in enumerate(["avsn1", "avsn1", "avsn2", "avsn2"]):
+        job.task(rank).paths.stderr.write_text(f"[avs-dist slurm 10:00:00] rank {rank} of 4 on host {host}\n"
+                                               "RuntimeError: Connection closed by peer [10.213.47.12]:27342\n")
+    for rank in (0, 1):
+        job.task(rank).paths.result_pickle.write_bytes(b"")
+    assert submit.lost_ranks(job, run_dir) == ("  ranks 2, 3 on avsn2: ended without a result (killed, or the node "
+                                               "failed); no checkpoint was saved yet\n")
+    for step in (2, 4):
+        (run_dir / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000002" / "COMPLETE.json").write_text("{}")  # step 4 never completed
+    job.task(3).paths.stderr.write_text("")  # died before it named its host
+    assert submit.lost_ranks(job, run_dir) == (
+        f"  rank 2 on avsn2; rank 3 on a host it never named: ended without a result (killed, or the node failed); "
+        f"resubmit with the same --run-dir to resume from {run_dir / 'checkpoints' / 'step_00000002'}\n")
+    for rank in (2, 3):
+        job.task(rank).paths.result_pickle.write_bytes(b"")
+    assert submit.lost_ranks(job, run_dir) == ""

@@ -139,6 +139,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         rank = job_env.global_rank
         done = self.attempts_so_far()
+        # Every rank names its host in its own log; `avs-dist submit --wait` reads these lines
+        # to say where ranks that ended without a result ran (launch/submit.py RANK_HOST).
+        _log(f"rank {rank} of {job_env.num_tasks} on host {job_env.hostname}")
         if rank == 0:
             _log(f"{job_env}: attempt {done + 1} (requeues so far {done}, max {self.max_requeues}), "
                  f"MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={os.environ['MASTER_PORT']}")

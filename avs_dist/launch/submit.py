@@ -182,43 +182,120 @@ def _pending_reason(job_id: str) -> str:
     return f" ({reason})" if reason and reason != "None" else ""
 
 
+# The line every rank of TrainJob logs first (launch/slurm.py), in its own stderr log.
+RANK_HOST = re.compile(r"\] rank (\d+) of \d+ on host (\S+)")
+
+
+def lost_ranks(job, run_dir: Path) -> str:
+    """The ranks that wrote no result, by host, and the checkpoint to resume from; '' if none.
+
+    A rank without a result was killed (its node failed, or every process there died): the
+    message names those nodes, which the other ranks' errors (a peer's address) do not."""
+    from avs_dist.train.checkpoint import latest_valid
+
+    missing = [i for i in range(job.num_tasks) if not job.task(i).paths.result_pickle.exists()]
+    if not missing:
+        return ""
+    hosts: dict[int, str] = {}
+    for i in range(job.num_tasks):
+        try:
+            hosts.update((int(r), h) for r, h in RANK_HOST.findall(job.task(i).paths.stderr.read_text(errors="replace")))
+        except OSError:
+            pass
+    by_host: dict[str, list[str]] = {}
+    for i in missing:
+        by_host.setdefault(hosts.get(i, "a host it never named"), []).append(str(i))
+    where = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(r)} on {h}" for h, r in by_host.items())
+    last = latest_valid(run_dir, warn=lambda m: None)
+    resume = (f"resubmit with the same --run-dir to resume from {last}" if last is not None
+              else "no checkpoint was saved yet")
+    return f"  {where}: ended without a result (killed, or the node failed); {resume}\n"
+
+
+# Slurm states after which a job may still come back: it requeues on a node failure or a
+# preemption (--requeue). They count as the end only once they have lasted REQUEUE_SETTLE_S.
+REQUEUABLE = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "DEADLINE"} | REQUEUABLE
+REQUEUE_SETTLE_S = 45
+
+
+def _slurm(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def job_state(job_id: str) -> tuple[str, str]:
+    """(state, node list) of the job's current attempt: slurmctld's view (squeue) while it
+    knows the job, then accounting's (sacct); ("UNKNOWN", "") before either has it."""
+    out = _slurm("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%N").strip().splitlines()
+    if not out:
+        out = _slurm("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,NodeList").strip().splitlines()
+    if not out:
+        return "UNKNOWN", ""
+    state, _, nodes = out[-1].partition("|")
+    return state.split()[0] if state else "UNKNOWN", nodes.strip()
+
+
+def failed_nodes(nodes: str) -> str:
+    """Which of the job's nodes Slurm marks down, with its reason (e.g. 'avsn2: Not responding')."""
+    names = set(_slurm("scontrol", "show", "hostnames", nodes).split()) if nodes else set()
+    down = [line.split("|", 1) for line in _slurm("sinfo", "-h", "-R", "-N", "-o", "%N|%E").splitlines() if "|" in line]
+    return ", ".join(f"{n}: {why}" for n, why in down if n in names) or nodes
+
+
+def _follow(job_ids: list[str]) -> None:
+    """Print every state change of the jobs until each one ended for good (see REQUEUABLE)."""
+    last: dict[str, str] = {}
+    since: dict[str, float] = {}
+    pending = list(job_ids)
+    while pending:
+        for job_id in list(pending):
+            state, nodes = job_state(job_id)
+            if last.get(job_id) != state and state != "UNKNOWN":
+                last[job_id] = state
+                note = _pending_reason(job_id) if state == "PENDING" else ""
+                if state in REQUEUABLE:
+                    note = (f" on {failed_nodes(nodes)}: Slurm requeues the job (--requeue); its next attempt "
+                            "resumes from the last checkpoint")
+                print(f"  job {job_id}: {state}{note}", flush=True)
+            if state not in FINAL:
+                since.pop(job_id, None)
+            elif state not in REQUEUABLE or time.time() - since.setdefault(job_id, time.time()) > REQUEUE_SETTLE_S:
+                pending.remove(job_id)
+        if pending:
+            time.sleep(2)
+
+
 def wait_for(jobs: list, run_dirs: list[Path]) -> int:
-    """Follow the jobs' states until they end; print each one's outcome. 0 iff all completed."""
+    """Follow the jobs in Slurm until they end (a requeued job: until its last attempt ends),
+    then print each one's outcome from its tasks' results. 0 iff all completed."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
-    last: dict[str, str] = {}
-    pending = list(range(len(jobs)))
     try:
-        while pending:
-            for i in list(pending):
-                job = jobs[i]
-                state = job.state
-                if last.get(job.job_id) != state and state != "UNKNOWN":  # UNKNOWN: not in sacct yet
-                    last[job.job_id] = state
-                    print(f"  job {job.job_id}: {state}{_pending_reason(job.job_id) if state == 'PENDING' else ''}",
-                          flush=True)
-                if job.done():
-                    pending.remove(i)
-            if pending:
-                time.sleep(2)
+        _follow([job.job_id for job in jobs])
     except KeyboardInterrupt:
         print("stopped waiting; the job(s) keep running (scancel to stop them)", file=sys.stderr)
         return 130
+    for job in jobs:
+        job.watcher.clear()  # its cached states may be an earlier attempt's
 
     rc = 0
     for job, run_dir in zip(jobs, run_dirs):
         try:
             results = job.results()
+        except FailedJobError as e:  # a subclass of UncompletedJobError: first
+            state = job.get_info(mode="force").get("State", job.state)
+            print(f"avs-dist submit: job {job.job_id} failed (Slurm state {state}).\n{lost_ranks(job, run_dir)}"
+                  f"  run dir: {run_dir}\n{_tail(str(e), 40)}", file=sys.stderr)
+            rc = 1
+            continue
         except UncompletedJobError as e:
             state = job.get_info(mode="force").get("State", job.state)
             print(f"avs-dist submit: job {job.job_id} ended without a result (Slurm state {state}): it was "
-                  f"cancelled, killed or ran out of time before finishing.\n  run dir: {run_dir}\n"
-                  f"  last log lines:\n{_tail(str(e))}", file=sys.stderr)
-            rc = 1
-            continue
-        except FailedJobError as e:
-            print(f"avs-dist submit: job {job.job_id} failed.\n  run dir: {run_dir}\n{_tail(str(e), 40)}",
-                  file=sys.stderr)
+                  f"cancelled, killed or ran out of time before finishing.\n{lost_ranks(job, run_dir)}"
+                  f"  run dir: {run_dir}\n  last log lines:\n{_tail(str(e))}", file=sys.stderr)
             rc = 1
             continue
         result = results[0]  # every rank returns the same metrics; rank 0 wrote them

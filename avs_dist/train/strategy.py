@@ -49,10 +49,14 @@ from avs_dist.precision import PRECISION_DTYPES, autocast, floatify
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
-def _find_unused(cfg: Config) -> bool:
-    # The crop branch without any crop loss leaves its parameters without gradients.
+def _find_unused(cfg: Config, backend: str) -> bool:
+    # The crop branch without any crop loss leaves its parameters without gradients. On gloo
+    # (CPU) the flag also keeps DDP from rebuilding its gradient buckets after the first
+    # iteration: with 3+ ranks the bucket layout decides each element's ring-allreduce
+    # summation order, so a resumed run (initial buckets) would differ in the last bits from
+    # an uninterrupted one (rebuilt buckets). CPU runs are the ones kept bit-exact on resume.
     crop_loss = cfg.loss.crop_ce or cfg.loss.crop_pair or cfg.loss.crop_audio
-    return cfg.model.crop_branch and not crop_loss
+    return (cfg.model.crop_branch and not crop_loss) or backend == "gloo"
 
 
 def state_dict_fp32(module: nn.Module) -> dict:
@@ -82,7 +86,7 @@ class DDPStrategy:
             # torch >= 2.13 deprecates broadcast_buffers; torch 2.11 (the GPU machine) lacks its successor.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             self.engine = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                              broadcast_buffers=False, find_unused_parameters=_find_unused(cfg))
+                              broadcast_buffers=False, find_unused_parameters=_find_unused(cfg, d.backend))
         self.scaler = torch.amp.GradScaler(d.device.type) if precision == "fp16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
 
