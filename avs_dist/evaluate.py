@@ -62,7 +62,10 @@ def _from_state_dict(build_model, cfg, state: dict):
     ~100M parameters); a real build if something is not in the state dict."""
     from avs_dist.models.vggish import VGGish
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, load_weights=False)
+    except (RuntimeError, NotImplementedError):  # a constructor that reads a tensor (older timm's drop-path rates)
         model = build_model(cfg.model, load_weights=False)
     model.load_state_dict(state, assign=True)
     if model.vggish is not None:  # never in checkpoints: its seeded init (or the weights file, below)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avs_dist.config import ModelConfig, load_config
+from avs_dist.config import ModelConfig, load_config, to_dict
 from avs_dist.models import build_model, to_channels_last
 from avs_dist.models.pvt import ARCHS, PVTEncoder
 from avs_dist.models.weights import (WeightsError, is_reference_checkpoint, load_init_from, load_pvt,
@@ -345,3 +345,19 @@ def test_pvt_matmul_upsample_same_logits():
     frames, audio = inputs()
     with torch.no_grad():
         torch.testing.assert_close(b(frames, audio)["logits"], a(frames, audio)["logits"], rtol=1e-10, atol=1e-12)
+
+
+def test_our_pvt_checkpoint_loads_for_inference(tmp_path):
+    from avs_dist.evaluate import load_for_inference
+
+    cfg = load_config("tiny_pvt")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    (tmp_path / "step").mkdir()
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 0, "epoch": 0, "metrics": {}},
+               tmp_path / "step" / "model.pt")
+    loaded, lcfg = load_for_inference(tmp_path / "step")
+    assert lcfg.model.backbone == "pvt_v2_b0" and not loaded.training
+    saved = model.state_dict()
+    assert loaded.state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
