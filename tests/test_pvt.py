@@ -161,7 +161,7 @@ def test_b5_is_the_paper_encoder():
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]
     torch.testing.assert_close(torch.tensor(rates, dtype=torch.float64),
                                torch.linspace(0, 0.1, 52, dtype=torch.float64), rtol=0, atol=1e-7)
-    assert all(not p.requires_grad is False for p in enc.parameters())
+    assert all(p.requires_grad for p in enc.parameters())
 
 
 def test_drop_path_only_in_training():
