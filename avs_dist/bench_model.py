@@ -3,15 +3,18 @@
 Each variant times full training steps (forward, losses, backward, Adam step) on synthetic
 tensors already on the device: median of --steps steps after warm-up, with a device
 synchronisation around each step on GPU. FLOPs are counted once per variant with
-torch.utils.flop_counter.FlopCounterMode over one forward + backward. Variants differ in
+torch.utils.flop_counter.FlopCounterMode over one forward + backward (plus formulas for the
+CPU attention kernels, see flop_counter). Variants differ in
 precision (fp32 / bf16 autocast), memory format (NCHW / channels_last), TPAVI implementation
 (reference / factorized), branches (one: AVSModel; two: + crop branch and its losses) and
-batch size, and optional flags: `_mmup` (decoder upsampling as matrix products, model.upsample)
-and `_fadam` (fused Adam). Names read `{impl}_{precision}_{cl|nchw}_{one|two}_b{B}[_flags]`; --variants takes a
-comma-separated list of names or shell patterns (e.g. 'factorized_bf16_*').
+batch size, and optional flags: `_mmup` (decoder upsampling as matrix products, model.upsample),
+`_fadam` (fused Adam) and `_pvt` (the preset's PVT-v2 encoder instead of its ResNet; the crop
+branch stays a ResNet). Names read `{impl}_{precision}_{cl|nchw}_{one|two}_b{B}[_flags]`; --variants
+takes a comma-separated list of names or shell patterns (e.g. 'factorized_bf16_*', '*_pvt').
 
-Presets: `cpu` (ResNet-18, 32 decoder channels, 64 px; about a minute on 2 cores) and `full`
-(ResNet-50, 256 channels, 224 px: the configurations of docs perf-baseline, for one GPU).
+Presets: `cpu` (ResNet-18 or PVT-v2-b0, 32 decoder channels, 64 px; about a minute on 2 cores)
+and `full` (ResNet-50 or PVT-v2-b5, 256 channels, 224 px: the configurations of docs
+perf-baseline, for one GPU). `reference_fp32_nchw_one_b4[_pvt]` is the reference's own setting.
 """
 from __future__ import annotations
 
@@ -43,15 +46,17 @@ class Variant:
     batch: int  # videos per step (5 frames each)
     upsample: str = "interpolate"  # suffix "_mmup": model.upsample="matmul"
     fused_adam: bool = False  # suffix "_fadam": torch.optim.Adam(fused=True) (CUDA only)
+    pvt: bool = False  # suffix "_pvt": the preset's PVT-v2 backbone
 
     @property
     def name(self) -> str:
         return (f"{self.impl}_{self.precision}_{'cl' if self.channels_last else 'nchw'}_"
                 f"{'two' if self.two_branch else 'one'}_b{self.batch}"
-                f"{'_mmup' if self.upsample == 'matmul' else ''}{'_fadam' if self.fused_adam else ''}")
+                f"{'_mmup' if self.upsample == 'matmul' else ''}{'_fadam' if self.fused_adam else ''}"
+                f"{'_pvt' if self.pvt else ''}")
 
 
-FLAGS = ("mmup", "fadam")
+FLAGS = ("mmup", "fadam", "pvt")
 
 
 def _v(spec: str) -> Variant:
@@ -60,20 +65,24 @@ def _v(spec: str) -> Variant:
             or branches not in ("one", "two") or not b.startswith("b") or any(f not in FLAGS for f in flags):
         raise ValueError(spec)
     return Variant(impl, prec, fmt == "cl", branches == "two", int(b[1:]),
-                   upsample="matmul" if "mmup" in flags else "interpolate", fused_adam="fadam" in flags)
+                   upsample="matmul" if "mmup" in flags else "interpolate", fused_adam="fadam" in flags,
+                   pvt="pvt" in flags)
 
 
 PRESETS = {
     "cpu": {
-        "model": dict(depth=18, decoder_channels=32, crop_depth=18, crop_hidden=64),
+        "model": dict(backbone="resnet18", decoder_channels=32, crop_depth=18, crop_hidden=64),
+        "pvt_backbone": "pvt_v2_b0",
         "image": 64, "crop": 32, "warmup": 1, "steps": 3,
         "variants": [_v(s) for s in (
             "reference_fp32_nchw_one_b2", "factorized_fp32_nchw_one_b2", "factorized_fp32_cl_one_b2",
             "factorized_fp32_nchw_two_b2", "factorized_bf16_nchw_one_b2", "factorized_fp32_nchw_one_b1",
-            "factorized_fp32_nchw_one_b2_mmup")],
+            "factorized_fp32_nchw_one_b2_mmup", "reference_fp32_nchw_one_b2_pvt", "factorized_fp32_nchw_one_b2_pvt",
+            "factorized_bf16_nchw_one_b2_pvt")],
     },
     "full": {
-        "model": dict(depth=50, decoder_channels=256, crop_depth=50, crop_hidden=512),
+        "model": dict(backbone="resnet50", decoder_channels=256, crop_depth=50, crop_hidden=512),
+        "pvt_backbone": "pvt_v2_b5",
         "image": 224, "crop": 224, "warmup": 5, "steps": 20,
         "variants": [_v(s) for s in (
             "reference_fp32_nchw_one_b4", "factorized_fp32_nchw_one_b4",
@@ -83,7 +92,11 @@ PRESETS = {
             "factorized_bf16_nchw_one_b16", "factorized_bf16_nchw_two_b16",
             "factorized_bf16_cl_one_b8", "factorized_bf16_cl_one_b32", "factorized_bf16_cl_two_b32",
             "factorized_bf16_cl_two_b16_mmup", "factorized_bf16_cl_two_b16_fadam",
-            "factorized_bf16_cl_two_b16_mmup_fadam")],
+            "factorized_bf16_cl_two_b16_mmup_fadam",
+            # PVT-v2-b5: the reference's setting against ours, then larger batches
+            "reference_fp32_nchw_one_b4_pvt", "factorized_bf16_cl_one_b4_pvt", "factorized_bf16_cl_one_b4_mmup_pvt",
+            "factorized_bf16_cl_one_b16_mmup_pvt", "factorized_bf16_cl_two_b16_mmup_pvt",
+            "factorized_bf16_cl_one_b32_mmup_pvt")],
     },
 }
 
@@ -109,8 +122,36 @@ def sync(device: torch.device) -> None:
 
 
 
+def _cpu_attention_flops() -> dict:
+    """FlopCounterMode formulas for the CPU kernels of scaled_dot_product_attention (PVT-v2's
+    attention, through timm), which torch's counter lacks: the same counts as its formulas
+    for the CUDA kernels. Without them a CPU count leaves out PVT's attention."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+def flop_counter():
+    """torch.utils.flop_counter.FlopCounterMode, counting CPU attention too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
+
+
 def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warmup: int) -> dict:
-    mcfg = ModelConfig(**preset["model"], tpavi_impl=v.impl, crop_branch=v.two_branch,
+    model_kw = {**preset["model"], **({"backbone": preset["pvt_backbone"]} if v.pvt else {})}
+    mcfg = ModelConfig(**model_kw, tpavi_impl=v.impl, crop_branch=v.two_branch,
                        channels_last=v.channels_last, upsample=v.upsample)
     lcfg = LossConfig(crop_ce=v.two_branch, crop_pair=v.two_branch, crop_audio=v.two_branch)
     torch.manual_seed(0)
@@ -147,8 +188,7 @@ def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warm
     peak = peak_mem(device) / 2**30
     mem_kind = "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
 
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     opt.zero_grad(set_to_none=True)
     with counter:
         with autocast:
@@ -223,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "preset": args.preset, "model": preset["model"], "image": preset["image"], "crop": preset["crop"],
+        "preset": args.preset, "model": preset["model"], "pvt_backbone": preset["pvt_backbone"],
+        "image": preset["image"], "crop": preset["crop"],
         "steps": steps, "warmup": warmup, "results": [],
     }
     print(f"device {report['device']}, torch {report['torch']}, preset {args.preset}, "

@@ -41,20 +41,28 @@ class DataConfig:
     prefetch_factor: int = 2
 
 
+BACKBONES = ("resnet18", "resnet34", "resnet50", *(f"pvt_v2_b{i}" for i in range(6)))
+
+
 @dataclass
 class ModelConfig:
-    depth: int = 50  # ResNet encoder depth: 18, 34 or 50
+    # Image encoder: a torchvision ResNet or timm's PVT-v2 (AVSBench's two models: resnet50,
+    # pvt_v2_b5). Replaces the former `depth` (model.depth = 50 reads as backbone "resnet50").
+    backbone: str = "resnet50"
+    drop_path: float = 0.1  # PVT-v2 stochastic depth, rising from 0 to this over the blocks; ResNets have none
     decoder_channels: int = 256
     tpavi_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     tpavi_mode: str = "dot"  # "dot" (audio-visual) or "self" (visual-only ablation)
     tpavi_impl: str = "factorized"  # "factorized" (exact, fast) or "reference" (quadratic oracle)
     audio_input: str = "logmel"  # "logmel" runs the frozen VGGish; "embedding" takes 128-d
     crop_branch: bool = False  # the seed's second ResNet on the 5 sounding-object crops
-    crop_depth: int = 50
+    crop_depth: int = 50  # the crop branch is a ResNet whatever the main backbone
     crop_hidden: int = 512
     crop_relu: str = "between"  # "between" the two linears (sane), "end" (the seed's), "none"
     num_classes: int = 23
-    pretrained_backbone: str = ""  # torchvision ResNet state dict (local file)
+    # ImageNet weights of the encoder (local file): a torchvision ResNet state dict, or for
+    # PVT-v2 the release's pvt_v2_b*.pth or a timm state dict (classifier keys ignored)
+    pretrained_backbone: str = ""
     pretrained_crop_backbone: str = ""
     vggish_weights: str = ""  # vggish-10086976.pth (local file); random init when empty
     init_from: str = ""  # our checkpoint or an AVSBench reference checkpoint to start from
@@ -68,6 +76,10 @@ class LossConfig:
     avm: bool = False
     avm_weight: float = 0.0  # lambda_1 in AVSBench
     avm_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    # The reference's two AVM losses (avsbench-format.md §3 "Base losses", losses.py):
+    # "s4" thresholded mask, normalised features, -log cos; "ms3" soft mask from pooled
+    # logits, KL divergence summed over frames and channels (the MS3 recipe's --kl_flag).
+    avm_variant: str = "s4"
     crop_ce: bool = False
     crop_ce_weight: float = 1.0
     crop_pair: bool = False
@@ -131,13 +143,14 @@ RETIRED = {
 
 _CHOICES = {
     "subset": ("s4", "ms3"),
-    "model.depth": (18, 34, 50),
+    "model.backbone": BACKBONES,
     "model.crop_depth": (18, 34, 50),
     "model.tpavi_mode": ("dot", "self"),
     "model.tpavi_impl": ("factorized", "reference"),
     "model.audio_input": ("logmel", "embedding"),
     "model.crop_relu": ("between", "end", "none"),
     "model.upsample": ("interpolate", "matmul"),
+    "loss.avm_variant": ("s4", "ms3"),
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
     "train.strategy": ("ddp", "zero1", "zero2", "zero3"),
@@ -164,6 +177,19 @@ def _coerce(path: str, value, hint):
     return value
 
 
+def _legacy_depth(value):
+    """model.depth (the ResNet depth, before model.backbone) -> ("backbone", "resnet<depth>")."""
+    name = f"resnet{value}"
+    if isinstance(value, bool) or not isinstance(value, int) or name not in BACKBONES:
+        raise ConfigError(f"model.depth={value!r}: model.depth is replaced by model.backbone; write "
+                          f"model.backbone = one of {BACKBONES}")
+    return "backbone", name
+
+
+# Keys of older configs (presets, checkpoints and run folders) -> (new key, value).
+_RENAMED = {"model.depth": _legacy_depth}
+
+
 def _apply(obj, mapping: dict, prefix: str = "", saved: bool = False) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
@@ -173,6 +199,12 @@ def _apply(obj, mapping: dict, prefix: str = "", saved: bool = False) -> None:
             if saved:
                 continue
             raise ConfigError(f"config key {path!r} no longer exists; write instead {RETIRED[path]}")
+        if path in _RENAMED:
+            old, (key, value) = value, _RENAMED[path](value)
+            if mapping.get(key, value) != value:
+                raise ConfigError(f"{path}={old!r} and {prefix}{key}={mapping[key]!r} disagree: "
+                                  f"keep only {prefix}{key}")
+            path = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
@@ -305,6 +337,8 @@ def validate(cfg: Config) -> None:
         problems.append("loss.crop_ce needs categories; MS3 has none")
     if cfg.model.decoder_channels % 2:
         problems.append("model.decoder_channels must be even (TPAVI halves it)")
+    if not 0 <= cfg.model.drop_path < 1:
+        problems.append(f"model.drop_path must be in [0, 1) (got {cfg.model.drop_path})")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -47,7 +47,10 @@ def _from_state_dict(build_model, cfg, state: dict):
     ~100M parameters); a real build if something is not in the state dict."""
     from avs_dist.models.vggish import VGGish
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, load_weights=False)
+    except (RuntimeError, NotImplementedError):  # a constructor that reads a tensor (older timm's drop-path rates)
         model = build_model(cfg.model, load_weights=False)
     model.load_state_dict(state, assign=True)
     if model.vggish is not None:  # never in checkpoints: its seeded init (or the weights file, below)
@@ -63,12 +66,15 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
     """-> (model in eval mode on `device`, Config) from our checkpoint or an AVSBench .pth.
 
     `path` is a checkpoint folder (or a run / checkpoints folder: best/, else the newest
-    valid step; train/checkpoint.py model_file), its model.pt, or an AVSBench reference state dict (loaded into the
-    `s4_avsbench` preset; it holds no VGGish, so pass `vggish_weights`). Our checkpoints hold
+    valid step; train/checkpoint.py model_file), its model.pt, or an AVSBench reference state
+    dict, ResNet or PVT: its encoder, decoder width and TPAVI stages are read from the keys and
+    set on the `s4_avsbench` (ResNet) or `s4_pvt` (PVT-v2) preset; it holds no VGGish, so pass
+    `vggish_weights`. Our checkpoints from before model.backbone (model.depth) load too
+    (config.py reads the old key). Our checkpoints hold
     no VGGish either: it is rebuilt from the file the training config names (`vggish_weights`
     overrides that path, for another machine) or, when training used none, its seeded init.
     """
-    from avs_dist.config import config_from_dict, load_config, parse_overrides, to_dict
+    from avs_dist.config import config_from_dict, parse_overrides
 
     path = Path(path)
     if not path.exists():
@@ -99,21 +105,36 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
                                         "model.vggish_weights) do not exist here: pass --vggish-weights PATH")
             load_vggish(model.vggish, vggish_file)
     elif isinstance(obj, dict) and is_reference_checkpoint(obj.get("state_dict", obj)):
-        cfg = load_config("s4_avsbench", config_overrides)
-        data = to_dict(cfg)
-        data["model"].update(vggish_weights=vggish_weights or "", pretrained_backbone="", init_from="")
-        cfg = config_from_dict(data)
+        sd = unwrap_state_dict(obj, "AVSBench reference checkpoint", file)
+        cfg = _reference_config(sd, file, vggish_weights, config_overrides)
         if not vggish_weights:
             print(f"warning: {file} is an AVSBench reference checkpoint, which holds no VGGish weights; "
                   "without --vggish-weights the audio features are random", file=sys.stderr)
         model = build_model(cfg.model)
         # the file is already in memory: no second torch.load of a few hundred MB
-        load_reference_state_dict(model, unwrap_state_dict(obj, "AVSBench reference checkpoint", file), str(file))
+        load_reference_state_dict(model, sd, str(file))
     else:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
                          f"nor an AVSBench reference state dict; found {keys}")
     return model.to(device).eval(), cfg
+
+
+def _reference_config(sd: dict, file, vggish_weights, config_overrides):
+    """The config of an AVSBench reference checkpoint: the S4 preset of its encoder with the
+    model its keys describe, then the caller's overrides (which may not change the encoder)."""
+    from avs_dist.config import config_from_dict, load_config, to_dict
+    from avs_dist.models.weights import reference_model_overrides
+
+    found = reference_model_overrides(sd, str(file))
+    backbone = found[0].partition("=")[2]
+    cfg = load_config("s4_pvt" if backbone.startswith("pvt_") else "s4_avsbench", [*found, *(config_overrides or [])])
+    if cfg.model.backbone != backbone:
+        raise ValueError(f"{file} holds a {backbone} model, but the overrides set model.backbone="
+                         f"{cfg.model.backbone}: drop that override")
+    data = to_dict(cfg)
+    data["model"].update(vggish_weights=vggish_weights or "", pretrained_backbone="", init_from="")
+    return config_from_dict(data)
 
 
 # ---- evaluation loop ----

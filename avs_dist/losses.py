@@ -1,4 +1,4 @@
-"""Training losses: mask BCE, AVM (AVSBench), and the seed's three crop-branch terms.
+"""Training losses: mask BCE, AVM (AVSBench's S4 and MS3 variants), and the seed's three crop-branch terms.
 
 `total, terms = compute_losses(out, batch, cfg.loss)`. `terms` maps each enabled term's name
 (bce, avm, crop_ce, crop_pair, crop_audio) to its UNWEIGHTED value, not detached; `total` is
@@ -35,17 +35,23 @@ def bce_loss(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> 
     return _masked_mean(per_frame.float(), valid.reshape(-1))
 
 
-def avm_loss(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
-    """AVSBench audio-visual matching loss, averaged over `stages`.
-
-    Per stage: the predicted mask (sigmoid, average-pooled to the stage size, > 0.5) pools
-    the stage's visual map; loss = mean over frames of -log(relu(cos(pooled, a'_t)) + 1e-6).
-    The thresholded mask carries no gradient, so it is built from detached logits.
-    """
+def _avm_inputs(avm: list, stages) -> dict:
     by_stage = {s: (v, a) for s, v, a in avm}
     missing = [s for s in stages if s not in by_stage]
     if missing:
         raise ValueError(f"AVM loss: no TPAVI audio-visual output for stages {missing} (have {sorted(by_stage)})")
+    return by_stage
+
+
+def avm_loss_s4(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
+    """AVSBench's S4 audio-visual matching loss (avs_s4/loss.py), averaged over `stages`.
+
+    logits [B*T, 1, H, W]; avm: (stage, visual [B*T, C, h, w], a' [B, T, C]) per TPAVI stage.
+    Per stage: the predicted mask (sigmoid, average-pooled to the stage size, > 0.5) pools
+    the stage's visual map; loss = mean over frames of -log(relu(cos(pooled, a'_t)) + 1e-6).
+    The thresholded mask carries no gradient, so it is built from detached logits.
+    """
+    by_stage = _avm_inputs(avm, stages)
     prob = torch.sigmoid(logits.detach().float())
     total = 0.0
     for s in stages:
@@ -55,6 +61,36 @@ def avm_loss(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
         cos = F.cosine_similarity(pooled.float(), audio.reshape(-1, audio.shape[-1]).float(), dim=-1)
         total = total + (-torch.log(F.relu(cos) + AVM_EPS)).mean()
     return total / len(stages)
+
+
+def avm_loss_ms3(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
+    """AVSBench's MS3 audio-visual matching loss as the MS3 recipe runs it (avs_ms3/loss.py
+    A_MaskedV_SimmLoss with kl_flag, no threshold, no normalisation), averaged over `stages`.
+
+    Per stage: mask = sigmoid(logits average-pooled to the stage size), a soft mask that
+    passes gradient to the logits; pooled = mean over h, w of visual * mask [B*T, C];
+    loss = kl_div(softmax(pooled).log(), softmax(a'), reduction='sum'): summed over the
+    B*T frames and the C channels, not averaged. Computed in float32 whatever the autocast.
+    """
+    by_stage = _avm_inputs(avm, stages)
+    total = 0.0
+    for s in stages:
+        visual, audio = by_stage[s]
+        mask = torch.sigmoid(F.adaptive_avg_pool2d(logits.float(), visual.shape[-2:]))  # [B*T, 1, h, w]
+        pooled = torch.mul(visual.float(), mask).mean(-1).mean(-1)  # [B*T, C], the reference's reduction order
+        target = audio.float().reshape(-1, audio.shape[-1]).softmax(dim=-1)
+        total = total + F.kl_div(pooled.softmax(dim=-1).log(), target, reduction="sum")
+    return total / len(stages)
+
+
+AVM_VARIANTS = {"s4": avm_loss_s4, "ms3": avm_loss_ms3}
+
+
+def avm_loss(logits: torch.Tensor, avm: list, stages, variant: str = "s4") -> torch.Tensor:
+    """The AVM loss of `variant` ("s4" or "ms3", cfg.loss.avm_variant); see the two above."""
+    if variant not in AVM_VARIANTS:
+        raise ValueError(f"AVM loss variant must be one of {sorted(AVM_VARIANTS)}, got {variant!r}")
+    return AVM_VARIANTS[variant](logits, avm, stages)
 
 
 def crop_ce_loss(crop_logits: torch.Tensor, label: torch.Tensor, frames: int) -> torch.Tensor:
@@ -83,7 +119,8 @@ def compute_losses(out: dict, batch: dict, cfg: LossConfig) -> tuple[torch.Tenso
     terms = {"bce": bce_loss(out["logits"], batch["masks"], batch["mask_valid"])}
     weights = {"bce": cfg.bce_weight}
     if cfg.avm:
-        terms["avm"], weights["avm"] = avm_loss(out["logits"], out["avm"], cfg.avm_stages), cfg.avm_weight
+        terms["avm"] = avm_loss(out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant)
+        weights["avm"] = cfg.avm_weight
     crop_terms = [t for t in ("crop_ce", "crop_pair", "crop_audio") if getattr(cfg, t)]
     if crop_terms and out.get("crop_logits") is None:
         raise ValueError(f"loss terms {crop_terms} need the crop branch's outputs (model.crop_branch=true and crops)")

@@ -18,15 +18,57 @@ def test_presets_load(name):
 
 def test_expected_presets_exist():
     names = {p.stem for p in PRESET_DIR.glob("*.toml")}
-    assert {"tiny", "s4_avsbench", "s4_seed", "ms3_avsbench"} <= names
+    assert {"tiny", "s4_avsbench", "s4_seed", "ms3_avsbench", "s4_pvt", "ms3_pvt", "s4_seed_pvt", "tiny_pvt"} <= names
 
 
 def test_tiny_is_small_and_seed_shaped():
     tiny, seed = load_config("tiny"), load_config("s4_seed")
-    assert tiny.model.depth == 18 and tiny.data.image_size == 64
+    assert tiny.model.backbone == "resnet18" and tiny.data.image_size == 64
     # the same code path as the seed recipe: crop branch and its three losses
     assert tiny.model.crop_branch and seed.model.crop_branch
     assert (tiny.loss.crop_ce, tiny.loss.crop_pair, tiny.loss.crop_audio) == (True, True, True)
+
+
+def test_pvt_presets_are_the_reference_recipes():
+    s4, ms3, seed = load_config("s4_pvt"), load_config("ms3_pvt"), load_config("s4_seed_pvt")
+    for cfg in (s4, ms3, seed):
+        assert cfg.model.backbone == "pvt_v2_b5" and cfg.model.drop_path == 0.1
+        assert cfg.model.decoder_channels == 256 and cfg.model.tpavi_stages == [0, 1, 2, 3]
+        assert (cfg.optim.name, cfg.optim.lr, cfg.data.batch_videos, cfg.train.seed) == ("adam", 1e-4, 4, 123)
+    assert (s4.subset, s4.train.epochs, s4.loss.avm, s4.model.crop_branch) == ("s4", 15, False, False)
+    assert (ms3.subset, ms3.train.epochs, ms3.loss.avm, ms3.loss.avm_weight) == ("ms3", 30, True, 0.5)
+    assert ms3.loss.avm_stages == [0, 1, 2, 3]
+    # the seed's crop branch stays a ResNet-50, with its three losses
+    assert seed.model.crop_branch and seed.model.crop_depth == 50
+    assert (seed.loss.crop_ce, seed.loss.crop_pair, seed.loss.crop_audio) == (True, True, True)
+    tiny = load_config("tiny_pvt")
+    assert tiny.model.backbone == "pvt_v2_b0" and tiny.data.image_size == 64
+
+
+def test_each_recipe_uses_its_own_avm_loss():
+    """The reference's MS3 recipe trains with the MS3 AVM loss (KL), the S4 code with the S4 one."""
+    assert load_config("ms3_avsbench").loss.avm_variant == "ms3"
+    assert load_config("ms3_pvt").loss.avm_variant == "ms3"
+    assert load_config("s4_avsbench").loss.avm_variant == "s4"
+    assert load_config("s4_avsbench", ["loss.avm_variant=ms3"]).loss.avm_variant == "ms3"  # selectable
+
+
+def test_legacy_model_depth(tmp_path):
+    """Configs written before model.backbone (presets, checkpoints' saved configs) keep working."""
+    assert load_config("tiny", ["model.depth=34"]).model.backbone == "resnet34"
+    assert load_config("s4_pvt", ["model.depth=50"]).model.backbone == "resnet50"
+    old = to_dict(load_config("tiny"))
+    del old["model"]["backbone"]
+    old["model"]["depth"] = 18
+    assert config_from_dict(old).model.backbone == "resnet18"
+    path = tmp_path / "old.toml"
+    path.write_text("[model]\ndepth = 50\n")
+    assert load_config(str(path)).model.backbone == "resnet50"
+    path.write_text('[model]\nbackbone = "pvt_v2_b5"\ndepth = 50\n')
+    with pytest.raises(ConfigError, match="model.depth=50 and model.backbone='pvt_v2_b5' disagree"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="model.depth is replaced by model.backbone"):
+        load_config("tiny", ["model.depth=true"])
 
 
 def test_dotted_overrides():
@@ -55,7 +97,10 @@ def test_parse_overrides_nests():
     ("data.hflip=1", "data.hflip: expected true/false"),
     ("optim.lr=2.0", "optim.lr must be in (0, 1)"),
     ("train.strategy=zero4", "train.strategy='zero4' is not one of"),
-    ("model.depth=19", "model.depth=19 is not one of"),
+    ("model.depth=19", "model.depth is replaced by model.backbone; write model.backbone = one of"),
+    ("model.backbone=pvt_v2_b6", "model.backbone='pvt_v2_b6' is not one of"),
+    ("model.drop_path=1.0", "model.drop_path must be in [0, 1)"),
+    ("loss.avm_variant=kl", "loss.avm_variant='kl' is not one of ('s4', 'ms3')"),
     ("data.batch_videos=0", "data.batch_videos must be > 0"),
     ("optim.grad_accum=0", "optim.grad_accum must be > 0"),
     ("train.ckpt_every_steps=0", "train.ckpt_every_steps must be > 0"),

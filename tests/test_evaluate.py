@@ -166,11 +166,34 @@ def tiny_checkpoint(tmp_path_factory):
 def test_load_for_inference_roundtrip(tiny_checkpoint):
     # through the parent folder: its latest valid step
     model, cfg = load_for_inference(tiny_checkpoint.parent, config_overrides=["data.image_size=32"])
-    assert not model.training and cfg.model.depth == 18 and cfg.data.image_size == 32
+    assert not model.training and cfg.model.backbone == "resnet18" and cfg.data.image_size == 32
     saved = torch.load(tiny_checkpoint / "model.pt", weights_only=True)["model"]
     assert model.state_dict().keys() == saved.keys()
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     assert not any(p.requires_grad for p in model.vggish.parameters())  # frozen stays frozen
+
+
+def test_checkpoint_from_before_model_backbone_loads(tiny_checkpoint, tmp_path):
+    """A checkpoint whose saved config says model.depth (before model.backbone) still loads."""
+    obj = torch.load(tiny_checkpoint / "model.pt", weights_only=True)
+    del obj["config"]["model"]["backbone"], obj["config"]["model"]["drop_path"]
+    obj["config"]["model"]["depth"] = 18
+    torch.save(obj, tmp_path / "old.pt")
+    model, cfg = load_for_inference(tmp_path / "old.pt")
+    assert cfg.model.backbone == "resnet18"
+    assert all(torch.equal(v, obj["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_reference_checkpoint_encoder_read_from_keys(tmp_path):
+    """No override says which ResNet or how wide: the keys do."""
+    from avs_dist.config import load_config
+    from avs_dist.models.system import build_model
+
+    cfg = load_config("s4_avsbench", ["model.backbone=resnet18", "model.decoder_channels=16", "model.tpavi_stages=[1,3]"])
+    model = build_model(cfg.model)
+    torch.save(_reference_state_dict(model), tmp_path / "S4_best.pth")
+    _, lcfg = load_for_inference(tmp_path / "S4_best.pth")
+    assert (lcfg.model.backbone, lcfg.model.decoder_channels, lcfg.model.tpavi_stages) == ("resnet18", 16, [1, 3])
 
 
 def test_eval_cli_writes_json(s4_shards, tiny_checkpoint, tmp_path):
@@ -200,14 +223,14 @@ def test_reference_checkpoint_accepted(s4_shards, tmp_path):
     from avs_dist.models.system import build_model
 
     # the s4_avsbench preset, made small by overrides (the same ones go to the CLI)
-    small = ["model.depth=18", "model.decoder_channels=32", "data.image_size=64"]
+    small = ["model.backbone=resnet18", "model.decoder_channels=32", "data.image_size=64"]
     cfg = load_config("s4_avsbench", small)
     torch.manual_seed(1)
     model = build_model(cfg.model)
     path = tmp_path / "S4_best.pth"
     torch.save({"module." + k: v for k, v in _reference_state_dict(model).items()}, path)
     loaded, lcfg = load_for_inference(path, config_overrides=small)
-    assert lcfg.name == "s4_avsbench" and lcfg.model.depth == 18 and not lcfg.model.crop_branch
+    assert lcfg.name == "s4_avsbench" and lcfg.model.backbone == "resnet18" and not lcfg.model.crop_branch
     assert torch.equal(loaded.avs.state_dict()["output_conv.0.weight"], model.avs.state_dict()["output_conv.0.weight"])
     out = tmp_path / "ref.json"
     assert main(["--checkpoint", str(path), "--shards", str(s4_shards), "--out", str(out), "--no-audio-gap",

@@ -113,7 +113,7 @@ def test_jsonl_and_tensorboard_roundtrip(tmp_path):
     hp_acc = _accumulator(tmp_path / "tb" / "hparams")
     content = hp_acc.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    assert start.hparams["model.depth"].number_value == 18
+    assert start.hparams["model.backbone"].string_value == "resnet18"
     assert start.hparams["optim.schedule"].string_value == "constant"
     assert start.hparams["model.crop_branch"].number_value == 1  # torch writes bools as numbers
     assert json.loads(start.hparams["model.tpavi_stages"].string_value) == [0, 1, 2, 3]
@@ -171,7 +171,7 @@ def test_plain_output_without_tty(tmp_path, capsys, monkeypatch):
     logger.close()
     out, err = capsys.readouterr()
     assert "\x1b" not in out and "\x1b" not in err
-    assert "model.depth" in out and "run summary" in out
+    assert "model.backbone" in out and "run summary" in out
     steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
     assert steps == ["1/5", "2/5", "4/5", "5/5"]  # first, every 2nd, last
     assert "step 2/5 epoch 0 loss 0.5000 bce 0.2500 crop_ce 0.2500 lr 2.0e-03 gnorm 4 fps 102.0" in out

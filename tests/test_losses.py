@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from avs_dist.config import LossConfig, ModelConfig
-from avs_dist.losses import (avm_loss, bce_loss, compute_losses, crop_audio_loss, crop_ce_loss,
-                             crop_pair_loss)
+from avs_dist.losses import (avm_loss, avm_loss_ms3, avm_loss_s4, bce_loss, compute_losses, crop_audio_loss,
+                             crop_ce_loss, crop_pair_loss)
 from avs_dist.models import build_model
 
 ALL_ON = LossConfig(bce_weight=1.0, avm=True, avm_weight=0.5, avm_stages=[0, 1, 2, 3], crop_ce=True,
@@ -46,12 +46,91 @@ def test_avm_by_hand():
     empty = -math.log(1e-6)
     stage0 = (-math.log(1 / math.sqrt(2) + 1e-6) + empty) / 2
     assert avm_loss(logits, avm, [0]).item() == pytest.approx(stage0, rel=1e-5)
+    assert avm_loss_s4(logits, avm, [0]).item() == pytest.approx(stage0, rel=1e-5)
     assert avm_loss(logits, avm, [0, 1]).item() == pytest.approx((stage0 + empty) / 2, rel=1e-5)
     # a negative cosine counts like an empty mask: relu(cos) = 0
     a_neg = torch.tensor([[[-1.0, -1.0], [3.0, -1.0]]])
     assert avm_loss(logits, [(0, v0, a_neg)], [0]).item() == pytest.approx(empty, rel=1e-5)
     with pytest.raises(ValueError, match="stages \\[2\\]"):
         avm_loss(logits, avm, [2])
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _kl(p, q):
+    """sum_c p_c log(p_c / q_c): what kl_div(q.log(), p, reduction='sum') computes for one frame."""
+    return sum(pc * math.log(pc / qc) for pc, qc in zip(p, q))
+
+
+def _softmax(x):
+    e = [math.exp(v) for v in x]
+    return [v / sum(e) for v in e]
+
+
+def _ms3_case():
+    # B=1, T=2, C=2, stage 2x2, logits 4x4. Frame 0: logit 2 on the top-left 2x2 block, 0
+    # elsewhere -> pooled logits [[2, 0], [0, 0]] -> soft mask [[s(2), .5], [.5, .5]]; frame 1
+    # all 0 -> mask 0.5 everywhere.
+    logits = torch.zeros(2, 1, 4, 4)
+    logits[0, 0, :2, :2] = 2.0
+    v = torch.zeros(2, 2, 2, 2)
+    v[0, 0, 0, 0] = 1.0  # channel 0: 1 at the top-left pixel
+    v[0, 1, 1, 1] = 4.0  # channel 1: 4 at the bottom-right pixel
+    v[1] = 2.0
+    a = torch.tensor([[[0.0, 1.0], [3.0, 3.0]]])
+    # pooled = mean over the 4 pixels of v * mask
+    pooled0 = [_sigmoid(2.0) / 4, 4 * 0.5 / 4]
+    pooled1 = [1.0, 1.0]
+    expected = _kl(_softmax(a[0, 0].tolist()), _softmax(pooled0)) + _kl(_softmax(a[0, 1].tolist()), _softmax(pooled1))
+    return logits, v, a, expected
+
+
+def test_avm_ms3_by_hand():
+    """The MS3 recipe's AVM loss: soft mask from pooled logits, no threshold, no normalisation,
+    KL divergence summed over frames and channels (avs_ms3/loss.py with kl_flag). (rel 1e-5:
+    a KL of 0.056 is a difference of float32 logs of order 1.)"""
+    logits, v, a, expected = _ms3_case()
+    assert expected > 0.01  # frame 1 contributes 0 (both uniform), frame 0 does not
+    assert avm_loss_ms3(logits, [(0, v, a)], [0]).item() == pytest.approx(expected, rel=1e-5)
+    assert avm_loss(logits, [(0, v, a)], [0], "ms3").item() == pytest.approx(expected, rel=1e-5)
+    # summed, not averaged: the same frames twice give twice the loss
+    twice = avm_loss_ms3(torch.cat([logits, logits]), [(0, torch.cat([v, v]), torch.cat([a, a]))], [0])
+    assert twice.item() == pytest.approx(2 * expected, rel=1e-5)
+    # averaged over stages: a second stage of 1x1 maps
+    v1, a1 = torch.tensor([[[[2.0]], [[0.0]]], [[[0.0]], [[0.0]]]]), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    m1 = [_sigmoid(0.5), _sigmoid(0.0)]  # pooled logits of the frames: 0.5 (4 of 16 pixels at 2), 0
+    stage1 = (_kl(_softmax([1.0, 0.0]), _softmax([2 * m1[0], 0.0])) + _kl([0.5, 0.5], [0.5, 0.5]))
+    both = avm_loss_ms3(logits, [(0, v, a), (1, v1, a1)], [0, 1]).item()
+    assert both == pytest.approx((expected + stage1) / 2, rel=1e-5)
+
+
+def test_avm_variants_differ_in_gradient_and_value():
+    logits, v, a, expected = _ms3_case()
+    logits.requires_grad_(True)
+    avm_loss_ms3(logits, [(0, v, a)], [0]).backward()
+    assert logits.grad.abs().sum() > 0  # the soft mask passes gradient to the predicted mask
+    logits.grad = None
+    s4 = avm_loss_s4(logits, [(0, v.requires_grad_(True), a)], [0])
+    # S4 on the same tensors: frame 0's thresholded mask keeps pixel (0, 0) only (s(2) > .5,
+    # the others are exactly .5, not > .5) -> pooled [1, 0], cos with [0, 1] = 0; frame 1's mask is empty
+    empty = -math.log(1e-6)
+    assert s4.item() == pytest.approx(empty, rel=1e-5) and s4.item() != pytest.approx(expected)
+    assert torch.autograd.grad(s4, logits, allow_unused=True)[0] is None  # thresholded: no gradient to the mask
+    with pytest.raises(ValueError, match="variant must be one of"):
+        avm_loss(logits, [(0, v, a)], [0], "kl")
+
+
+def test_compute_losses_uses_the_configured_variant():
+    logits, v, a, expected = _ms3_case()
+    batch = {"masks": torch.zeros(1, 2, 4, 4), "mask_valid": torch.ones(1, 2, dtype=torch.bool)}
+    out = {"logits": logits, "avm": [(0, v, a)]}
+    for variant, value in (("ms3", expected), ("s4", -math.log(1e-6))):
+        cfg = LossConfig(avm=True, avm_weight=0.5, avm_stages=[0], avm_variant=variant)
+        total, terms = compute_losses(out, batch, cfg)
+        assert terms["avm"].item() == pytest.approx(value, rel=1e-5)
+        assert total.item() == pytest.approx(terms["bce"].item() + 0.5 * value, rel=1e-5)
 
 
 def test_crop_terms_by_hand():
@@ -68,7 +147,7 @@ def test_crop_terms_by_hand():
 
 def _setup(seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(depth=18, decoder_channels=16, crop_depth=18, crop_hidden=32, crop_branch=True)
+    cfg = ModelConfig(backbone="resnet18", decoder_channels=16, crop_depth=18, crop_hidden=32, crop_branch=True)
     model = build_model(cfg).train()
     with torch.no_grad():  # the BN after W_z starts at zero, which would cut TPAVI off from the loss
         for name, m in model.named_modules():

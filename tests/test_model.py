@@ -13,7 +13,7 @@ B, T, S = 2, 5, 32
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(depth=18, decoder_channels=16, crop_depth=18, crop_hidden=32, audio_input="embedding")
+    base = dict(backbone="resnet18", decoder_channels=16, crop_depth=18, crop_hidden=32, audio_input="embedding")
     base.update(kw)
     return ModelConfig(**base)
 
@@ -133,11 +133,11 @@ def test_resnet_encoder_has_torchvision_keys():
 
 
 def test_aspp_init_and_head_widths():
-    m = AVSModel(depth=18, channels=256, tpavi_stages=[0])
+    m = AVSModel(backbone="resnet18", channels=256, tpavi_stages=[0])
     w = torch.cat([c.weight.flatten() for c in m.conv1.conv2d_list])
     assert abs(w.std().item() - 0.01) < 1e-3 and m.conv1.conv2d_list[3].dilation == (18, 18)
     assert (m.output_conv[0].out_channels, m.output_conv[2].out_channels) == (128, 32)  # reference widths
-    small = AVSModel(depth=18, channels=32, tpavi_stages=[0])
+    small = AVSModel(backbone="resnet18", channels=32, tpavi_stages=[0])
     assert (small.output_conv[0].out_channels, small.output_conv[2].out_channels) == (16, 4)
     assert not hasattr(m.path4, "resConfUnit1") and hasattr(m.path3, "resConfUnit1")
 
@@ -175,7 +175,7 @@ def test_checkpoint_state_excludes_frozen_vggish():
     from avs_dist.config import ModelConfig
     from avs_dist.models import build_model
 
-    cfg = ModelConfig(depth=18, decoder_channels=16, crop_branch=False)
+    cfg = ModelConfig(backbone="resnet18", decoder_channels=16, crop_branch=False)
     m = build_model(cfg, load_weights=False)
     sd = m.state_dict()
     assert sd and not any(k.startswith("vggish.") for k in sd)

@@ -29,7 +29,7 @@ def test_matmul_upsample_equals_interpolate(align_corners, channels_last, hw):
 
 
 def test_model_outputs_equal_with_either_upsample():
-    cfg = ModelConfig(depth=18, decoder_channels=16, crop_branch=False, audio_input="embedding")
+    cfg = ModelConfig(backbone="resnet18", decoder_channels=16, crop_branch=False, audio_input="embedding")
     torch.manual_seed(0)
     a = build_model(cfg, load_weights=False).double().eval()
     b = build_model(ModelConfig(**{**cfg.__dict__, "upsample": "matmul"}), load_weights=False).double().eval()

@@ -20,19 +20,44 @@ C, B, T, S = 16, 1, 5, 32
 STAGE_IN = (64, 128, 256, 512)  # ResNet-18
 
 
-def reference_state_dict(seed=0) -> dict:
-    """Random weights under the AVSBench reference's key names (ResNet-18 encoder, C=16)."""
-    g = torch.Generator().manual_seed(seed)
-
+def reference_decoder_state_dict(g: torch.Generator, stage_in=STAGE_IN, c: int = C) -> dict:
+    """Random weights for everything after the encoder, under the reference's key names."""
     def r(*shape):
         return torch.randn(shape, generator=g) * 0.1
 
+    sd = {}
+    for i, cin in enumerate(stage_in, start=1):
+        for k in range(4):
+            sd[f"conv{i}.conv2d_list.{k}.weight"], sd[f"conv{i}.conv2d_list.{k}.bias"] = r(c, cin, 3, 3), r(c)
+        for u in (1, 2):
+            for cv in (1, 2):
+                sd[f"path{i}.resConfUnit{u}.conv{cv}.weight"] = r(c, c, 3, 3)
+                sd[f"path{i}.resConfUnit{u}.conv{cv}.bias"] = r(c)
+        p = f"tpavi_b{i}."
+        for name in ("g", "theta", "phi"):
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(c // 2, c, 1, 1, 1), r(c // 2)
+        sd[p + "W_z.0.weight"], sd[p + "W_z.0.bias"] = r(c, c // 2, 1, 1, 1), r(c)
+        sd[p + "W_z.1.weight"], sd[p + "W_z.1.bias"] = 1 + r(c), r(c)
+        sd[p + "W_z.1.running_mean"], sd[p + "W_z.1.running_var"] = r(c), 1 + r(c).abs()
+        sd[p + "W_z.1.num_batches_tracked"] = torch.tensor(100)
+        sd[p + "align_channel.weight"], sd[p + "align_channel.bias"] = r(c, 128), r(c)
+        sd[p + "norm_layer.weight"], sd[p + "norm_layer.bias"] = 1 + r(c), r(c)
+    sd["output_conv.0.weight"], sd["output_conv.0.bias"] = r(c // 2, c, 3, 3), r(c // 2)
+    sd["output_conv.2.weight"], sd["output_conv.2.bias"] = r(c // 8, c // 2, 3, 3), r(c // 8)
+    sd["output_conv.4.weight"], sd["output_conv.4.bias"] = r(1, c // 8, 1, 1), r(1)
+    return sd
+
+
+def reference_state_dict(seed=0) -> dict:
+    """Random weights under the AVSBench reference's key names (ResNet-18 encoder, C=16)."""
+    g = torch.Generator().manual_seed(seed)
     sd = {}
     tv = torchvision.models.resnet18(weights=None).state_dict()
     for k, v in tv.items():
         if k.startswith("fc."):
             continue
-        v = v.clone() if k.endswith("num_batches_tracked") else r(*v.shape) + (1.0 if k.endswith("running_var") else 0)
+        v = v.clone() if k.endswith("num_batches_tracked") else (
+            torch.randn(v.shape, generator=g) * 0.1 + (1.0 if k.endswith("running_var") else 0))
         for layer in ("layer3", "layer4"):
             if k.startswith(layer + "."):
                 sd[f"resnet.{layer}_1.{k[len(layer) + 1:]}"] = v
@@ -40,25 +65,7 @@ def reference_state_dict(seed=0) -> dict:
                 break
         else:
             sd[f"resnet.{k}"] = v
-    for i, cin in enumerate(STAGE_IN, start=1):
-        for k in range(4):
-            sd[f"conv{i}.conv2d_list.{k}.weight"], sd[f"conv{i}.conv2d_list.{k}.bias"] = r(C, cin, 3, 3), r(C)
-        for u in (1, 2):
-            for c in (1, 2):
-                sd[f"path{i}.resConfUnit{u}.conv{c}.weight"] = r(C, C, 3, 3)
-                sd[f"path{i}.resConfUnit{u}.conv{c}.bias"] = r(C)
-        p = f"tpavi_b{i}."
-        for name in ("g", "theta", "phi"):
-            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(C // 2, C, 1, 1, 1), r(C // 2)
-        sd[p + "W_z.0.weight"], sd[p + "W_z.0.bias"] = r(C, C // 2, 1, 1, 1), r(C)
-        sd[p + "W_z.1.weight"], sd[p + "W_z.1.bias"] = 1 + r(C), r(C)
-        sd[p + "W_z.1.running_mean"], sd[p + "W_z.1.running_var"] = r(C), 1 + r(C).abs()
-        sd[p + "W_z.1.num_batches_tracked"] = torch.tensor(100)
-        sd[p + "align_channel.weight"], sd[p + "align_channel.bias"] = r(C, 128), r(C)
-        sd[p + "norm_layer.weight"], sd[p + "norm_layer.bias"] = 1 + r(C), r(C)
-    sd["output_conv.0.weight"], sd["output_conv.0.bias"] = r(C // 2, C, 3, 3), r(C // 2)
-    sd["output_conv.2.weight"], sd["output_conv.2.bias"] = r(C // 8, C // 2, 3, 3), r(C // 8)
-    sd["output_conv.4.weight"], sd["output_conv.4.bias"] = r(1, C // 8, 1, 1), r(1)
+    sd.update(reference_decoder_state_dict(g))
     return sd
 
 
@@ -73,6 +80,12 @@ def reference_forward(sd, frames, audio):
     xs = [enc.layer1(x)]
     for layer in (enc.layer2, enc.layer3, enc.layer4):
         xs.append(layer(xs[-1]))
+    return reference_decoder_forward(sd, xs, audio)
+
+
+def reference_decoder_forward(sd, xs, audio, training=False):
+    """The reference's ASPP heads, TPAVI ('dot') and decoder on the four encoder maps `xs`,
+    written functionally from `sd`; training=True: TPAVI's BatchNorm uses batch statistics."""
     feats = [sum(F.conv2d(xi, sd[f"conv{i}.conv2d_list.{k}.weight"], sd[f"conv{i}.conv2d_list.{k}.bias"],
                           padding=d, dilation=d) for k, d in enumerate((3, 6, 12, 18)))
              for i, xi in enumerate(xs, start=1)]
@@ -89,8 +102,9 @@ def reference_forward(sd, frames, audio):
         ph = F.conv3d(au, sd[p + "phi.weight"], sd[p + "phi.bias"]).reshape(b, c // 2, -1)
         f = th @ ph
         y = (f / f.shape[-1] @ gx).permute(0, 2, 1).reshape(b, c // 2, T, h, w)
-        wy = F.batch_norm(F.conv3d(y, sd[p + "W_z.0.weight"], sd[p + "W_z.0.bias"]), sd[p + "W_z.1.running_mean"],
-                          sd[p + "W_z.1.running_var"], sd[p + "W_z.1.weight"], sd[p + "W_z.1.bias"], training=False)
+        stats = (None, None) if training else (sd[p + "W_z.1.running_mean"], sd[p + "W_z.1.running_var"])
+        wy = F.batch_norm(F.conv3d(y, sd[p + "W_z.0.weight"], sd[p + "W_z.0.bias"]), *stats,
+                          sd[p + "W_z.1.weight"], sd[p + "W_z.1.bias"], training=training)
         z = F.layer_norm((wy + x5).permute(0, 2, 3, 4, 1), (c,), sd[p + "norm_layer.weight"], sd[p + "norm_layer.bias"])
         feats[i] = z.permute(0, 4, 1, 2, 3).permute(0, 2, 1, 3, 4).reshape(bt, c, h, w)
         audios.append(a)
@@ -121,7 +135,7 @@ def reference_forward(sd, frames, audio):
 
 
 def small_cfg(**kw):
-    return ModelConfig(depth=18, decoder_channels=C, audio_input="embedding", **kw)
+    return ModelConfig(backbone="resnet18", decoder_channels=C, audio_input="embedding", **kw)
 
 
 def test_reference_checkpoint_matches_reference_forward(tmp_path):

@@ -1,8 +1,10 @@
-"""AVSModel: ResNet encoder, ASPP heads, TPAVI, fusion decoder (avsbench-format.md §3).
+"""AVSModel: ResNet or PVT-v2 encoder, ASPP heads, TPAVI, fusion decoder (avsbench-format.md §3).
 
-Submodule names follow the AVSBench reference `Pred_endecoder` so that its checkpoints map
-onto ours with one rename (models/weights.py): resnet, conv1..conv4 (.conv2d_list),
-tpavi_b1..tpavi_b4, path1..path4 (.resConfUnit1/2), output_conv.{0,2,4}.
+Submodule names follow the AVSBench reference `Pred_endecoder` (ResNet and PVT variants) so
+that its checkpoints map onto ours with few renames (models/weights.py): resnet (ResNet
+encoders) or encoder_backbone (PVT-v2, timm's layout inside), conv1..conv4 (.conv2d_list),
+tpavi_b1..tpavi_b4, path1..path4 (.resConfUnit1/2), output_conv.{0,2,4}. Everything after
+the encoder is the same for both encoders; only the ASPP heads' input widths differ.
 
 Two facts of the reference that the outputs depend on, reproduced here:
 - Its residual conv unit applies an in-place ReLU to its input, so the residual added back
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .pvt import PVTEncoder
 from .resnet import ResNetEncoder
 from .tpavi import TPAVI
 
@@ -126,19 +129,33 @@ class Interpolate(nn.Module):
         return upsample2x(x, self.align_corners, self.impl)
 
 
+def build_encoder(backbone: str, drop_path: float = 0.1) -> tuple[str, nn.Module]:
+    """'resnet18|34|50' or 'pvt_v2_b0..b5' -> (attribute name, encoder). Both encoders return
+    four maps at strides 4, 8, 16, 32 and list their widths in `.channels`. drop_path is
+    PVT-v2's stochastic depth (ResNets have none)."""
+    if backbone.startswith("resnet") and backbone[6:].isdigit():
+        return "resnet", ResNetEncoder(int(backbone[6:]))
+    if backbone.startswith("pvt_v2_"):
+        return "encoder_backbone", PVTEncoder(backbone, drop_path)
+    raise ValueError(f"backbone must be resnet18|34|50 or pvt_v2_b0..b5, got {backbone!r}")
+
+
 def output_widths(channels: int) -> tuple[int, int]:
     """Output-head widths: C/2 and C/8 (128 and 32 at the reference's C = 256)."""
     return max(channels // 2, 1), max(channels // 8, 1)
 
 
 class AVSModel(nn.Module):
-    def __init__(self, depth: int = 50, channels: int = 256, tpavi_stages=(0, 1, 2, 3),
-                 tpavi_mode: str = "dot", tpavi_impl: str = "factorized", upsample: str = "interpolate"):
+    def __init__(self, backbone: str = "resnet50", channels: int = 256, tpavi_stages=(0, 1, 2, 3),
+                 tpavi_mode: str = "dot", tpavi_impl: str = "factorized", upsample: str = "interpolate",
+                 drop_path: float = 0.1):
         super().__init__()
+        self.backbone = backbone
         self.tpavi_stages = sorted(tpavi_stages)
         self.tpavi_mode = tpavi_mode
-        self.resnet = ResNetEncoder(depth)
-        for i, in_ch in enumerate(self.resnet.channels):
+        self.encoder_name, encoder = build_encoder(backbone, drop_path)
+        setattr(self, self.encoder_name, encoder)
+        for i, in_ch in enumerate(encoder.channels):
             setattr(self, f"conv{i + 1}", ASPPHead(in_ch, channels))
         for i in self.tpavi_stages:
             setattr(self, f"tpavi_b{i + 1}", TPAVI(channels, mode=tpavi_mode, impl=tpavi_impl))
@@ -154,6 +171,11 @@ class AVSModel(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(low, 1, kernel_size=1),
         )
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The image encoder: `resnet` or `encoder_backbone` (PVT-v2)."""
+        return getattr(self, self.encoder_name)
 
     def set_tpavi_impl(self, impl: str) -> None:
         """Switch every TPAVI block between 'factorized' and 'reference' (same parameters)."""
@@ -171,7 +193,7 @@ class AVSModel(nn.Module):
         h, w = x.shape[-2:]
         if h % STRIDE or w % STRIDE:
             raise ValueError(f"AVSModel input {h}x{w}: both sides must be multiples of {STRIDE}")
-        stages = self.resnet(x)
+        stages = self.encoder(x)
         feats = [getattr(self, f"conv{i + 1}")(s) for i, s in enumerate(stages)]
         avm = []
         for i in self.tpavi_stages:

@@ -1,5 +1,8 @@
 """The whole trainable system as one nn.Module: frozen VGGish + AVSModel (+ crop branch).
 
+The AVSModel's encoder is cfg.backbone (a ResNet or PVT-v2); the crop branch is always a
+ResNet (cfg.crop_depth), as in the seed.
+
 `build_model(cfg.model)` returns it; `model(frames, audio, crops=None)` returns the dict that
 architecture.md ("Model") specifies. With cfg.channels_last, CUDA inputs are converted to
 channels_last here; convert the parameters too with `to_channels_last(model)` (the trainer and
@@ -28,9 +31,9 @@ class AVSSystem(nn.Module):
         self.channels_last = cfg.channels_last
         # Precomputed embeddings make VGGish (72M frozen parameters) unnecessary.
         self.vggish = VGGish() if cfg.audio_input == "logmel" else None
-        self.avs = AVSModel(depth=cfg.depth, channels=cfg.decoder_channels, tpavi_stages=cfg.tpavi_stages,
+        self.avs = AVSModel(backbone=cfg.backbone, channels=cfg.decoder_channels, tpavi_stages=cfg.tpavi_stages,
                             tpavi_mode=cfg.tpavi_mode, tpavi_impl=cfg.tpavi_impl,
-                            upsample=cfg.upsample)
+                            upsample=cfg.upsample, drop_path=cfg.drop_path)
         self.crop = (CropBranch(cfg.crop_depth, cfg.crop_hidden, cfg.num_classes, cfg.crop_relu)
                      if cfg.crop_branch else None)
         self.register_load_state_dict_post_hook(_vggish_not_missing)
