@@ -353,9 +353,11 @@ def test_our_pvt_checkpoint_loads_for_inference(tmp_path):
     cfg = load_config("tiny_pvt")
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    from avs_dist.train import checkpoint as ckpt
+
     (tmp_path / "step").mkdir()
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 0, "epoch": 0, "metrics": {}},
-               tmp_path / "step" / "model.pt")
+    ckpt.write_model_folder(tmp_path / "step", model.state_dict(), to_dict(cfg), 0, 0, {})
+    ckpt.write_complete(tmp_path / "step", {"step": 0, "epoch": 0})
     loaded, lcfg = load_for_inference(tmp_path / "step")
     assert lcfg.model.backbone == "pvt_v2_b0" and not loaded.training
     saved = model.state_dict()

@@ -119,9 +119,13 @@ def test_lost_ranks_names_the_hosts_of_ranks_without_a_result(tmp_path):
         job.task(rank).paths.result_pickle.write_bytes(b"")
     assert submit.lost_ranks(job, run_dir) == ("  ranks 2, 3 on avsn2: ended without a result (killed, or the node "
                                                "failed); no checkpoint was saved yet\n")
+    from avs_dist.train import checkpoint as ckpt
+
     for step in (2, 4):
-        (run_dir / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_00000002" / "COMPLETE.json").write_text("{}")  # step 4 never completed
+        folder = run_dir / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        ckpt.write_model_folder(folder, {}, {}, step, 0)
+    ckpt.write_complete(run_dir / "checkpoints" / "step_00000002", {"step": 2})  # step 4 never completed
     job.task(3).paths.stderr.write_text("")  # died before it named its host
     assert submit.lost_ranks(job, run_dir) == (
         f"  rank 2 on avsn2; rank 3 on a host it never named: ended without a result (killed, or the node failed); "
