@@ -232,6 +232,35 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+# Dense bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets (without sparsity);
+# `--peak-tflops` for any other card. perf-baseline measured ~800 for a large bf16 matmul on an H100.
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}
+
+
+def bf16_peak(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    name = device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def add_ratios(results: list[dict], peak_tflops: float | None) -> None:
+    """x_reference: frames/s over the reference setting of the same encoder measured in the same
+    run (reference_fp32_nchw_one_b4[_pvt], or the preset's first reference_* variant);
+    peak_fraction: achieved TFLOP/s over the card's bf16 peak."""
+    refs = {}
+    for r in results:
+        if "error" not in r and r["impl"] == "reference" and r["precision"] == "fp32" and not r["channels_last"]:
+            refs.setdefault(r["pvt"], r)
+    for r in results:
+        if "error" in r:
+            continue
+        ref = refs.get(r["pvt"])
+        r["x_reference"] = r["frames_per_s"] / ref["frames_per_s"] if ref else None
+        r["reference_variant"] = ref["name"] if ref else None
+        r["peak_fraction"] = r["achieved_tflop_s"] / peak_tflops if peak_tflops else None
+
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="avs-dist bench model", description=__doc__.split("\n\n")[0])
@@ -242,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     ap.add_argument("--variants", help="comma-separated names or patterns, e.g. 'factorized_bf16_cl_*'")
     ap.add_argument("--list", action="store_true", help="list the preset's variants and exit")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the card's dense bf16 peak for peak_fraction (default: known cards, BF16_PEAK_TFLOPS)")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     variants = select(preset["variants"], args.variants)
@@ -265,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": args.preset, "model": preset["model"], "pvt_backbone": preset["pvt_backbone"],
         "image": preset["image"], "crop": preset["crop"],
-        "steps": steps, "warmup": warmup, "results": [],
+        "steps": steps, "warmup": warmup, "bf16_peak_tflops": bf16_peak(device, args.peak_tflops), "results": [],
     }
     print(f"device {report['device']}, torch {report['torch']}, preset {args.preset}, "
           f"{steps} steps after {warmup} warm-up")
-    header = f"{'variant':36} {'ms/step':>9} {'frames/s':>9} {'peak GiB':>9} {'GFLOP/fr':>9} {'TFLOP/s':>8}"
+    header = (f"{'variant':40} {'ms/step':>9} {'frames/s':>9} {'x ref':>6} {'peak GiB':>9} {'GFLOP/fr':>9} "
+              f"{'TFLOP/s':>8} {'of peak':>7}")
     print(header)
     for v in variants:
         try:
@@ -282,13 +314,16 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         report["results"].append(r)
+        add_ratios(report["results"], report["bf16_peak_tflops"])
         if args.out:  # after every variant, so a run cut short keeps what it measured
             write_json(args.out, report)
         if "error" in r:
-            print(f"{v.name:36} ERROR {r['error']}")
+            print(f"{v.name:40} ERROR {r['error']}")
         else:
-            print(f"{v.name:36} {r['ms_per_step_median']:9.1f} {r['frames_per_s']:9.1f} {r['peak_mem_gib']:9.2f} "
-                  f"{r['gflop_per_frame']:9.2f} {r['achieved_tflop_s']:8.3f}", flush=True)
+            xref = f"{r['x_reference']:6.2f}" if r["x_reference"] else f"{'-':>6}"
+            peak = f"{100 * r['peak_fraction']:6.1f}%" if r["peak_fraction"] else f"{'-':>7}"
+            print(f"{v.name:40} {r['ms_per_step_median']:9.1f} {r['frames_per_s']:9.1f} {xref} {r['peak_mem_gib']:9.2f} "
+                  f"{r['gflop_per_frame']:9.2f} {r['achieved_tflop_s']:8.3f} {peak}", flush=True)
     if args.out:
         print(f"wrote {args.out}")
     return 1 if all("error" in r for r in report["results"]) else 0

@@ -103,6 +103,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-steps per optimizer step
+    # torch's Adam kernel: "default" (torch picks), "foreach" (multi-tensor) or "fused" (one
+    # kernel per dtype and device; CUDA and CPU). The same update; bench model times them (_fadam).
+    impl: str = "default"
 
 
 @dataclass
@@ -153,6 +156,7 @@ _CHOICES = {
     "loss.avm_variant": ("s4", "ms3"),
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
+    "optim.impl": ("default", "foreach", "fused"),
     "train.strategy": ("ddp", "zero1", "zero2", "zero3"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }

@@ -70,3 +70,26 @@ def test_flop_counter_counts_cpu_attention():
             enc(x)
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+def test_ratios_to_the_reference_and_the_card_peak():
+    """x_reference divides by the reference setting of the same encoder from the same run;
+    peak_fraction by the card's bf16 peak (known cards, or --peak-tflops)."""
+    def row(name, fps, tflops):
+        v = bench_model._v(name)
+        import dataclasses
+
+        return {"name": name, **dataclasses.asdict(v), "frames_per_s": fps, "achieved_tflop_s": tflops}
+
+    rows = [row("reference_fp32_nchw_one_b4", 200.0, 50.0), row("factorized_bf16_cl_two_b16", 700.0, 150.0),
+            row("reference_fp32_nchw_one_b4_pvt", 100.0, 30.0), row("factorized_bf16_cl_one_b4_pvt", 250.0, 60.0),
+            {"name": "broken", "error": "out of memory"}]
+    bench_model.add_ratios(rows, 1000.0)
+    assert [r.get("x_reference") for r in rows[:4]] == [1.0, 3.5, 1.0, 2.5]
+    assert rows[1]["reference_variant"] == "reference_fp32_nchw_one_b4"
+    assert rows[3]["reference_variant"] == "reference_fp32_nchw_one_b4_pvt"
+    assert rows[1]["peak_fraction"] == pytest.approx(0.15)
+    import torch
+
+    assert bench_model.bf16_peak(torch.device("cpu"), None) is None
+    assert bench_model.bf16_peak(torch.device("cpu"), 500.0) == 500.0

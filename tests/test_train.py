@@ -172,3 +172,22 @@ def test_single_process_entry_point(s4_shards, tmp_path):
     assert {"miou", "f", "audio_gap", "miou_mismatched"} <= set(final["test"])
     assert "miou" in final["val"]
     assert list((run_dir / "tb").iterdir())
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_optimizer_kernels_take_the_same_step(impl):
+    """optim.impl only picks torch's Adam kernel: the same update as the default one (float64)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)).double()
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)).double()
+    other.load_state_dict(ref.state_dict())
+    opts = [build_optimizer(m, load_config("tiny", [f"optim.impl={i}"])) for m, i in ((ref, "default"), (other, impl))]
+    x = torch.randn(16, 4, dtype=torch.float64)
+    for _ in range(3):
+        for model, opt in zip((ref, other), opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(ref.parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert opts[1].defaults[impl] is True

@@ -29,7 +29,8 @@ def lr_multiplier(cfg: Config, total_steps: int):
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """Adam / AdamW over the trainable parameters only (the frozen VGGish gets no state), in
     two groups: group 0 all but the TPAVI blocks at optim.lr, group 1 the TPAVI blocks at
-    optim.lr x optim.tpavi_lr_mult (left out when it has no parameters)."""
+    optim.lr x optim.tpavi_lr_mult (left out when it has no parameters); optim.impl picks
+    torch's kernel (foreach / fused)."""
     o = cfg.optim
     groups: dict[bool, list] = {False: [], True: []}
     for name, p in model.named_parameters():
@@ -39,7 +40,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if groups[True]:
         param_groups.append({"params": groups[True], "lr": o.lr * o.tpavi_lr_mult})
     opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return opt_cls(param_groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(o.impl, {})
+    return opt_cls(param_groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **impl)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):

@@ -20,13 +20,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   VIDEOS=24; SIZE=64; CONFIG=tiny; TRAIN_STEPS=8; EXTRA="data.num_workers=1"; TT=120
 else
   PRESET=full; STEPS=10; WARM=3; VIDEOS=120; SIZE=224; CONFIG=s4_seed; TRAIN_STEPS=24; TT=45
-  VARIANTS="reference_fp32_nchw_one_b4,factorized_bf16_cl_one_b16,factorized_bf16_cl_two_b16,factorized_bf16_cl_two_b16_mmup,factorized_bf16_cl_two_b16_mmup_fadam"
+  VARIANTS="reference_fp32_nchw_one_b4,factorized_bf16_cl_one_b16,factorized_bf16_cl_two_b16,factorized_bf16_cl_two_b16_mmup,factorized_bf16_cl_two_b16_mmup_fadam,reference_fp32_nchw_one_b4_pvt,factorized_bf16_cl_one_b4_mmup_pvt,factorized_bf16_cl_two_b16_mmup_pvt"
   EXTRA="data.num_workers=8 data.batch_videos=16 ${BENCH_TRAIN_EXTRA:-}"
 fi
 
 if [ "${SKIP_MODEL:-0}" != 1 ]; then
 echo "=== bench model"
-timeout 150 $PY -m avs_dist bench model --preset $PRESET --steps $STEPS --warmup $WARM \
+timeout 240 $PY -m avs_dist bench model --preset $PRESET --steps $STEPS --warmup $WARM \
   --variants "$VARIANTS" --out "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log"
 fi
 
@@ -36,10 +36,10 @@ $PY -m avs_dist synth --out $D/small --videos 12 --size 64 --subset s4 --seed 0 
 $PY -m avs_dist pack --data-root $D/small --subset s4 --out $D/small_shards --crop-size 32 --no-progress >/dev/null
 C="--config tiny --shards $D/small_shards"
 O="data.batch_videos=2 train.ckpt_every_steps=2 train.eval_every_steps=2 data.num_workers=1 optim.schedule=constant"
-timeout $TT $PY -m avs_dist.train $C --run-dir $D/full $O train.max_steps=6 > "$OUT/t_full.log" 2>&1; echo "full rc=$?"
-timeout $TT $PY -m avs_dist.train $C --run-dir $D/part $O train.max_steps=3 > "$OUT/t_part.log" 2>&1; echo "part rc=$?"
-timeout $TT $PY -m avs_dist.train $C --run-dir $D/part $O train.max_steps=6 > "$OUT/t_part2.log" 2>&1; echo "resume rc=$?"
-timeout $TT $PY -m avs_dist.train $C --run-dir $D/fp16 $O train.max_steps=3 train.precision=fp16 > "$OUT/t_fp16.log" 2>&1; echo "fp16 rc=$?"
+timeout $TT $PY -m avs_dist.launch.rank $C --run-dir $D/full $O train.max_steps=6 > "$OUT/t_full.log" 2>&1; echo "full rc=$?"
+timeout $TT $PY -m avs_dist.launch.rank $C --run-dir $D/part $O train.max_steps=3 > "$OUT/t_part.log" 2>&1; echo "part rc=$?"
+timeout $TT $PY -m avs_dist.launch.rank $C --run-dir $D/part $O train.max_steps=6 > "$OUT/t_part2.log" 2>&1; echo "resume rc=$?"
+timeout $TT $PY -m avs_dist.launch.rank $C --run-dir $D/fp16 $O train.max_steps=3 train.precision=fp16 > "$OUT/t_fp16.log" 2>&1; echo "fp16 rc=$?"
 $PY - "$D" <<'PY'
 import json, sys
 d = sys.argv[1]
