@@ -245,6 +245,27 @@ def failed_nodes(nodes: str) -> str:
     return ", ".join(f"{n}: {why}" for n, why in down if n in names) or nodes
 
 
+def ended_attempt(job_id: str) -> tuple[str, str]:
+    """(state, node list) of the job's latest attempt that has ended (sacct -D), or ("", "")."""
+    rows = _slurm("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State,NodeList").strip().splitlines()
+    for row in reversed(rows):
+        state, _, nodes = row.partition("|")
+        if state and state.split()[0] not in ("PENDING", "RUNNING", "COMPLETING"):
+            return state.split()[0], nodes.strip()
+    return "", ""
+
+
+def _note(job_id: str, state: str, nodes: str, before: str | None) -> str:
+    """What to say beside a state: why it waits, and why a running job went back to the queue."""
+    if state in REQUEUABLE:
+        return f" on {failed_nodes(nodes)}: Slurm requeues the job (--requeue); its next attempt resumes"
+    if state == "PENDING" and before in ("RUNNING", "COMPLETING", *REQUEUABLE):
+        ended, where = ended_attempt(job_id)
+        why = f"after {ended} on {failed_nodes(where)}" if ended in REQUEUABLE else f"after {ended or 'a stop'}"
+        return f" (requeued {why}; the next attempt resumes from the last checkpoint)"
+    return _pending_reason(job_id) if state == "PENDING" else ""
+
+
 def _follow(job_ids: list[str]) -> None:
     """Print every state change of the jobs until each one ended for good (see REQUEUABLE)."""
     last: dict[str, str] = {}
@@ -254,12 +275,8 @@ def _follow(job_ids: list[str]) -> None:
         for job_id in list(pending):
             state, nodes = job_state(job_id)
             if last.get(job_id) != state and state != "UNKNOWN":
+                print(f"  job {job_id}: {state}{_note(job_id, state, nodes, last.get(job_id))}", flush=True)
                 last[job_id] = state
-                note = _pending_reason(job_id) if state == "PENDING" else ""
-                if state in REQUEUABLE:
-                    note = (f" on {failed_nodes(nodes)}: Slurm requeues the job (--requeue); its next attempt "
-                            "resumes from the last checkpoint")
-                print(f"  job {job_id}: {state}{note}", flush=True)
             if state not in FINAL:
                 since.pop(job_id, None)
             elif state not in REQUEUABLE or time.time() - since.setdefault(job_id, time.time()) > REQUEUE_SETTLE_S:
