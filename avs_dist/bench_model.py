@@ -262,7 +262,16 @@ def add_ratios(results: list[dict], peak_tflops: float | None) -> None:
 
 
 
-def main(argv: list[str] | None = None) -> int:
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['name']:40} ERROR {r['error']}"
+    xref = f"{r['x_reference']:6.2f}" if r["x_reference"] else f"{'-':>6}"
+    peak = f"{100 * r['peak_fraction']:6.1f}%" if r["peak_fraction"] else f"{'-':>7}"
+    return (f"{r['name']:40} {r['ms_per_step_median']:9.1f} {r['frames_per_s']:9.1f} {xref} {r['peak_mem_gib']:9.2f} "
+            f"{r['gflop_per_frame']:9.2f} {r['achieved_tflop_s']:8.3f} {peak}")
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="avs-dist bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--out", help="write the results as JSON here")
@@ -273,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the preset's variants and exit")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's dense bf16 peak for peak_fraction (default: known cards, BF16_PEAK_TFLOPS)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     preset = PRESETS[args.preset]
     variants = select(preset["variants"], args.variants)
     if args.list:
@@ -317,13 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         add_ratios(report["results"], report["bf16_peak_tflops"])
         if args.out:  # after every variant, so a run cut short keeps what it measured
             write_json(args.out, report)
-        if "error" in r:
-            print(f"{v.name:40} ERROR {r['error']}")
-        else:
-            xref = f"{r['x_reference']:6.2f}" if r["x_reference"] else f"{'-':>6}"
-            peak = f"{100 * r['peak_fraction']:6.1f}%" if r["peak_fraction"] else f"{'-':>7}"
-            print(f"{v.name:40} {r['ms_per_step_median']:9.1f} {r['frames_per_s']:9.1f} {xref} {r['peak_mem_gib']:9.2f} "
-                  f"{r['gflop_per_frame']:9.2f} {r['achieved_tflop_s']:8.3f} {peak}", flush=True)
+        print(_row(r), flush=True)
     if args.out:
         print(f"wrote {args.out}")
     return 1 if all("error" in r for r in report["results"]) else 0

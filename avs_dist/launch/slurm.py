@@ -151,7 +151,18 @@ class TrainJob(submitit.helpers.Checkpointable):
                                     f"--max-requeues {self.max_requeues}; its last checkpoint is in "
                                     f"{self.run_dir}/checkpoints (resubmit with the same --run-dir to continue)")
 
+        result, signals = self._train(job_env.num_tasks, resume="auto" if done else self.resume)
+        if result.get("status") == "completed" or not (signals.usr2 or signals.other):
+            atexit.register(_leave_after_result, job_env.paths.result_pickle)
+            return result
+        self._after_stop(result, signals, job_env, done)
+
+    def _train(self, world_size: int, resume: str):
+        """One rank of the run, its stop signals installed: (the result, which signals came)."""
+        import torch
+
         from avs_dist.config import load_config
+        from avs_dist.launch.args import check_run
         from avs_dist.train.loop import train
         from avs_dist.train.session import Session
         from avs_dist.train.stop import StopRequest, stop_file
@@ -160,26 +171,20 @@ class TrainJob(submitit.helpers.Checkpointable):
         signals = _StopSignals(stop)
         signals.install()
         cfg = load_config(self.config, self.overrides)
-        import torch
+        check_run(cfg, world_size, torch.cuda.is_available())  # the shards may have changed since submit
+        with Session.open(cfg, self.run_dir, resume) as session:
+            return session.finish(train(session, stop), stop), signals
 
-        from avs_dist.launch.args import check_run
-
-        check_run(cfg, job_env.num_tasks, torch.cuda.is_available())  # the shards may have changed since submit
-        with Session.open(cfg, self.run_dir, resume="auto" if done else self.resume) as session:
-            result = session.finish(train(session, stop), stop)
-
-        if result.get("status") == "completed" or not (signals.usr2 or signals.other):
-            atexit.register(_leave_after_result, job_env.paths.result_pickle)
-            return result
-
+    def _after_stop(self, result: dict, signals: _StopSignals, job_env, done: int) -> None:
+        """Every rank saved the stop checkpoint: requeue (SIGUSR2, within --max-requeues) or leave."""
         from avs_dist.distributed import hard_exit
 
-        step = result.get("step")
+        rank, step = job_env.global_rank, result.get("step")
         if not signals.usr2:
             # SIGTERM (or INT / HUP) alone: scancel, or Slurm preempting / killing at the time
             # limit. Slurm decides about requeueing; leaving without a result lets `--wait` read its state.
             if rank == 0:
-                _log(f"{stop.reason}: checkpoint at step {step} saved in {self.run_dir}/checkpoints; exiting")
+                _log(f"{signals.stop.reason}: checkpoint at step {step} saved in {self.run_dir}/checkpoints; exiting")
             hard_exit(INTERRUPTED_EXIT)
         if done >= self.max_requeues:
             raise RequeueLimitError(f"job {job_env.job_id} was interrupted (SIGUSR2: preemption or time limit) "
