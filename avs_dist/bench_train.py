@@ -112,8 +112,9 @@ def harness_rate(metrics_path: Path, frames_per_step: int, log_every: int, warmu
         raise RuntimeError(f"{metrics_path}: no step lines")
     by_step = {r["step"]: r for r in rows}
     last = max(by_step)
-    # The trainer writes its lines in batches at these steps, so only here is "time" sure to
-    # belong to this step (between flushes it may be the time of the later flush).
+    # Each line's "time" is when its step was handed to the device; at these steps the logger
+    # then copies the queued losses to the host (a sync), so the GPU cannot be more than one
+    # flush interval behind the times the window is measured between.
     bounds = sorted(s for s in by_step if s % log_every == 0 or s == last)
     start = next((s for s in bounds if s >= warmup), None)
     if start is None or start >= last:
@@ -176,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        from avs_dist.data.shards import read_manifest
+        from avs_dist.launch.args import check_run
 
-        read_manifest(args.shards)
         cfg = load_config(args.config, [*args.overrides, f"data.shards={json.dumps(str(args.shards))}",
                                          f"train.max_steps={args.steps}", *BENCH_OVERRIDES])
+        check_run(cfg, 1, torch.cuda.is_available())
     except (ConfigError, RuntimeError) as e:
         print(f"bench train: {e}", file=sys.stderr)
         return 2

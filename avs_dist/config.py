@@ -80,6 +80,9 @@ class LossConfig:
     # "s4" thresholded mask, normalised features, -log cos; "ms3" soft mask from pooled
     # logits, KL divergence summed over frames and channels (the MS3 recipe's --kl_flag).
     avm_variant: str = "s4"
+    # The MS3 variant's sum is rescaled to this many videos (the reference's batch of 4 on one
+    # GPU), so its weight does not depend on how a global batch is split over ranks.
+    avm_sum_videos: int = 4
     crop_ce: bool = False
     crop_ce_weight: float = 1.0
     crop_pair: bool = False
@@ -304,7 +307,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     problems = []
     positive = ["data.image_size", "data.crop_size", "data.batch_videos", "data.eval_batch_videos",
-                "model.decoder_channels", "model.crop_hidden", "model.num_classes", "optim.grad_accum",
+                "model.decoder_channels", "model.crop_hidden", "model.num_classes", "optim.grad_accum", "loss.avm_sum_videos",
                 "train.keep_last", "train.log_every_steps", "train.ckpt_every_steps"]
     for key in positive:
         if _get(cfg, key) <= 0:

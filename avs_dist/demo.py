@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     _step(f"train tiny, {args.nproc} processes", ["train", "--config", "tiny", "--shards", str(shards),
                                                   "--run-dir", str(run), "--nproc", str(args.nproc),
                                                   "--resume", "never", *overrides])
-    best = run / "checkpoints" / "best"
-    ckpt = best if best.is_dir() else run / "checkpoints"
-    _step("evaluate on test with the audio gap", ["eval", "--checkpoint", str(ckpt), "--shards", str(shards),
+    # the run folder: eval takes its best/ checkpoint, else its newest valid one (train/checkpoint.py model_file)
+    _step("evaluate on test with the audio gap", ["eval", "--checkpoint", str(run), "--shards", str(shards),
                                                  "--split", "test", "--out", str(out / "eval_test.json")])
     result = json.loads((out / "eval_test.json").read_text())
     print("\n=== demo finished")

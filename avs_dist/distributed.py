@@ -133,6 +133,23 @@ def broadcast_object(d: Dist, obj):
     return box[0]
 
 
+def on_main(d: Dist, fn):
+    """fn() on rank 0 only; its result on every rank. If it raises, every rank raises (rank 0
+    the exception itself, the others a RuntimeError with its message): no rank is left
+    waiting in a collective for a rank 0 that failed."""
+    outcome = None
+    if d.is_main:
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:
+            broadcast_object(d, ("error", f"{type(e).__name__}: {e}"))
+            raise
+    kind, value = broadcast_object(d, outcome)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
 @torch.no_grad()
 def average_buffers(module: torch.nn.Module, d: Dist) -> None:
     """Average floating-point buffers (BatchNorm running stats) so that every rank agrees.
@@ -181,18 +198,6 @@ def averaged_buffers(module: torch.nn.Module, d: Dist):
                 b.copy_(s)
 
 
-def local_buffers(module: torch.nn.Module) -> dict:
-    """This rank's floating-point buffers (CPU copies), for exact resume."""
-    return {k: v.detach().cpu().clone() for k, v in module.named_buffers() if v.is_floating_point()}
-
-
-def load_local_buffers(module: torch.nn.Module, state: dict) -> None:
-    own = dict(module.named_buffers())
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
-
-
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         try:
@@ -205,8 +210,7 @@ def hard_exit(rc: int) -> None:
     """Leave without interpreter finalization.
 
     A gloo worker thread can free a finished work object while Python finalizes and abort
-    the process ("terminate called without an active exception", ~3% of runs;
-    see docs of platform notes). Flushing and `os._exit` after the process group is gone avoids it.
+    the process ("terminate called without an active exception", ~3% of runs; pytorch#190489). Flushing and `os._exit` after the process group is gone avoids it.
     """
     for stream in (sys.stdout, sys.stderr):
         try:

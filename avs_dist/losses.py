@@ -63,7 +63,7 @@ def avm_loss_s4(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
     return total / len(stages)
 
 
-def avm_loss_ms3(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
+def avm_loss_ms3(logits: torch.Tensor, avm: list, stages, sum_frames: int | None = None) -> torch.Tensor:
     """AVSBench's MS3 audio-visual matching loss as the MS3 recipe runs it (avs_ms3/loss.py
     A_MaskedV_SimmLoss with kl_flag, no threshold, no normalisation), averaged over `stages`.
 
@@ -71,6 +71,11 @@ def avm_loss_ms3(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
     passes gradient to the logits; pooled = mean over h, w of visual * mask [B*T, C];
     loss = kl_div(softmax(pooled).log(), softmax(a'), reduction='sum'): summed over the
     B*T frames and the C channels, not averaged. Computed in float32 whatever the autocast.
+
+    `sum_frames`: rescale the sum to that many frames (sum x sum_frames / (B*T)). The reference
+    sums over its batch of 4 videos on one GPU; with the same sum_frames the objective is that
+    one whatever the split of a global batch over ranks and micro-steps (loss.avm_sum_videos).
+    None: the plain sum over this batch.
     """
     by_stage = _avm_inputs(avm, stages)
     total = 0.0
@@ -80,16 +85,21 @@ def avm_loss_ms3(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
         pooled = torch.mul(visual.float(), mask).mean(-1).mean(-1)  # [B*T, C], the reference's reduction order
         target = audio.float().reshape(-1, audio.shape[-1]).softmax(dim=-1)
         total = total + F.kl_div(pooled.softmax(dim=-1).log(), target, reduction="sum")
-    return total / len(stages)
+    scale = 1.0 if sum_frames is None else sum_frames / logits.shape[0]
+    return total * scale / len(stages)
 
 
 AVM_VARIANTS = {"s4": avm_loss_s4, "ms3": avm_loss_ms3}
 
 
-def avm_loss(logits: torch.Tensor, avm: list, stages, variant: str = "s4") -> torch.Tensor:
-    """The AVM loss of `variant` ("s4" or "ms3", cfg.loss.avm_variant); see the two above."""
+def avm_loss(logits: torch.Tensor, avm: list, stages, variant: str = "s4",
+             sum_frames: int | None = None) -> torch.Tensor:
+    """The AVM loss of `variant` ("s4" or "ms3", cfg.loss.avm_variant); see the two above
+    (`sum_frames` only concerns the MS3 variant's sum; the S4 one is a mean)."""
     if variant not in AVM_VARIANTS:
         raise ValueError(f"AVM loss variant must be one of {sorted(AVM_VARIANTS)}, got {variant!r}")
+    if variant == "ms3":
+        return avm_loss_ms3(logits, avm, stages, sum_frames)
     return AVM_VARIANTS[variant](logits, avm, stages)
 
 
@@ -119,7 +129,8 @@ def compute_losses(out: dict, batch: dict, cfg: LossConfig) -> tuple[torch.Tenso
     terms = {"bce": bce_loss(out["logits"], batch["masks"], batch["mask_valid"])}
     weights = {"bce": cfg.bce_weight}
     if cfg.avm:
-        terms["avm"] = avm_loss(out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant)
+        terms["avm"] = avm_loss(out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant,
+                                sum_frames=cfg.avm_sum_videos * frames)
         weights["avm"] = cfg.avm_weight
     crop_terms = [t for t in ("crop_ce", "crop_pair", "crop_audio") if getattr(cfg, t)]
     if crop_terms and out.get("crop_logits") is None:

@@ -255,7 +255,8 @@ def test_train_stream_resumes_on_another_world_size(s4_shards):
     full, _ = run(4, None, 5)
     for first, second in ((4, 2), (2, 4)):
         head, state = run(first, None, 3)
-        assert state == {"epoch": 1, "step_in_epoch": 1, "seed": 3, "global_batch_videos": 4, "train_videos": 8}
+        assert state == {"epoch": 1, "step_in_epoch": 1, "last_epoch": 1, "seed": 3, "global_batch_videos": 4,
+                         "train_videos": 8}
         tail, _ = run(second, state, 2)
         assert head + tail == full
     stream = TrainStream(s4_shards, _cfg(num_workers=0, global_batch_videos=8), 0, 2, seed=3)

@@ -98,6 +98,12 @@ def test_avm_ms3_by_hand():
     # summed, not averaged: the same frames twice give twice the loss
     twice = avm_loss_ms3(torch.cat([logits, logits]), [(0, torch.cat([v, v]), torch.cat([a, a]))], [0])
     assert twice.item() == pytest.approx(2 * expected, rel=1e-5)
+    # ... unless rescaled to a fixed number of frames (the reference's batch): then a batch cut
+    # in two halves (two ranks) has the loss of the whole
+    assert avm_loss_ms3(logits, [(0, v, a)], [0], sum_frames=20).item() == pytest.approx(10 * expected, rel=1e-5)
+    doubled = [(0, torch.cat([v, v]), torch.cat([a, a]))]
+    assert avm_loss_ms3(torch.cat([logits, logits]), doubled, [0], sum_frames=20).item() == pytest.approx(
+        10 * expected, rel=1e-5)
     # averaged over stages: a second stage of 1x1 maps
     v1, a1 = torch.tensor([[[[2.0]], [[0.0]]], [[[0.0]], [[0.0]]]]), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     m1 = [_sigmoid(0.5), _sigmoid(0.0)]  # pooled logits of the frames: 0.5 (4 of 16 pixels at 2), 0
@@ -126,7 +132,8 @@ def test_compute_losses_uses_the_configured_variant():
     logits, v, a, expected = _ms3_case()
     batch = {"masks": torch.zeros(1, 2, 4, 4), "mask_valid": torch.ones(1, 2, dtype=torch.bool)}
     out = {"logits": logits, "avm": [(0, v, a)]}
-    for variant, value in (("ms3", expected), ("s4", -math.log(1e-6))):
+    # ms3: the sum over this batch's 2 frames rescaled to loss.avm_sum_videos=4 videos of 2 frames
+    for variant, value in (("ms3", 4 * expected), ("s4", -math.log(1e-6))):
         cfg = LossConfig(avm=True, avm_weight=0.5, avm_stages=[0], avm_variant=variant)
         total, terms = compute_losses(out, batch, cfg)
         assert terms["avm"].item() == pytest.approx(value, rel=1e-5)

@@ -134,7 +134,8 @@ def test_target_lut_is_to_tensor_for_every_value():
     x = torch.from_numpy(np.array(im))
     assert torch.equal(mask_targets(x), want)
     assert np.array_equal(mask_targets(idx), want.numpy())
-    assert torch.equal(target_lut()[x.long()], want)  # the gather the GPU path does
+    assert torch.equal(target_lut()[x.long()], want)
+    assert torch.equal(x.to(torch.float32).div_(255), want)  # what the GPU path computes on the device
     with pytest.raises(TypeError, match="uint8"):
         mask_targets(x.float())
 

@@ -124,15 +124,19 @@ def test_stop_request_from_a_signal_or_the_stop_file(tmp_path):
 
     from avs_dist.launch.signals import install_stop_signals
 
-    stop = StopRequest(stop_file(tmp_path))
-    assert not stop.requested
-    old = signal.getsignal(signal.SIGHUP)
-    try:
-        install_stop_signals(stop, signals=(signal.SIGHUP,))
-        os.kill(os.getpid(), signal.SIGHUP)
-        assert stop.requested and stop.reason == "SIGHUP"
-    finally:
-        signal.signal(signal.SIGHUP, old)
+    from avs_dist.launch.signals import STOP_SIGNALS
+
+    assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP}
+    for sig in STOP_SIGNALS:
+        stop = StopRequest(stop_file(tmp_path))
+        assert not stop.requested
+        old = signal.getsignal(sig)
+        try:
+            install_stop_signals(stop, signals=(sig,))
+            os.kill(os.getpid(), sig)
+            assert stop.requested and stop.reason == sig.name
+        finally:
+            signal.signal(sig, old)
     by_file = StopRequest(stop_file(tmp_path))
     stop_file(tmp_path).write_text("x")
     assert by_file.requested and by_file.reason == f"stop file {stop_file(tmp_path)}"

@@ -348,7 +348,8 @@ class TrainStream:
 
     One endless loader serves the whole run (no worker restart at epoch boundaries); it is
     started at the first `next_step`, so `load_state_dict` must come before that.
-    state_dict() = {"epoch", "step_in_epoch", "global_batch_videos", "train_videos", "seed"}:
+    state_dict() = {"epoch", "step_in_epoch", "last_epoch", "global_batch_videos", "train_videos",
+    "seed"}:
     world-size free, so a checkpoint continues on any number of ranks whose per-rank batch
     divides G (ValueError naming both global batches otherwise)."""
 
@@ -367,8 +368,8 @@ class TrainStream:
         self._it = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "global_batch_videos": self.global_batch, "train_videos": len(self.order.refs)}
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "last_epoch": self.last_epoch,
+                "seed": self.seed, "global_batch_videos": self.global_batch, "train_videos": len(self.order.refs)}
 
     def load_state_dict(self, state: dict) -> None:
         if self._it is not None:
@@ -382,7 +383,7 @@ class TrainStream:
             raise ValueError(f"the checkpoint was trained on {state['train_videos']} train videos with seed "
                              f"{state['seed']}, this run has {len(self.order.refs)} with seed {self.seed}: "
                              f"not the same data order")
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.epoch, self.step_in_epoch, self.last_epoch = state["epoch"], state["step_in_epoch"], state["last_epoch"]
 
     def next_step(self) -> StepBatches:
         t0 = time.perf_counter()

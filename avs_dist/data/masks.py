@@ -75,7 +75,9 @@ def mask_targets(x):
     if x.dtype != torch.uint8:
         raise TypeError(f"stored masks are uint8, got {x.dtype}")
     if x.device.type != "cpu":
-        return target_lut(x.device)[x.long()]
+        # On the device, the same two operations as ToTensor (no table to copy there: a
+        # host-to-device copy per batch would wait for the GPU's queue).
+        return x.to(torch.float32).div_(255)
     # numpy: one thread; torch's intra-op threads cost more than they save on these arrays.
     y = torch.empty(x.shape, dtype=torch.float32)
     np.take(target_lut().numpy(), x.numpy(), out=y.numpy())

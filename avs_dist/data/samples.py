@@ -5,7 +5,7 @@ so it reads samples by key instead of streaming shards front to back. A shard is
 uncompressed tar: its member headers give every file's offset and size, so a sample is a
 few positioned reads. The header index is built on a shard's first use (one pass over the
 512-byte headers, no data read) and kept, with a bounded number of open files, per reader
-(one per loader worker).
+(one per loader worker; the limit on open files is per process).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class SampleReader:
 
     crops=False leaves the crop members unread. At most `max_open` files stay open."""
 
-    def __init__(self, crops: bool = True, max_open: int = 8):
+    def __init__(self, crops: bool = True, max_open: int = 128):
         self.crops = crops
         self.max_open = max_open
         self._index: dict[str, dict] = {}

@@ -11,6 +11,7 @@ that every path feeds the model exactly the same values:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -74,18 +75,24 @@ def stack_images(stacks: list[np.ndarray], size: int, normalize: bool) -> torch.
     return x.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
 
 
+@functools.lru_cache(maxsize=8)
+def _device_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built and copied once per device, not per batch. Callers must not modify them.
+    return tuple(t.view(3, 1, 1).to(device) for t in mean_inv_std())
+
+
 def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
     """uint8 [...,3,H,W] (any strides) -> contiguous float32, ImageNet-normalised, on x's device."""
-    shift, scale = (t.view(3, 1, 1) for t in mean_inv_std())
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if x.device.type == "cpu":
+        shift, scale = (t.view(3, 1, 1) for t in mean_inv_std())
         # numpy: one thread, cast + transpose + scale in one pass; torch's intra-op threads
         # cost several times the CPU here when other processes load the cores.
         out = y.numpy()
         np.multiply(x.numpy(), scale.numpy(), out=out)
         np.subtract(out, shift.numpy(), out=out)
         return y
-    scale, shift = scale.to(x.device, non_blocking=True), shift.to(x.device, non_blocking=True)
+    shift, scale = _device_constants(x.device)
     return y.copy_(x).mul_(scale).sub_(shift)  # copy_: cast + transpose in one kernel
 
 

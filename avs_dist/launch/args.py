@@ -34,10 +34,10 @@ def resolve_config(args) -> Config:
 
 
 def rank_args(args) -> list[str]:
-    """The rank entry's command line for the same run."""
-    out = ["--config", args.config, "--shards", str(args.shards), "--run-dir", str(args.run_dir),
-           "--resume", args.resume, *args.overrides]
-    return out + (["--check-sha256"] if args.check_sha256 else [])
+    """The rank entry's command line for the same run (the launcher did any sha256 check: the
+    ranks check presence and size only)."""
+    return ["--config", args.config, "--shards", str(args.shards), "--run-dir", str(args.run_dir),
+            "--resume", args.resume, *args.overrides]
 
 
 def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
@@ -58,15 +58,17 @@ def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, sh
     train videos, and every shard of the splits the run reads (train, and val / test when
     they have videos) present with the manifest's size (and sha256 with `sha256`).
     shards=False skips the shard set (`avs-dist submit --dry-run`)."""
-    from avs_dist.data.shards import ShardError, check_shards, read_manifest
+    from avs_dist.data.shards import check_shards, read_manifest
 
     check_runtime(cfg, world_size, cuda)
     if not shards:
         return {}
+    from avs_dist.data.loader import TrainOrder
+
     manifest = read_manifest(cfg.data.shards)
     splits = manifest.get("splits", {})
-    if not splits.get("train", {}).get("videos"):
-        raise ShardError(f"{cfg.data.shards}: the shard set has no train videos")
+    TrainOrder.from_shards(cfg.data.shards, cfg.train.seed, global_batch(cfg.data, world_size, cfg.optim.grad_accum)[0],
+                           manifest=manifest)  # ShardError without train videos
     check_shards(cfg.data.shards, [s for s in ("train", "val", "test") if splits.get(s, {}).get("videos")],
                  sha256=sha256, manifest=manifest)
     return manifest

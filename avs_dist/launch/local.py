@@ -7,11 +7,13 @@ starts torchrun (its own session, so a terminal's Ctrl-C reaches only us) with t
 entry (launch/rank.py) and supervises the run:
 
 - SIGTERM, SIGUSR2, SIGINT or SIGHUP here writes the run's stop file: every rank saves one
-  checkpoint at the next step boundary and exits; a second signal aborts (SIGTERM to torchrun).
-- torchrun signalled: it passes SIGTERM/SIGINT/SIGHUP on to the ranks (which then stop the
-  same way), or dies (SIGUSR2, SIGKILL) and the ranks, now orphans, notice within seconds
-  (launch/signals.py) and stop. This process is their child subreaper: orphaned ranks
-  become its children, and it waits for every one of them.
+  checkpoint at the next step boundary and exits; a second signal aborts: SIGKILL to every
+  process of the run (torchrun, ranks, loader workers: those with our AVS_LAUNCHER_PID).
+- torchrun signalled: it passes the signal on to the ranks (which then stop the same way;
+  it waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT, here 300 s unless set, before it kills them), or
+  it dies (SIGKILL; SIGUSR2 on a torch whose torchrun does not handle it) and the ranks, now
+  orphans, notice within seconds (avs_dist/launch/signals.py) and stop. This process is their
+  child subreaper: orphaned ranks become its children, and it waits for every one of them.
 - a rank signalled: all ranks agree to stop at the next step boundary.
 - this process killed (SIGKILL): the ranks notice within seconds and stop.
 
@@ -33,6 +35,10 @@ from avs_dist.launch.args import check_run, rank_args, resolve_config, run_parse
 from avs_dist.launch.signals import LAUNCHER_ENV, STOP_SIGNALS
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+# torchrun's grace for stopping ranks (it SIGKILLs them after it): a stop is a step, a save
+# (ZeRO shards, sha256 of every file) and an exit. The signals it passes on to the ranks
+# (torch versions with --signals-to-handle; older ones die of SIGUSR2, see above).
+TORCHRUN_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300", "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,13 +77,29 @@ def _wait_for_orphans() -> None:
             continue
 
 
+def run_processes(launcher_pid: int) -> list[int]:
+    """Every process started for this launcher's run: torchrun, the ranks, their loader workers
+    (they inherit AVS_LAUNCHER_PID=<launcher pid>, whatever session or parent they have now)."""
+    want = f"{LAUNCHER_ENV}={launcher_pid}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != launcher_pid:
+            try:
+                if want in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:  # gone, or not ours
+                pass
+    return found
+
+
 def supervise(cmd: list[str], run_dir: Path) -> int:
     """Run `cmd` (torchrun) to the end, turning signals into the run's stop file (module docstring)."""
     from avs_dist.fileio import write_text_atomic
     from avs_dist.train.stop import stop_file
 
     _become_subreaper()
-    proc = subprocess.Popen(cmd, env={**os.environ, LAUNCHER_ENV: str(os.getpid())}, start_new_session=True)
+    env = {**TORCHRUN_ENV, **os.environ, LAUNCHER_ENV: str(os.getpid())}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     seen: list[str] = []
 
     def on_signal(signum, frame):
@@ -87,11 +109,12 @@ def supervise(cmd: list[str], run_dir: Path) -> int:
             print(f"avs-dist train: {seen[0]}: every rank saves a checkpoint at the next step boundary, then "
                   "exits (signal again to abort without one)", file=sys.stderr, flush=True)
         else:
-            print(f"avs-dist train: {seen[-1]} again: aborting", file=sys.stderr, flush=True)
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            print(f"avs-dist train: {seen[-1]} again: aborting without a checkpoint", file=sys.stderr, flush=True)
+            for pid in run_processes(os.getpid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)

@@ -8,10 +8,11 @@ these signals (data/loader.py); the pid check covers that window.
 
 `watch_launcher`: a rank started by a launcher (torchrun; `avs-dist train` sets
 AVS_LAUNCHER_PID) must not outlive it: a launcher killed with SIGKILL cannot tell anyone.
-A daemon thread checks every `poll_s` seconds that the launcher and the rank's parent are
-the processes they were at start; when one is gone it requests a stop (the ranks save at
-the next step boundary) and, if the process has not ended `grace_s` seconds later (a peer
-is gone too, and a collective waits for it), leaves with exit code 1.
+A daemon thread checks every `poll_s` seconds (2) that the launcher and the rank's parent
+are the processes they were at start; when one is gone it requests a stop (the ranks save
+at the next step boundary) and, if the process has not ended `grace_s` seconds later (300:
+longer than a step and a large save; more means a peer is gone too and a collective waits
+for it), leaves with exit code 1.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import sys
 import threading
 import time
 
+from avs_dist.train.stop import LAUNCHER_ENV
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
-LAUNCHER_ENV = "AVS_LAUNCHER_PID"
 
 
 def install_stop_signals(stop, signals=STOP_SIGNALS, also=None) -> None:
@@ -49,7 +51,7 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def watch_launcher(stop, poll_s: float = 2.0, grace_s: float = 60.0) -> threading.Thread | None:
+def watch_launcher(stop, poll_s: float = 2.0, grace_s: float = 300.0) -> threading.Thread | None:
     """Start the watchdog (module docstring) when this rank runs under a launcher; else None."""
     launcher = os.environ.get(LAUNCHER_ENV)
     if not launcher and "TORCHELASTIC_RUN_ID" not in os.environ:

@@ -4,7 +4,7 @@
         --nodes 1 --tasks-per-node 2 --time 60 [--wait]
 
 One Slurm task per rank (per GPU, or per process on CPU); ranks, world size and the
-rendezvous come from submitit's JobEnvironment (avs_dist/slurm.py). The job asks Slurm for
+rendezvous come from submitit's JobEnvironment (avs_dist/launch/slurm.py). The job asks Slurm for
 SIGUSR2 `--signal-delay` seconds before its time limit; on that signal (or a preemption
 notice sent the same way) every rank saves at the next step boundary and the job requeues
 and resumes, at most `--max-requeues` times.
@@ -335,17 +335,19 @@ def _abs_config(config: str) -> str:
 def check_request(args, config: str, base: list[str]) -> list[list[str]]:
     """Every check before anything is submitted; returns the override list of each job.
 
-    Every job's config, and once the shard set (not with --dry-run), are checked for a world of
+    Every job's config, and once each shard set (not with --dry-run), are checked for a world of
     --nodes x --tasks-per-node ranks (launch/args.py check_run). ConfigError / ShardError / OSError."""
     for name, value in (("--nodes", args.nodes), ("--time", args.time), ("--max-requeues", args.max_requeues + 1),
                         ("--tasks-per-node", args.tasks_per_node or 1), ("--signal-delay", args.signal_delay)):
         if value < 1:
             raise ConfigError(f"{name} must be positive")
     specs = read_array_specs(args.array) if args.array else [[]]
-    for i, spec in enumerate(specs):
+    checked: set[str] = set()
+    for spec in specs:
         cfg = load_config(config, [*base, *spec])
         check_run(cfg, args.nodes * tasks_per_node(args), args.gpus_per_node > 0, sha256=args.check_sha256,
-                  shards=not args.dry_run and i == 0)
+                  shards=not args.dry_run and cfg.data.shards not in checked)
+        checked.add(cfg.data.shards)
     return specs
 
 

@@ -6,7 +6,7 @@ Format (FORMAT_VERSION 2)::
         model.pt        {"model": fp32 state dict of the unwrapped model (BatchNorm statistics
                         averaged over ranks), "config": config dict, "step", "epoch", "metrics"}
         trainer.pt      {"format": 2, "world_size", "strategy": train.strategy,
-                         "train": TrainState.state_dict()      step, best val mIoU, last val, eval_pending,
+                         "train": TrainState.state_dict()      step, best val mIoU, last val, pending_epoch,
                          "data": TrainStream.state_dict()      epoch, step in epoch, global batch, seed,
                          "strategy_state": Strategy.state_dict()   DDP: optimizer, scheduler, scaler,
                          "ranks": [RankState.state_dict() of every rank]   RNG streams, own BN statistics}
@@ -29,6 +29,7 @@ per-rank BN statistics then restart as train/state.py describes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -231,31 +232,38 @@ def model_file(path) -> Path:
 
 def find_resume(run_dir, resume: str, d, warn) -> tuple[Path, dict] | None:
     """`resolve_resume` on rank 0, the answer on every rank: (folder, its COMPLETE.json) or None."""
-    found = resolve_resume(run_dir, resume, warn) if d.is_main else None
-    found = distributed.broadcast_object(d, None if found is None else str(found))
+    found = distributed.on_main(d, lambda: resolve_resume(run_dir, resume, warn))
     return None if found is None else (Path(found), read_complete(found))
 
 
 def restore(folder: Path, strategy, states: dict, rank_state, d, warn) -> dict:
     """Load checkpoint `folder` into the components (all ranks); returns its trainer.pt.
 
-    ValueError when the folder is not of this format or was written by another strategy."""
+    ValueError naming the folder when it is not of this format, was written by another
+    strategy, or does not fit the components (another global batch, another model...)."""
     trainer = load_torch(folder / "trainer.pt")
     if not isinstance(trainer, dict) or trainer.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: written by an older avs-dist (trainer.pt format {trainer.get('format')!r}, "
-                         f"expected {FORMAT_VERSION}); it cannot be resumed, but model.init_from={folder} "
-                         "starts a new run from its weights")
+        found = trainer.get("format") if isinstance(trainer, dict) else type(trainer).__name__
+        raise ValueError(f"{folder}: written by an older avs-dist (trainer.pt format {found!r}, expected "
+                         f"{FORMAT_VERSION}); it cannot be resumed, but model.init_from={folder} starts a new run "
+                         "from its weights")
     if trainer["strategy"].startswith("zero") != strategy.__class__.__name__.startswith("Zero"):
         raise ValueError(f"{folder}: written with train.strategy={trainer['strategy']}; resume it with that "
                          "strategy (DDP and ZeRO checkpoints are not interchangeable)")
-    strategy.load_state_dict(trainer["strategy_state"], load_torch(folder / "model.pt")["model"])
-    strategy.load_shards(folder, trainer["world_size"])
-    for name, component in states.items():
-        component.load_state_dict(trainer[name])
-    if trainer["world_size"] == d.world_size:
-        rank_state.load_state_dict(trainer["ranks"][d.rank])
-    else:
-        rank_state.reseed(trainer["train"]["step"])
+    model = functools.cache(lambda: load_torch(folder / "model.pt")["model"])  # read only if needed
+    same_world = trainer["world_size"] == d.world_size
+    try:
+        strategy.load_state_dict(trainer["strategy_state"], model)
+        strategy.load_shards(folder, trainer["world_size"])
+        for name, component in states.items():
+            component.load_state_dict(trainer[name])
+        if same_world:
+            rank_state.load_state_dict(trainer["ranks"][d.rank])
+        else:
+            rank_state.reseed(trainer["train"]["step"], model())
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{folder}: cannot be resumed by this run: {type(e).__name__}: {e}") from None
+    if not same_world:
         warn(f"{folder} was written by {trainer['world_size']} ranks, this run has {d.world_size}: same data "
              "order from here on; RNG streams reseeded and every rank starts from the rank-averaged BatchNorm "
              "statistics (the run continues, but not bit-identically)")

@@ -110,7 +110,8 @@ class RunLogger:
         vec = torch.cat([out.losses.float(), out.grad_norm.reshape(1).to(device, torch.float32)])
         self._pending.append((vec, out.names, {
             "step": step, "epoch": batches.epoch, "lr": out.lr, "frames_per_s": self.frames_per_step / seconds,
-            "data_wait_frac": batches.wait_s / seconds, "peak_mem_bytes": peak_memory_bytes(device)}))
+            "data_wait_frac": batches.wait_s / seconds, "peak_mem_bytes": peak_memory_bytes(device),
+            "wall_time": time.time()}))
         if self.image_every and step % self.image_every == 0:
             self._images_of(step, out)
         if flush or step % self.log_every == 0 or step == self.total_steps:

@@ -19,7 +19,7 @@ def train(s, stop) -> str:
     (train/stop.py). Returns "completed" or "stopped"; every rank calls it."""
     state, log = s.state, s.log
     s.strategy.module.train()
-    s.validator.run_deferred(state, s.data.epoch)  # a stop came when validation was due
+    s.validator.run_deferred(state)  # a stop came when validation was due
 
     while state.step < s.total_steps:
         t0 = time.perf_counter()

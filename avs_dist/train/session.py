@@ -30,6 +30,7 @@ from avs_dist.train import checkpoint as ckpt
 from avs_dist.train.logger import RunLogger
 from avs_dist.train.optim import build_optimizer, build_scheduler
 from avs_dist.train.state import RankState, TrainState, seed_everything
+from avs_dist.train.stop import LAUNCHER_ENV, stop_file
 from avs_dist.train.strategy import build_strategy
 from avs_dist.train.validate import Validator
 
@@ -48,12 +49,20 @@ def build_model_for_training(cfg: Config, d) -> nn.Module:
     return model
 
 
-def _prepare_run_dir(run_dir: Path, cfg: Config, d) -> None:
+def _prepare_run_dir(run_dir: Path, cfg: Config, d, opened_at: float) -> None:
+    """Rank 0: the folders, the config, no unfinished checkpoint, no status of an earlier run,
+    no stop request older than this run (avs-dist train clears its own before it starts the
+    ranks, and may write one while they start: left alone under it)."""
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         removed = ckpt.remove_temps(run_dir)
         if removed:
             print(f"removed unfinished checkpoint folders: {[str(p) for p in removed]}", flush=True)
+        (run_dir / "status.json").unlink(missing_ok=True)
+        stale = stop_file(run_dir)
+        if LAUNCHER_ENV not in os.environ and stale.exists() and stale.stat().st_mtime < opened_at:
+            stale.unlink()
+            print(f"removed {stale}: a stop request from before this run", flush=True)
         save_config(cfg, run_dir / "config.json")
     distributed.barrier(d)
     (run_dir / "pids").mkdir(exist_ok=True)
@@ -87,16 +96,17 @@ class Session:
         """This process as one rank of the job the environment describes (RANK, WORLD_SIZE, ...
         as torchrun sets them; a world of one without them). `resume`: "auto" (the newest valid
         checkpoint of run_dir, if any), "never", or a checkpoint folder."""
+        opened_at = time.time()
         d = distributed.setup(cfg.train.strategy)
         try:
-            return cls._build(cfg, Path(run_dir), d, resume)
+            return cls._build(cfg, Path(run_dir), d, resume, opened_at)
         except BaseException:
             distributed.teardown()
             raise
 
     @classmethod
-    def _build(cls, cfg: Config, run_dir: Path, d, resume: str) -> Session:
-        _prepare_run_dir(run_dir, cfg, d)
+    def _build(cls, cfg: Config, run_dir: Path, d, resume: str, opened_at: float) -> Session:
+        _prepare_run_dir(run_dir, cfg, d, opened_at)
 
         def early_warn(msg):  # before the logger exists (it needs the resumed step)
             print(f"[rank {d.rank}] WARNING: {msg}" if d.rank else f"WARNING: {msg}", file=sys.stderr, flush=True)

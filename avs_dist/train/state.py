@@ -53,16 +53,30 @@ def preserved_rng():
 
 @dataclass
 class TrainState:
-    """Optimizer steps taken, and the validation record kept for the best checkpoint."""
+    """Optimizer steps taken, and the validation record kept for the best checkpoint. The
+    Validator reports to it (record_validation, defer_validation); only it changes the record."""
 
     step: int = 0
     best_miou: float = -math.inf
     last_val: dict = field(default_factory=dict)
-    eval_pending: bool = False  # a stop came at a step whose validation was due: run it on resume
+    # A stop came at a step whose validation was due: the epoch of that step, validated on resume.
+    pending_epoch: int | None = None
 
     @property
     def best(self) -> float | None:
         return self.best_miou if self.best_miou > -math.inf else None
+
+    def defer_validation(self, epoch: int) -> None:
+        self.pending_epoch = epoch
+
+    def record_validation(self, result: dict) -> bool:
+        """Keep a validation's result; True when its mIoU is a new best."""
+        self.last_val, self.pending_epoch = result, None
+        miou = result.get("miou")
+        if miou is not None and miou > self.best_miou:
+            self.best_miou = miou
+            return True
+        return False
 
     def metrics(self) -> dict:
         """What model.pt records of the validation so far."""
@@ -73,7 +87,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_miou = state["step"], state["best_miou"]
-        self.last_val, self.eval_pending = state["last_val"], state["eval_pending"]
+        self.last_val, self.pending_epoch = state["last_val"], state["pending_epoch"]
 
 
 class RankState:
@@ -93,6 +107,12 @@ class RankState:
             for k, v in state["buffers"].items():
                 own[k].copy_(v)
 
-    def reseed(self, step: int) -> None:
-        """Fresh streams for a rank that has no saved state (another world size)."""
+    def reseed(self, step: int, model_state: dict) -> None:
+        """A rank without saved state of its own (another world size): fresh RNG streams from
+        (seed, rank, step), and the rank-averaged BatchNorm statistics of `model_state` (model.pt)."""
         seed_everything(int(np.random.SeedSequence([self.seed, self.rank, step]).generate_state(1)[0]))
+        own = dict(self.module.named_buffers())
+        with torch.no_grad():
+            for k, v in model_state.items():
+                if k in own and own[k].is_floating_point():
+                    own[k].copy_(v)

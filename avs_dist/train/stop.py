@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 STOP_FILE = "STOP"
+LAUNCHER_ENV = "AVS_LAUNCHER_PID"  # set by `avs-dist train` for every process of its run
+FILE_CHECK_S = 1.0  # the stop file is looked at by rank 0, at most once a second
 
 
 def stop_file(run_dir) -> Path:
@@ -23,6 +25,7 @@ class StopRequest:
     def __init__(self, file: Path | None = None):
         self.file = None if file is None else Path(file)
         self.reason: str | None = None
+        self._checked = 0.0
 
     def request(self, reason: str) -> None:
         if self.reason is None:
@@ -30,15 +33,24 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """A request in this process, or (checked now) the stop file."""
         if self.reason is None and self.file is not None and self.file.exists():
             self.reason = f"stop file {self.file}"
         return self.reason is not None
 
     def agreed(self, d) -> bool:
-        """True on every rank when any rank has a request (a collective: call on every rank)."""
+        """True on every rank when any rank has a request (a collective: call on every rank).
+        Only rank 0 looks at the stop file, at most every FILE_CHECK_S: one stat a second on a
+        shared file system, not one per rank and step."""
+        import time
+
         from avs_dist import distributed
 
-        return distributed.any_flag(d, self.requested)
+        now = time.monotonic()
+        if d.is_main and now - self._checked >= FILE_CHECK_S:
+            self._checked = now
+            self.requested
+        return distributed.any_flag(d, self.reason is not None)
 
     def consume(self) -> None:
         """Remove the stop file after the stop it asked for (rank 0)."""

@@ -16,12 +16,12 @@ loss scaler. The training step (train/step.py) calls, per optimizer step:
   the gradients, advance the scheduler. grad_norm is the global norm before clipping (a
   0-d tensor on the device: reading it is the caller's host sync); lr is group 0's lr that
   this step applied. Under DDP and every ZeRO stage both mean the same: the figures of
-  the step just taken.
+  the step just taken (an fp16 step skipped for an overflow leaves the schedule where it is).
 - `eval_model()`: a module to evaluate on this rank (ZeRO: a full fp32 copy).
 - `model_state_dict()`: full fp32 weights, on rank 0 (None elsewhere under DDP; a collective
   under ZeRO).
-- `state_dict()` / `load_state_dict()`: what rank 0 keeps in trainer.pt (DDP: optimizer,
-  scheduler, scaler); `save_shards(folder)` / `load_shards(folder, saved_world_size)`:
+- `state_dict()` / `load_state_dict(state, model_state)`: what rank 0 keeps in trainer.pt
+  (DDP: optimizer, scheduler, scaler; `model_state()` reads model.pt's weights); `save_shards(folder)` / `load_shards(folder, saved_world_size)`:
   every rank's own files (ZeRO: DeepSpeed's engine checkpoint in folder/ds; a checkpoint of
   another world size is converted to DeepSpeed's universal format first).
 
@@ -109,13 +109,17 @@ class DDPStrategy:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        stepped = True
         if self.scaler:
+            scale = self.scaler.get_scale()  # a host sync, fp16 only
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # it lowers the scale exactly when it skipped the step
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if stepped:  # as DeepSpeed: a step skipped for an fp16 overflow does not advance the schedule
+            self.scheduler.step()
         return norm.detach(), lr
 
     def lr(self) -> float:
@@ -134,8 +138,9 @@ class DDPStrategy:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict, model_state: dict) -> None:
-        self.module.load_state_dict(model_state)
+    def load_state_dict(self, state: dict, model_state) -> None:
+        """`model_state()`: model.pt's weights (a callable: only DDP needs them)."""
+        self.module.load_state_dict(model_state())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and "scaler" in state:
@@ -248,7 +253,8 @@ class ZeroStrategy:
     def state_dict(self) -> dict:
         return {"zero_stage": self.stage}  # the optimizer state lives in the per-rank shards
 
-    def load_state_dict(self, state: dict, model_state: dict) -> None:
+    def load_state_dict(self, state: dict, model_state) -> None:
+        """The weights come with the engine's shards (load_shards), not from model.pt."""
         if state.get("zero_stage") != self.stage:
             raise ValueError(f"the checkpoint was written by ZeRO stage {state.get('zero_stage')}, this run uses "
                              f"stage {self.stage}: set train.strategy=zero{state.get('zero_stage')}")
@@ -279,7 +285,8 @@ class ZeroStrategy:
         """DeepSpeed's universal checkpoint of folder/ds, converted on rank 0 by its own
         converter (deepspeed.checkpoint.ds_to_universal) next to the checkpoint folder."""
         out = folder.parent / f".tmp-universal-{folder.name}"
-        if self.d.is_main:
+
+        def convert() -> None:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                    str(folder / "ds" / self.TAG), "--output_folder", str(out / self.TAG),
@@ -289,7 +296,8 @@ class ZeroStrategy:
                 raise RuntimeError(f"converting {folder / 'ds'} to a universal checkpoint failed:\n"
                                    f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
             (out / "latest_universal").write_text(self.TAG)
-        distributed.barrier(self.d)
+
+        distributed.on_main(self.d, convert)
         return out
 
 

@@ -26,26 +26,24 @@ class Validator:
         return bool(self.splits.get(split, {}).get("videos"))
 
     def run(self, state, epoch: int, defer: bool = False) -> None:
-        """Validate, log, and replace checkpoints/best/ on a new best val mIoU. defer=True (a
-        stop is being saved) only records that it is due: the resumed run validates first."""
-        state.eval_pending = defer
+        """Validate the step just taken (of `epoch`), log, and replace checkpoints/best/ on a new
+        best val mIoU (TrainState keeps the record). defer=True (a stop is being saved) only
+        records that it is due: the resumed run validates first (run_deferred)."""
         if defer:
+            state.defer_validation(epoch)
             return
         if not self._has("val"):
             self.log.warn("the shard set has no val videos: no validation, no best checkpoint")
             return
         with distributed.averaged_buffers(self.strategy.module, self.d):
             result = self.evaluate("val", audio_gap=False)
-            state.last_val = result
             self.log.log_eval(state.step, result, "val")
-            miou = result.get("miou")
-            if miou is not None and miou > state.best_miou:
-                state.best_miou = miou
+            if state.record_validation(result):
                 self.checkpointer.save_best(state.step, epoch, {"val": result})
 
-    def run_deferred(self, state, epoch: int) -> None:
-        if state.eval_pending:
-            self.run(state, epoch)
+    def run_deferred(self, state) -> None:
+        if state.pending_epoch is not None:
+            self.run(state, state.pending_epoch)
 
     def evaluate(self, split: str, audio_gap: bool) -> dict:
         from avs_dist.data.loader import eval_loader
