@@ -91,7 +91,7 @@ def _assert_stopped_cleanly(proc, log, run_dir):
     ("torchrun", signal.SIGTERM),
     ("torchrun", signal.SIGKILL),  # torchrun gone without a word: the orphaned ranks must notice
     ("rank", signal.SIGHUP),
-])
+], ids=lambda x: x.name if isinstance(x, signal.Signals) else x)
 def test_stop_signal_to_any_process(start, who, sig):
     proc, log, run_dir = start()
     os.kill(_target(proc, run_dir, who), sig)
