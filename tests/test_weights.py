@@ -13,7 +13,7 @@ from avs_dist.config import ModelConfig
 from avs_dist.models import build_model
 from avs_dist.models.resnet import ResNetEncoder
 from avs_dist.models.vggish import VGGish
-from avs_dist.models.weights import (WeightsError, is_reference_checkpoint, load_init_from,
+from avs_dist.models.weights import (WeightsError, is_reference_checkpoint,
                                      load_reference_checkpoint, load_torchvision_resnet, load_vggish)
 
 C, B, T, S = 16, 1, 5, 32
