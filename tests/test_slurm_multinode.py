@@ -23,7 +23,7 @@ import pytest
 from procs import kill_session, run_session
 from slurm_jobs import DEV_CLUSTER, STEPS, TINY, Submission, losses, sacct_states
 
-from avs_dist.launch.submit import RANK_HOST
+from avs_dist.launch.submit import RANK_HOST, failed_nodes
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_nodes")]
 
@@ -209,6 +209,17 @@ def test_node_failure_wait_follows_the_requeue_to_the_end(node_failure):
     f = node_failure
     assert f.wait_rc == 0, f.sub.output
     assert f"job {f.job} completed" in f.sub.output and f.victim in f.sub.output, f.sub.output
+
+
+def test_node_failure_names_the_node_once_it_is_back_up(node_failure):
+    """The node is up again (sinfo -R no longer lists it): accounting's node events name it."""
+    f = node_failure
+    assert f.victim not in subprocess.run(["sinfo", "-h", "-R", "-N", "-o", "%N"], capture_output=True,
+                                          text=True).stdout
+    rows = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", f.job, "-o", "State,NodeList,Start,End"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    _, nodes, start, end = next(r.split("|") for r in rows if r.startswith("NODE_FAIL"))
+    assert failed_nodes(nodes, start, end) == f"{f.victim}: Not responding"
 
 
 def in_node(node: str, *cmd: str) -> list[str]:

@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from avs_dist.config import ConfigError, is_config_path, load_config
@@ -238,30 +239,51 @@ def job_state(job_id: str) -> tuple[str, str]:
     return state.split()[0] if state else "UNKNOWN", nodes.strip()
 
 
-def failed_nodes(nodes: str) -> str:
-    """Which of the job's nodes Slurm marks down, with its reason (e.g. 'avsn2: Not responding')."""
+def failed_nodes(nodes: str, start: str = "", end: str = "") -> str:
+    """Which of the job's nodes Slurm marks down, with its reason (e.g. 'avsn2: Not responding').
+    A node that is back up by now is found in accounting's node events (sacctmgr show event)
+    that began between the attempt's `start` and `end` (sacct's times); else the node list."""
     names = set(_slurm("scontrol", "show", "hostnames", nodes).split()) if nodes else set()
     down = [line.split("|", 1) for line in _slurm("sinfo", "-h", "-R", "-N", "-o", "%N|%E").splitlines() if "|" in line]
+    if start and not any(n in names for n, _ in down):
+        events = _slurm("sacctmgr", "-n", "-P", "show", "event", f"Start={start}", f"Nodes={nodes}",
+                        "format=NodeName,Start,Reason").splitlines()
+        down = [(n, why) for n, began, why in (e.split("|", 2) for e in events if e.count("|") >= 2)
+                if _within(began, start, end, slack_s=120)]
     return ", ".join(f"{n}: {why}" for n, why in down if n in names) or nodes
 
 
-def ended_attempt(job_id: str) -> tuple[str, str]:
-    """(state, node list) of the job's latest attempt that has ended (sacct -D), or ("", "")."""
-    rows = _slurm("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State,NodeList").strip().splitlines()
+def _within(time_: str, start: str, end: str, slack_s: float) -> bool:
+    """Whether Slurm time `time_` lies in [start, end + slack_s]; an unparsable end is open."""
+    try:
+        t, t0 = datetime.fromisoformat(time_), datetime.fromisoformat(start)
+    except ValueError:
+        return False
+    try:
+        return t0 <= t <= datetime.fromisoformat(end) + timedelta(seconds=slack_s)
+    except ValueError:
+        return t0 <= t
+
+
+def ended_attempt(job_id: str) -> tuple[str, str, str, str]:
+    """(state, node list, start, end) of the job's latest attempt that has ended (sacct -D),
+    or four empty strings."""
+    rows = _slurm("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State,NodeList,Start,End").strip().splitlines()
     for row in reversed(rows):
-        state, _, nodes = row.partition("|")
+        state, nodes, start, end = (row.split("|") + ["", "", ""])[:4]
         if state and state.split()[0] not in ("PENDING", "RUNNING", "COMPLETING"):
-            return state.split()[0], nodes.strip()
-    return "", ""
+            return state.split()[0], nodes.strip(), start.strip(), end.strip()
+    return "", "", "", ""
 
 
 def _note(job_id: str, state: str, nodes: str, before: str | None) -> str:
     """What to say beside a state: why it waits, and why a running job went back to the queue."""
     if state in REQUEUABLE:
-        return f" on {failed_nodes(nodes)}: Slurm requeues the job (--requeue); its next attempt resumes"
+        _, _, start, end = ended_attempt(job_id)
+        return f" on {failed_nodes(nodes, start, end)}: Slurm requeues the job (--requeue); its next attempt resumes"
     if state == "PENDING" and before in ("RUNNING", "COMPLETING", *REQUEUABLE):
-        ended, where = ended_attempt(job_id)
-        why = f"after {ended} on {failed_nodes(where)}" if ended in REQUEUABLE else f"after {ended or 'a stop'}"
+        ended, where, start, end = ended_attempt(job_id)
+        why = f"after {ended} on {failed_nodes(where, start, end)}" if ended in REQUEUABLE else f"after {ended or 'a stop'}"
         return f" (requeued {why}; the next attempt resumes from the last checkpoint)"
     return _pending_reason(job_id) if state == "PENDING" else ""
 
