@@ -3,7 +3,8 @@
 # compute nodes that are network namespaces on a private bridge.
 #
 #   slurm/dev-cluster.sh start [--nodes N]   install (once), configure and start munged, MariaDB,
-#                                            slurmdbd, slurmctld and one slurmd per node; idempotent
+#                                            slurmdbd, slurmctld and one slurmd per node; idempotent;
+#                                            resumes its nodes left drained or down
 #   slurm/dev-cluster.sh stop                cancel its jobs, stop exactly the daemons `start` started,
 #                                            remove the namespaces, bridge, addresses and hosts lines
 #   slurm/dev-cluster.sh status              daemons, nodes, sinfo, squeue; exit 0 iff every node is up
@@ -398,6 +399,8 @@ EOF
 foreign() {  # foreign COMM -> pids running COMM that this script did not start
   local pid f ours=" "
   for f in "$STATE"/started/*.pid; do [[ -s $f ]] && ours+="$(<"$f") "; done
+  # A daemon's pre-fork parent may outlive the fork for seconds on a loaded machine: it is ours too.
+  for pid in $ours; do ours+="$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ') "; done
   for pid in $(pgrep -x "$1" || true); do [[ $ours == *" $pid "* ]] || echo "$pid"; done
 }
 
@@ -431,6 +434,18 @@ dbd_ok() { sacctmgr -n -P list cluster format=cluster; }
 nodes_ok() {  # every node of the cluster is usable
   local states; states=$(sinfo -h -N -p "$PARTITION" -o '%N %t' 2>/dev/null) || return 1
   local n; for n in $(node_names); do grep -Eq "^$n (idle|mix|alloc|comp)\$" <<<"$states" || return 1; done
+}
+
+resume_held_nodes() {  # a drain or down that slurmctld kept from an earlier life of this cluster
+  # (a full disk drains a node, `kill-node` downs one) would keep that node out for good: resume it.
+  # A cause that is still there drains it again, and the wait below names it (sinfo -R).
+  local node state reason held='^(drain|down|fail|failg)[*~#%$@^-]?$'  # sinfo %t, with its flags
+  while read -r node state reason; do
+    [[ $state =~ $held ]] || continue
+    grep -qx "$node" <<<"$(node_names)" || continue
+    scontrol update NodeName="$node" State=RESUME 2>/dev/null &&
+      say "$node was $state (${reason:-no reason}): resumed"
+  done < <(sinfo -h -N -p "$PARTITION" -o '%N %t %E' 2>/dev/null)
 }
 
 parse_start_args() {
@@ -468,6 +483,7 @@ cmd_start() {
   if ((NODES == 1)); then start_slurm_daemon slurmd "$CTL"; else
     for ((i = 1; i <= NODES; i++)); do start_slurm_daemon slurmd "$NODE_PREFIX$i" "$(node_ns "$i")"; done
   fi
+  resume_held_nodes
   if ! wait_for 60 nodes nodes_ok; then
     sinfo -R >&2 || true
     tail -n 20 "$STATE"/log/slurmd-*.log >&2

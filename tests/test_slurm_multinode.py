@@ -28,6 +28,20 @@ from avs_dist.launch.submit import RANK_HOST, failed_nodes
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_nodes")]
 
 
+def test_start_resumes_a_node_an_earlier_run_left_drained(dev_nodes):
+    """slurmctld keeps a drain across restarts (a full disk drains a node: 'SlurmdSpoolDir is
+    full'); `start` resumes the nodes it owns instead of waiting 60 s for a node that never comes."""
+    node = dev_nodes[-1]
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=SlurmdSpoolDir is full"],
+                   check=True)
+    out = subprocess.run(["bash", str(DEV_CLUSTER), "start", "--nodes", str(len(dev_nodes))], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"{node} was drain (SlurmdSpoolDir is full): resumed" in out.stderr + out.stdout
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout.split("\n")
+    assert f"{node} idle" in states, states
+
+
 def one_node_four_ranks(shards: Path, run_dir: Path, *overrides: str) -> dict[int, float]:
     cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny", "--shards", str(shards),
            "--run-dir", str(run_dir), "--nproc", "4", *TINY, *overrides]
