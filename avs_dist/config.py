@@ -350,6 +350,112 @@ def validate(cfg: Config) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
+# What may differ between a checkpoint's config and the run that resumes it. Each rule is
+# (kind, why); a key's rule is its own entry, else its section's ("loss" for loss.avm_weight).
+#   applied: read at every step, or rebuilt from the config when the run resumes (the restored
+#            optimizer's groups and the lr schedule take the new values: train/optim.py reapply)
+#   batch:   applied when the global batch (videos per optimizer step, which fixes the data
+#            order) stays the checkpoint's, else refused; the elastic path is this rule
+#   shards:  applied when the train shards are the same files (the manifest's sha256s), else refused
+#   ddp:     applied under DDP, refused under ZeRO
+#   refused: the run stops before any process starts, naming the key, both values and what to do
+# launch/args.py check_run refuses; train/session.py checks again, applies, and prints one line per change.
+RESUME_RULES: dict[str, tuple[str, str]] = {
+    "name": ("applied", "a label"),
+    "subset": ("refused", "the checkpoint was trained on the other subset's data"),
+    "data": ("refused", "the checkpoint was trained on this data"),
+    "data.shards": ("shards", "the same train shards at another path"),
+    "data.global_batch_videos": ("batch", "the global batch"),
+    "data.batch_videos": ("batch", "the global batch"),
+    "data.eval_batch_videos": ("applied", "evaluation only"),
+    "data.num_workers": ("applied", "the data order does not depend on the loader processes"),
+    "data.prefetch_factor": ("applied", "the data order does not depend on the loader processes"),
+    "model": ("refused", "the checkpoint's weights are those of its model"),
+    "model.tpavi_impl": ("applied", "the same function of the same weights"),
+    "model.upsample": ("applied", "the same function of the same weights"),
+    "model.channels_last": ("applied", "a memory layout"),
+    "model.drop_path": ("applied", "a training-time regularisation without parameters"),
+    "model.init_from": ("refused", "it starts a new run's weights; a resumed run takes them from its checkpoint"),
+    "model.pretrained_backbone": ("refused", "it starts a new run's weights; a resumed run takes them from its checkpoint"),
+    "model.pretrained_crop_backbone": ("refused", "it starts a new run's weights; a resumed run takes them "
+                                                  "from its checkpoint"),
+    "model.vggish_weights": ("refused", "the frozen VGGish is rebuilt from it (checkpoints do not store it)"),
+    "loss": ("applied", "loss weights and switches change no parameter"),
+    "optim": ("applied", "the restored optimizer and the lr schedule take the new value"),
+    "optim.name": ("refused", "the optimizer's state belongs to its algorithm"),
+    "optim.grad_accum": ("batch", "the global batch"),
+    "train": ("applied", "the run's length, cadence and logging"),
+    "train.seed": ("refused", "the data order and the random streams come from it"),
+    "train.strategy": ("refused", "DDP and ZeRO checkpoints, and those of ZeRO stages, are not interchangeable"),
+    "train.sync_bn": ("refused", "it changes the model's BatchNorm layers"),
+    "train.precision": ("ddp", "DeepSpeed's checkpoint layout depends on it; under DDP it is autocast only"),
+}
+
+
+def resume_rule(key: str) -> tuple[str, str]:
+    """(kind, why) of RESUME_RULES for a dotted key: its own entry, else its section's."""
+    return RESUME_RULES.get(key) or RESUME_RULES[key.split(".")[0]]
+
+
+@dataclass(frozen=True)
+class ResumeChange:
+    """A field whose value differs between a checkpoint's config and the resuming run's."""
+
+    key: str
+    old: object
+    new: object
+    kind: str  # "applied" or "refused" (RESUME_RULES, once the batch / shards / ddp facts are known)
+    why: str
+    fact: str = ""  # what made a conditional rule apply ("the global batch stays 4 videos per step")
+
+    def line(self) -> str:
+        """'resume: optim.lr 0.002 -> 0.0001 (applied)'"""
+        note = f": {self.fact}" if self.fact else ""
+        return f"resume: {self.key} {toml_value(self.old)} -> {toml_value(self.new)} ({self.kind}{note})"
+
+    def refusal(self) -> str:
+        return (f"{self.key} is {toml_value(self.new)} here but {toml_value(self.old)} in the checkpoint ({self.why}): "
+                f"set {self.key}={toml_value(self.old)} to resume it")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(saved: Config, cfg: Config, global_batches: tuple[int, int],
+                   same_shards: bool | None) -> list[ResumeChange]:
+    """Every field of `cfg` that differs from `saved` (the checkpoint's config), classified by
+    RESUME_RULES. `global_batches`: (the checkpoint's, this run's) videos per step;
+    `same_shards`: whether the train shards are the checkpoint's (None: unknown, not refused).
+
+    ConfigError, one line naming every refused key with both values and what to do, when a
+    change cannot be applied (or the global batch differs, whichever field made it differ)."""
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    changes, batch_ok = [], global_batches[0] == global_batches[1]
+    for key in sorted(k for k in new if old.get(k) != new[k]):
+        kind, why = resume_rule(key)
+        facts = {"batch": (batch_ok, f"the global batch stays {global_batches[1]} videos per step"),
+                 "shards": (same_shards is not False, "the same train shards, by sha256"),
+                 "ddp": (cfg.train.strategy == "ddp", "under DDP")}
+        fact = ""
+        if kind in facts:
+            ok, fact = facts[kind]
+            kind = "applied" if ok else "refused"
+        changes.append(ResumeChange(key, old.get(key), new[key], kind, why, fact if kind == "applied" else ""))
+    problems = [c.refusal() for c in changes if c.kind == "refused" and resume_rule(c.key)[0] != "batch"]
+    if not batch_ok:
+        problems.append(f"the global batch is {global_batches[1]} videos per step here but {global_batches[0]} in the "
+                        f"checkpoint (it fixes the data order; data.batch_videos x ranks x optim.grad_accum unless "
+                        f"data.global_batch_videos is set): set data.global_batch_videos={global_batches[0]} to "
+                        "continue it")
+    if problems:
+        raise ConfigError("; ".join(problems) + "; or start a new --run-dir")
+    return changes
+
+
 def global_batch(data: DataConfig, world_size: int, grad_accum: int, override: int | None = None) -> tuple[int, int]:
     """(G, b): videos per optimizer step over all ranks, and per rank per micro-step.
 
@@ -372,16 +478,19 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path.with_suffix(".toml").write_text(dump_toml(to_dict(cfg)))
 
 
-def dump_toml(data: dict) -> str:
-    def fmt(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
+def toml_value(v) -> str:
+    """A value as TOML (and as the right-hand side of a command-line override) writes it."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
 
+
+def dump_toml(data: dict) -> str:
+    fmt = toml_value
     top = [f"{k} = {fmt(v)}" for k, v in data.items() if not isinstance(v, dict)]
     sections = []
     for k, v in data.items():

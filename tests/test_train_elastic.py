@@ -5,7 +5,10 @@ and the lr schedule continuing, and every step logged once.
 The fixed global batch is 4 videos (data.global_batch_videos=4): 1 video per rank per step on
 4 ranks, 2 on 2. The s4_shards fixture has 8 train videos: 2 steps per epoch, so the 6 steps
 cross two epoch boundaries and each resume starts an epoch's second step (4 -> 2 at step 3)
-or its first (2 -> 4 at step 5)."""
+or its first (2 -> 4 at step 5).
+
+The second resume also lowers optim.lr: the restored optimizer (DeepSpeed's universal
+checkpoint under ZeRO) runs at the new lr on the same warm-up, and says so."""
 from __future__ import annotations
 
 import json
@@ -62,24 +65,31 @@ def test_resume_on_another_world_size(s4_shards, tmp_path, strategy):
     _train(s4_shards, run_dir, 4, 2, *extra)       # steps 1-2 on 4 ranks
     out = _train(s4_shards, run_dir, 2, 4, *extra)  # 4 -> 2: steps 3-4
     assert "written by 4 ranks, this run has 2" in out and "resumed from" in out
-    out = _train(s4_shards, run_dir, 4, 6, *extra)  # 2 -> 4: steps 5-6
+    out = _train(s4_shards, run_dir, 4, 6, *extra, "optim.lr=1e-3")  # 2 -> 4: steps 5-6, at another lr
     assert "written by 2 ranks, this run has 4" in out
+    assert "resume: optim.lr 0.002 -> 0.001 (applied)" in out
 
     assert _videos_per_step(run_dir) == _planned(s4_shards, 6)  # no video twice or skipped in any step
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
-    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * s / 6 for s in range(1, 7)], rel=1e-12)
+    lr = [2e-3] * 4 + [1e-3] * 2
+    assert [r["lr"] for r in rows] == pytest.approx([lr[s - 1] * s / 6 for s in range(1, 7)], rel=1e-12)
+    assert json.loads((run_dir / "config.json").read_text())["optim"]["lr"] == 1e-3
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["status"] == "completed" and final["step"] == 6 and final["world_size"] == 4
     assert final["global_batch_videos"] == 4
-    if strategy == "ddp":  # another global batch would be another data order: refused, with what to write
+    if strategy == "ddp":  # another global batch would be another data order: refused before any rank starts
         cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny", "--shards", str(s4_shards),
                "--run-dir", str(run_dir), "--nproc", "1", "train.max_steps=7",
                *[c for c in COMMON if not c.startswith("data.global_batch_videos")], "data.batch_videos=2"]
         rc, out = run_session(cmd, timeout=300)
-        assert rc == 1
-        assert "the checkpoint's global batch is 4 videos per step" in out
-        assert "set data.global_batch_videos=4 to continue it" in out
+        assert rc == 2, out
+        assert "Traceback" not in out
+        assert [line for line in out.splitlines() if line.startswith("avs-dist train:")] == [
+            f"avs-dist train: cannot resume from {run_dir / 'checkpoints' / 'step_00000006'}: the global batch is 2 "
+            "videos per step here but 4 in the checkpoint (it fixes the data order; data.batch_videos x ranks x "
+            "optim.grad_accum unless data.global_batch_videos is set): set data.global_batch_videos=4 to continue "
+            "it; or start a new --run-dir"], out
 
 

@@ -100,6 +100,16 @@ def test_ddp_resume_is_bit_identical(s4_shards, tmp_path):
     assert final["status"] == "completed" and final["step"] == n
     assert "miou" in final["test"] and "miou" in final["val"]
 
+    # what cannot change on resume is refused before any process starts: one line, what to do
+    rc, out = train(s4_shards, part, f"train.max_steps={n + 2}", "train.eval_every_epochs=1", "model.decoder_channels=16")
+    assert rc == 2 and "Traceback" not in out, out
+    assert [line for line in out.splitlines() if line.startswith("avs-dist train:")] == [
+        f"avs-dist train: cannot resume from {part / 'checkpoints' / f'step_{n:08d}'}: model.decoder_channels is 16 "
+        "here but 32 in the checkpoint (the checkpoint's weights are those of its model): set "
+        "model.decoder_channels=32 to resume it; or start a new --run-dir"], out
+    assert not any(k.startswith("vggish.") for k in torch.load(part / "checkpoints" / f"step_{n:08d}" / "model.pt",
+                                                               weights_only=False)["model"])  # frozen: never stored
+
 
 def test_zero2_resume_is_bit_identical(s4_shards, tmp_path):
     n, k = 4, 2
@@ -111,6 +121,11 @@ def test_zero2_resume_is_bit_identical(s4_shards, tmp_path):
     assert rc == 0, out
     ds = part / "checkpoints" / f"step_{k:08d}" / "ds"
     assert (ds / "state").is_dir()  # the engine's own (sharded) checkpoint
+    # it holds the optimizer partitions; not the frozen VGGish, nor the weights (model.pt has them)
+    states = torch.load(ds / "state" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["module"] and all("running_" in key or "num_batches" in key for key in states["module"])
+    assert not states.get("frozen_param_fragments")
+    assert "checkpoint " in out and " MB (ds/ " in out  # its size, reported
     rc, out = train(s4_shards, part, f"train.max_steps={n}", *common)
     assert rc == 0, out
     assert "resumed from" in out

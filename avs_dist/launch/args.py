@@ -51,17 +51,33 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
     global_batch(cfg.data, world_size, cfg.optim.grad_accum)
 
 
-def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, shards: bool = True) -> dict:
+def check_resume(cfg: Config, run_dir, resume: str, world_size: int, manifest: dict) -> None:
+    """ConfigError when the checkpoint this run would resume from (--resume, in --run-dir) was
+    trained with a setting this run changes and cannot (config.RESUME_RULES): one line naming
+    each key, both values and what to do. The changes that can be applied are the ranks' to
+    print (train/session.py), once they have resumed."""
+    from avs_dist.train import checkpoint as ckpt
+
+    found = ckpt.peek_resume(run_dir, resume)
+    if found:
+        ckpt.resume_changes(*found, cfg, world_size, manifest)
+
+
+def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, shards: bool = True,
+              run_dir=None, resume: str = "auto") -> dict:
     """Every check of a run on `world_size` ranks before any of them starts; returns the manifest.
 
-    ConfigError for the config and the runtime, ShardError for the shard set: its manifest,
-    train videos, and every shard of the splits the run reads (train, and val / test when
-    they have videos) present with the manifest's size (and sha256 with `sha256`).
-    shards=False skips the shard set (`avs-dist submit --dry-run`)."""
+    ConfigError for the config and the runtime, and (with `run_dir`) for a setting that differs
+    from the checkpoint it resumes and cannot change (check_resume); ShardError for the shard
+    set: its manifest, train videos, and every shard of the splits the run reads (train, and
+    val / test when they have videos) present with the manifest's size (and sha256 with
+    `sha256`). shards=False skips the shard set (`avs-dist submit --dry-run`)."""
     from avs_dist.data.shards import check_shards, read_manifest
 
     check_runtime(cfg, world_size, cuda)
     if not shards:
+        if run_dir is not None:
+            check_resume(cfg, run_dir, resume, world_size, {})
         return {}
     from avs_dist.data.loader import TrainOrder
 
@@ -71,4 +87,6 @@ def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, sh
                            manifest=manifest)  # ShardError without train videos
     check_shards(cfg.data.shards, [s for s in ("train", "val", "test") if splits.get(s, {}).get("videos")],
                  sha256=sha256, manifest=manifest)
+    if run_dir is not None:
+        check_resume(cfg, run_dir, resume, world_size, manifest)
     return manifest

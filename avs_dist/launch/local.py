@@ -134,8 +134,10 @@ def _outcome(rc: int, run_dir: Path) -> int:
         print(f"avs-dist train: run stopped at step {status['step']}/{status['total_steps']} with a checkpoint in "
               f"{run_dir / 'checkpoints'}; the same command resumes it", flush=True)
         return 0
+    from avs_dist.train.checkpoint import resume_hint
+
     how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-    print(f"avs-dist train: the run failed (torchrun ended with {how}); {run_dir} keeps its last checkpoint",
+    print(f"avs-dist train: the run failed (torchrun ended with {how}); {resume_hint(run_dir)}",
           file=sys.stderr, flush=True)
     return 1
 
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         cfg = resolve_config(args)
-        check_run(cfg, args.nproc, torch.cuda.is_available(), sha256=args.check_sha256)
+        check_run(cfg, args.nproc, torch.cuda.is_available(), sha256=args.check_sha256, run_dir=args.run_dir,
+                  resume=args.resume)
     except (ConfigError, ShardError) as e:
         print(f"avs-dist train: {e}", file=sys.stderr)
         return 2

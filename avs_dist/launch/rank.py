@@ -30,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
         import torch
 
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available(), sha256=args.check_sha256)
+        resume = "auto" if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 else args.resume
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available(), sha256=args.check_sha256,
+                  run_dir=args.run_dir, resume=resume)
     except (ConfigError, ShardError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'shard'} error: {e}", file=sys.stderr)
         distributed.hard_exit(2)
 
+    from avs_dist.train.checkpoint import CheckpointSaveError
     from avs_dist.train.loop import train
     from avs_dist.train.session import Session
     from avs_dist.train.stop import StopRequest, stop_file
@@ -42,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(stop_file(args.run_dir))
     install_stop_signals(stop)
     watch_launcher(stop)
-    # a rank restarted by torchrun continues from this run's own last checkpoint
-    resume = "auto" if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 else args.resume
     rc = 0
     try:
         with Session.open(cfg, args.run_dir, resume) as session:
             session.finish(train(session, stop), stop)
+    except CheckpointSaveError as e:  # every rank raises it; the message says it all (file, why, resume point)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        rc = 1
     except Exception:
         traceback.print_exc()
         rc = 1

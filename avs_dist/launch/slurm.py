@@ -171,7 +171,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         signals = _StopSignals(stop)
         signals.install()
         cfg = load_config(self.config, self.overrides)
-        check_run(cfg, world_size, torch.cuda.is_available())  # the shards may have changed since submit
+        # the shards (or the run's checkpoints) may have changed since submit
+        check_run(cfg, world_size, torch.cuda.is_available(), run_dir=self.run_dir, resume=resume)
         with Session.open(cfg, self.run_dir, resume) as session:
             return session.finish(train(session, stop), stop), signals
 

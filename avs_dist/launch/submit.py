@@ -365,12 +365,19 @@ def check_request(args, config: str, base: list[str]) -> list[list[str]]:
             raise ConfigError(f"{name} must be positive")
     specs = read_array_specs(args.array) if args.array else [[]]
     checked: set[str] = set()
-    for spec in specs:
+    for spec, run_dir in zip(specs, job_run_dirs(args, specs)):
         cfg = load_config(config, [*base, *spec])
         check_run(cfg, args.nodes * tasks_per_node(args), args.gpus_per_node > 0, sha256=args.check_sha256,
-                  shards=not args.dry_run and cfg.data.shards not in checked)
+                  shards=not args.dry_run and cfg.data.shards not in checked, run_dir=run_dir, resume=args.resume)
         checked.add(cfg.data.shards)
     return specs
+
+
+def job_run_dirs(args, specs: list[list[str]]) -> list[Path]:
+    """The run directory of each job: --run-dir, or one folder in it per --array line."""
+    run_dir = Path(args.run_dir).resolve()
+    width = len(str(len(specs) - 1))
+    return [run_dir / sweep_dir_name(i, spec, width) for i, spec in enumerate(specs)] if args.array else [run_dir]
 
 
 def print_dry_run(executor, folder: Path, max_requeues: int, jobs_fn: list, n_jobs: int) -> None:
@@ -413,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuntimeError, ValueError, OSError) as e:
         print(f"avs-dist submit: {e}", file=sys.stderr)
         return 2
-    width = len(str(len(specs) - 1))
-    run_dirs = [run_dir / sweep_dir_name(i, spec, width) for i, spec in enumerate(specs)] if args.array else [run_dir]
+    run_dirs = job_run_dirs(args, specs)
     folder = Path(args.log_folder).resolve() if args.log_folder else run_dir / "slurm"
     params = slurm_parameters(args, len(specs))
     try:

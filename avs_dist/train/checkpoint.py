@@ -4,15 +4,20 @@ Format (FORMAT_VERSION 2)::
 
     run_dir/checkpoints/step_00000123/
         model.pt        {"model": fp32 state dict of the unwrapped model (BatchNorm statistics
-                        averaged over ranks), "config": config dict, "step", "epoch", "metrics"}
+                        averaged over ranks; never the frozen VGGish), "config": config dict, "step",
+                        "epoch", "metrics"}: the only copy of the weights
         trainer.pt      {"format": 2, "world_size", "strategy": train.strategy,
                          "train": TrainState.state_dict()      step, best val mIoU, last val, pending_epoch,
                          "data": TrainStream.state_dict()      epoch, step in epoch, global batch, seed,
                          "strategy_state": Strategy.state_dict()   DDP: optimizer, scheduler, scaler,
                          "ranks": [RankState.state_dict() of every rank]   RNG streams, own BN statistics}
-        ds/             DeepSpeed engine checkpoint, one shard per rank (ZeRO strategies only)
-        COMPLETE.json   {"step", "epoch", "world_size", "strategy", "files": {relative path: sha256}},
-                        written last
+        ds/             DeepSpeed engine checkpoint (ZeRO strategies only): each rank's optimizer
+                        partition (fp32 master weights and moments) and a model-states file with the
+                        buffers and metadata, without weights (train/strategy.py)
+        COMPLETE.json   {"step", "epoch", "world_size", "strategy", "global_batch_videos",
+                         "train_shards": sha256 of the train shards' sha256s, "config": the run's config,
+                         "files": {relative path: sha256}}, written last; what the checks before a
+                        resume read (resume_changes, config.RESUME_RULES)
     run_dir/checkpoints/best/   model.pt + COMPLETE.json of the best val mIoU so far
     run_dir/checkpoints/.tmp-*  a folder being written (deleted at the next start)
 
@@ -20,7 +25,9 @@ A checkpoint folder is valid iff COMPLETE.json is readable, lists model.pt, and 
 it lists is there with that sha256 (`verify`): `--resume auto` (`latest_valid`) and
 `avs-dist eval` (`model_file`) both use this rule. A folder is written under a temporary
 name and renamed into place once complete, so a crash leaves either the whole checkpoint
-or a temp folder.
+or a temp folder. A write that fails (a full disk) fails the save on every rank at once with
+CheckpointSaveError: which file, why (needed and free bytes), and which checkpoint the run can
+resume from (`resume_hint`); the temp folder is removed. Each saved checkpoint's size is logged.
 
 The world size does not bind a checkpoint: the data position is counted in global batches
 (data/loader.py), DDP's optimizer state is replicated, and a ZeRO checkpoint of another world
@@ -30,6 +37,7 @@ per-rank BN statistics then restart as train/state.py describes.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -40,7 +48,7 @@ from pathlib import Path
 import torch
 
 from avs_dist import distributed
-from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
+from avs_dist.fileio import describe_write_failure, folder_bytes, fsync_dir, human_bytes, sha256_file, write_text_atomic
 
 FORMAT_VERSION = 2
 
@@ -171,12 +179,73 @@ def prune(run_dir, keep_last: int) -> list[Path]:
     return gone
 
 
+class WriteError(OSError):
+    """A checkpoint file could not be written; str() says which file and why (fileio.describe_write_failure)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint was not saved (raised on every rank): which file failed, why, and which
+    checkpoint the run can resume from."""
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) dict / list / tuple: about what torch.save writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_torch(obj, path: Path) -> None:
-    """torch.save + fsync, so COMPLETE.json never vouches for data still in the page cache."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """torch.save + fsync, so COMPLETE.json never vouches for data still in the page cache.
+
+    WriteError naming `path` and why when the write fails (a full disk: how much was needed
+    and how much is free), instead of torch's `unexpected pos` / `basic_ios::clear` errors."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        Path(path).unlink(missing_ok=True)  # the partial file: its space is free again
+        raise WriteError(describe_write_failure(path, e, tensor_bytes(obj))) from e
+
+
+def size_summary(folder: Path) -> str:
+    """'380.1 MB (model.pt 94.9 MB, trainer.pt 236.7 kB, ds/ 285.3 MB)': a checkpoint's size on disk."""
+    parts = [(p.name + ("/" if p.is_dir() else ""), folder_bytes(p)) for p in sorted(Path(folder).iterdir())
+             if p.name != COMPLETE]
+    detail = ", ".join(f"{name} {human_bytes(n)}" for name, n in parts)
+    return f"{human_bytes(sum(n for _, n in parts))} ({detail})"
+
+
+def resume_hint(run_dir) -> str:
+    """Which checkpoint of `run_dir` a run can resume from, as the end of an error message."""
+    last = latest_valid(run_dir, warn=lambda msg: None)
+    if last is None:
+        return f"{run_dir} has no checkpoint to resume from (the same command starts the run over)"
+    step = int(STEP_RE.match(last.name).group(1))
+    return f"the run can resume from {last} (step {step}): the same command resumes it"
+
+
+def _attempt(fn, rank: int | None) -> str | None:
+    """Run a write; None when it worked, else why not (prefixed with the rank when one is given)."""
+    try:
+        fn()
+        return None
+    except WriteError as e:
+        why = str(e)
+    except OSError as e:
+        why = describe_write_failure(e.filename, e) if e.filename else f"{type(e).__name__}: {e}"
+    except RuntimeError as e:  # DeepSpeed's own checks
+        why = f"{type(e).__name__}: {e}"
+    return why if rank is None else f"rank {rank}: {why}"
 
 
 def load_torch(path: Path, map_location="cpu"):
@@ -236,6 +305,56 @@ def find_resume(run_dir, resume: str, d, warn) -> tuple[Path, dict] | None:
     return None if found is None else (Path(found), read_complete(found))
 
 
+def train_shards_digest(manifest: dict) -> str | None:
+    """sha256 over the names and sha256s of a shard set's train shards (its manifest): what a
+    checkpoint records of the data it was trained on. None without train shards."""
+    shards = sorted((s["file"], s["sha256"]) for s in manifest.get("shards", []) if s.get("split") == "train")
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest() if shards else None
+
+
+def peek_resume(run_dir, resume: str) -> tuple[Path, dict] | None:
+    """The checkpoint a run would resume from and its COMPLETE.json, for the checks before any
+    process starts: cheap, without the sha256s (the ranks verify: resolve_resume). "auto": the
+    newest step folder whose COMPLETE.json reads; a folder (or its model.pt): that one."""
+    if resume == "never":
+        return None
+    folders = [p for _, p in reversed(list_checkpoints(run_dir))] if resume == "auto" else [Path(resume)]
+    for folder in folders:
+        folder = folder.parent if folder.name == "model.pt" else folder
+        try:
+            return folder, read_complete(folder)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def saved_config(folder: Path, record: dict) -> dict:
+    """The config a checkpoint was trained with: COMPLETE.json's, or (older checkpoints) model.pt's."""
+    if "config" in record:
+        return record["config"]
+    return torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=False, mmap=True)["config"]
+
+
+def resume_changes(folder: Path, record: dict, cfg, world_size: int, manifest: dict) -> list:
+    """config.resume_changes between checkpoint `folder` (its COMPLETE.json `record`) and a run
+    of `cfg` on `world_size` ranks reading the shard set of `manifest` ({}: not checked).
+
+    ConfigError "cannot resume from <folder>: ..." naming every setting that cannot change."""
+    from avs_dist.config import ConfigError, config_from_dict, global_batch
+    from avs_dist.config import resume_changes as classify
+
+    try:
+        saved = config_from_dict(saved_config(folder, record))
+        old_g = record.get("global_batch_videos") or global_batch(saved.data, record["world_size"],
+                                                                  saved.optim.grad_accum)[0]
+        new_g = global_batch(cfg.data, world_size, cfg.optim.grad_accum)[0]
+        digest = train_shards_digest(manifest)
+        same = None if digest is None or "train_shards" not in record else digest == record["train_shards"]
+        return classify(saved, cfg, (old_g, new_g), same)
+    except ConfigError as e:
+        raise ConfigError(f"cannot resume from {folder}: {e}") from None
+
+
 def restore(folder: Path, strategy, states: dict, rank_state, d, warn) -> dict:
     """Load checkpoint `folder` into the components (all ranks); returns its trainer.pt.
 
@@ -254,7 +373,7 @@ def restore(folder: Path, strategy, states: dict, rank_state, d, warn) -> dict:
     same_world = trainer["world_size"] == d.world_size
     try:
         strategy.load_state_dict(trainer["strategy_state"], model)
-        strategy.load_shards(folder, trainer["world_size"])
+        strategy.load_shards(folder, trainer["world_size"], model)
         for name, component in states.items():
             component.load_state_dict(trainer[name])
         if same_world:
@@ -277,50 +396,79 @@ class Checkpointer:
     rank: "train", "data"); `rank_state`: gathered from every rank; `strategy`: the model
     weights, its own state and per-rank shards. Every method is called on every rank."""
 
-    def __init__(self, run_dir, d, cfg, strategy, states: dict, rank_state, log):
+    def __init__(self, run_dir, d, cfg, strategy, states: dict, rank_state, log, record: dict | None = None):
         self.run_dir, self.d, self.cfg, self.strategy = Path(run_dir), d, cfg, strategy
         self.states, self.rank_state, self.log = states, rank_state, log
+        self.record = record or {}  # more facts for COMPLETE.json (train_shards, global_batch_videos)
         self.every, self.keep_last = cfg.train.ckpt_every_steps, cfg.train.keep_last
 
     def due(self, step: int, total_steps: int, stopping: bool) -> bool:
         return stopping or step == total_steps or step % self.every == 0
 
     def save(self, step: int, epoch: int, metrics: dict) -> Path:
-        """checkpoints/step_<step>/; rank 0 renames the finished folder into place."""
+        """checkpoints/step_<step>/; rank 0 renames the finished folder into place and logs its size.
+
+        CheckpointSaveError on every rank when a rank's write fails (which file, why, and what
+        the run can resume from); the temp folder is removed."""
         from avs_dist.config import to_dict
 
         d = self.d
         name = step_name(step)
         tmp, final = temp_path(self.run_dir, name), ckpt_root(self.run_dir) / name
+        rank = d.rank if d.world_size > 1 else None
         with distributed.averaged_buffers(self.strategy.module, d):
             model_state = self.strategy.model_state_dict()
-        if d.is_main:
+
+        def prepare():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        distributed.barrier(d)
-        self.strategy.save_shards(tmp)
-        ranks = distributed.gather_objects(d, self.rank_state.state_dict())
-        if d.is_main:
+
+        def write_main():
             write_model_folder(tmp, model_state, to_dict(self.cfg), step, epoch, metrics)
             save_torch({"format": FORMAT_VERSION, "world_size": d.world_size, "strategy": self.cfg.train.strategy,
                         **{k: s.state_dict() for k, s in self.states.items()},
                         "strategy_state": self.strategy.state_dict(), "ranks": ranks}, tmp / "trainer.pt")
-        distributed.barrier(d)  # every rank's shards are on disk
-        if d.is_main:
+
+        def publish():
             write_complete(tmp, {"step": step, "epoch": epoch, "world_size": d.world_size,
-                                 "strategy": self.cfg.train.strategy})
+                                 "strategy": self.cfg.train.strategy, **self.record, "config": to_dict(self.cfg)})
             finalize(tmp, final)
+
+        self._agree(name, _attempt(prepare, rank) if d.is_main else None, tmp)
+        problem = _attempt(lambda: self.strategy.save_shards(tmp), rank)
+        ranks = distributed.gather_objects(d, self.rank_state.state_dict())
+        if d.is_main and problem is None:
+            problem = _attempt(write_main, rank)
+        self._agree(name, problem, tmp)  # every rank's files are on disk
+        self._agree(name, _attempt(publish, rank) if d.is_main else None, tmp)
+        if d.is_main:
             prune(self.run_dir, self.keep_last)
-            self.log.info(f"checkpoint {final}")
+            self.log.info(f"checkpoint {final}: {size_summary(final)}")
         distributed.barrier(d)
         return final
+
+    def _agree(self, name: str, problem: str | None, tmp: Path) -> None:
+        """Every rank learns whether any rank's write failed; then all raise CheckpointSaveError
+        together (none is left waiting in a collective) and rank 0 removes the temp folder."""
+        problems = distributed.gather_objects(self.d, problem)
+        message = None
+        if self.d.is_main and any(problems):
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = "; ".join(p for p in problems if p)
+            message = f"checkpoint {name} not saved: {why}; {resume_hint(self.run_dir)}"
+        message = distributed.broadcast_object(self.d, message)
+        if message is not None:
+            raise CheckpointSaveError(message)
 
     def save_best(self, step: int, epoch: int, metrics: dict) -> None:
         """checkpoints/best/ with the current weights (a collective under ZeRO)."""
         from avs_dist.config import to_dict
 
         state = self.strategy.model_state_dict()
+        problem, path = None, ckpt_root(self.run_dir) / "best"
         if self.d.is_main:
-            path = save_best(self.run_dir, state, to_dict(self.cfg), step, epoch, metrics)
-            self.log.info(f"best val mIoU {metrics['val'].get('miou'):.4f} at step {step}: {path}")
-        distributed.barrier(self.d)
+            problem = _attempt(lambda: save_best(self.run_dir, state, to_dict(self.cfg), step, epoch, metrics), None)
+        self._agree(f"best (step {step})", problem, temp_path(self.run_dir, "best"))
+        if self.d.is_main:
+            self.log.info(f"best val mIoU {metrics['val'].get('miou'):.4f} at step {step}: {path} "
+                          f"({human_bytes(folder_bytes(path))})")

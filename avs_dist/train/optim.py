@@ -47,3 +47,35 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
     """LambdaLR(lr_multiplier): the lr of step s (0-based) is optim.lr x factor(s)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings (all but its parameters): lr, initial_lr, betas, weight
+    decay, kernel flags. Taken from a freshly built optimizer and scheduler: the run's config."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def reapply(optimizer: torch.optim.Optimizer, scheduler, groups: list[dict]) -> None:
+    """After a checkpoint's optimizer and scheduler state is loaded: every group's settings back
+    to `groups` (hyperparameters() of this run's fresh optimizer), the schedule's base lrs to
+    theirs, and each group's lr to the schedule's value for the next step. The moments and the
+    step counts stay the checkpoint's.
+
+    torch's (and DeepSpeed's) load_state_dict restores the saved groups' settings, so without
+    this a resumed run keeps the checkpoint's lr and weight decay whatever its config says. The
+    schedule's shape (warm-up, cosine, total steps) is this run's: LambdaLR does not save its
+    function. With an unchanged config every value is the one the checkpoint holds, bit for bit."""
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(optimizer.param_groups)} parameter groups, "
+                         f"this run's {len(groups)}")
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group.update(fresh)
+        if group.get("fused") or group.get("capturable"):  # these kernels keep the step count on the device
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, fn, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base * fn(scheduler.last_epoch)  # LambdaLR.get_lr's expression
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -28,7 +28,7 @@ from avs_dist.fileio import write_json
 from avs_dist.precision import resolve_precision
 from avs_dist.train import checkpoint as ckpt
 from avs_dist.train.logger import RunLogger
-from avs_dist.train.optim import build_optimizer, build_scheduler
+from avs_dist.train.optim import build_optimizer, build_scheduler, hyperparameters, reapply
 from avs_dist.train.state import RankState, TrainState, seed_everything
 from avs_dist.train.stop import LAUNCHER_ENV, stop_file
 from avs_dist.train.strategy import build_strategy
@@ -49,10 +49,10 @@ def build_model_for_training(cfg: Config, d) -> nn.Module:
     return model
 
 
-def _prepare_run_dir(run_dir: Path, cfg: Config, d, opened_at: float) -> None:
-    """Rank 0: the folders, the config, no unfinished checkpoint, no status of an earlier run,
-    no stop request older than this run (avs-dist train clears its own before it starts the
-    ranks, and may write one while they start: left alone under it)."""
+def _prepare_run_dir(run_dir: Path, d, opened_at: float) -> None:
+    """Rank 0: the folders, no unfinished checkpoint, no status of an earlier run, no stop
+    request older than this run (avs-dist train clears its own before it starts the ranks, and
+    may write one while they start: left alone under it)."""
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         removed = ckpt.remove_temps(run_dir)
@@ -63,7 +63,6 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, d, opened_at: float) -> None:
         if LAUNCHER_ENV not in os.environ and stale.exists() and stale.stat().st_mtime < opened_at:
             stale.unlink()
             print(f"removed {stale}: a stop request from before this run", flush=True)
-        save_config(cfg, run_dir / "config.json")
     distributed.barrier(d)
     (run_dir / "pids").mkdir(exist_ok=True)
     (run_dir / "pids" / f"rank{d.rank}.pid").write_text(f"{os.getpid()}\n")
@@ -106,7 +105,7 @@ class Session:
 
     @classmethod
     def _build(cls, cfg: Config, run_dir: Path, d, resume: str, opened_at: float) -> Session:
-        _prepare_run_dir(run_dir, cfg, d, opened_at)
+        _prepare_run_dir(run_dir, d, opened_at)
 
         def early_warn(msg):  # before the logger exists (it needs the resumed step)
             print(f"[rank {d.rank}] WARNING: {msg}" if d.rank else f"WARNING: {msg}", file=sys.stderr, flush=True)
@@ -115,25 +114,36 @@ class Session:
         precision = resolve_precision(cfg.train.precision, d.device)
         data = TrainStream(cfg.data.shards, cfg.data, d.rank, d.world_size, cfg.train.seed, cfg.optim.grad_accum,
                            device=d.device, crops=cfg.model.crop_branch)
+        # what differs from the checkpoint's config is applied below, or refused here (ConfigError)
+        changes = ckpt.resume_changes(*found, cfg, d.world_size, data.manifest) if found else []
+        if d.is_main:
+            save_config(cfg, run_dir / "config.json")  # the config this run uses
         total = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch
         model = build_model_for_training(cfg, d)
         optimizer = build_optimizer(model, cfg)
-        strategy = build_strategy(model, optimizer, build_scheduler(optimizer, cfg, total), cfg, d, precision,
+        scheduler = build_scheduler(optimizer, cfg, total)
+        fresh = hyperparameters(optimizer)  # this run's settings, before a checkpoint's replace them
+        strategy = build_strategy(model, optimizer, scheduler, cfg, d, precision,
                                   resume_world_size=found[1]["world_size"] if found else None)
         seed_everything(cfg.train.seed + d.rank)  # per-rank streams (augmentation is the loader's, seeded apart)
         state, rank_state = TrainState(), RankState(strategy.module, d.rank, cfg.train.seed)
         states = {"train": state, "data": data}
         if found:
             ckpt.restore(found[0], strategy, states, rank_state, d, early_warn)
+            reapply(strategy.optimizer, strategy.scheduler, fresh)
         log = RunLogger(run_dir, to_dict(cfg), d.rank, total, data.steps_per_epoch, start_step=state.step,
                         frames_per_step=data.global_batch * FRAMES_PER_VIDEO)
         if found:
             log.info(f"resumed from {found[0]} (step {state.step}, epoch {data.epoch}, "
                      f"step {data.step_in_epoch} of the epoch)")
+            for change in changes:
+                log.info(change.line())
         log.info(f"rank 0 of {d.world_size} on {d.device} ({d.backend}), strategy {cfg.train.strategy}, "
                  f"precision {precision}, global batch {data.global_batch} videos ({data.micro_batch} per rank x "
                  f"grad_accum {cfg.optim.grad_accum}), {data.steps_per_epoch} steps/epoch, {total} steps")
-        checkpointer = ckpt.Checkpointer(run_dir, d, cfg, strategy, states, rank_state, log)
+        checkpointer = ckpt.Checkpointer(run_dir, d, cfg, strategy, states, rank_state, log,
+                                         {"train_shards": ckpt.train_shards_digest(data.manifest),
+                                          "global_batch_videos": data.global_batch})
         validator = Validator(cfg, d, strategy, checkpointer, log, data.manifest.get("splits", {}))
         return cls(cfg, d, run_dir, precision, total, state, data, strategy, checkpointer, validator, log)
 

@@ -21,9 +21,17 @@ loss scaler. The training step (train/step.py) calls, per optimizer step:
 - `model_state_dict()`: full fp32 weights, on rank 0 (None elsewhere under DDP; a collective
   under ZeRO).
 - `state_dict()` / `load_state_dict(state, model_state)`: what rank 0 keeps in trainer.pt
-  (DDP: optimizer, scheduler, scaler; `model_state()` reads model.pt's weights); `save_shards(folder)` / `load_shards(folder, saved_world_size)`:
-  every rank's own files (ZeRO: DeepSpeed's engine checkpoint in folder/ds; a checkpoint of
-  another world size is converted to DeepSpeed's universal format first).
+  (DDP: optimizer, scheduler, scaler; `model_state()` reads model.pt's weights); `save_shards(folder)` /
+  `load_shards(folder, saved_world_size, model_state)`: every rank's own files (ZeRO: DeepSpeed's
+  engine checkpoint in folder/ds; a checkpoint of another world size is converted to DeepSpeed's
+  universal format first).
+
+What a checkpoint holds, once each: model.pt the trainable weights and the rank-averaged
+BatchNorm statistics (never the frozen VGGish: `AVSSystem.state_dict`); DDP's trainer.pt the
+optimizer moments; ZeRO's ds/ DeepSpeed's optimizer partitions (its fp32 master weights and
+moments) and a model-states file with the buffers and metadata only: neither the frozen
+parameters (`exclude_frozen_parameters`) nor the weights, which are in model.pt (ZeRO-1/2 load
+them from there, ZeRO-3 restores its partitions from the fp32 ones; `_ShardWriter`).
 
 BatchNorm: DDP runs with broadcast_buffers=False and DeepSpeed never syncs buffers, so each
 rank keeps its own running statistics; evaluation and model.pt see them averaged
@@ -149,8 +157,29 @@ class DDPStrategy:
     def save_shards(self, folder: Path) -> None:
         """Nothing per rank: the optimizer is replicated and rank 0 saves it (state_dict)."""
 
-    def load_shards(self, folder: Path, saved_world_size: int) -> None:
+    def load_shards(self, folder: Path, saved_world_size: int, model_state) -> None:
         """Nothing per rank (see save_shards)."""
+
+
+class _ShardWriter:
+    """DeepSpeed's checkpoint engine, with every file written by checkpoint.save_torch (fsynced;
+    a failed write names its file and why, where torch's own writer says `basic_ios::clear`) and
+    the model-states file without the module's parameters: model.pt holds them (the `module`
+    entry keeps the buffers, which DeepSpeed's universal converter reads)."""
+
+    def __init__(self, inner, param_names: set[str]):
+        self.inner, self.param_names = inner, param_names
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path) -> None:
+        from avs_dist.train.checkpoint import save_torch
+
+        module = state_dict.get("module") if isinstance(state_dict, dict) else None
+        if isinstance(module, dict):
+            state_dict = {**state_dict, "module": {k: v for k, v in module.items() if k not in self.param_names}}
+        save_torch(state_dict, Path(path))
 
 
 class ZeroStrategy:
@@ -185,6 +214,8 @@ class ZeroStrategy:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
         self.module = self.engine.module
+        self.engine.checkpoint_engine = _ShardWriter(self.engine.checkpoint_engine,
+                                                     {n for n, _ in self.module.named_parameters()})
         self.input_dtype = PRECISION_DTYPES.get(precision)
         if self.input_dtype is not None:
             # ZeRO-3 casts the parameters it partitions but leaves buffers in fp32, and BatchNorm
@@ -265,15 +296,24 @@ class ZeroStrategy:
 
         # The marker DeepSpeed's universal-checkpoint converter requires of a checkpoint.
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.engine.save_checkpoint(str(folder / "ds"), tag=self.TAG, client_state=info)
+        self.engine.save_checkpoint(str(folder / "ds"), tag=self.TAG, client_state=info,
+                                    exclude_frozen_parameters=True)
 
-    def load_shards(self, folder: Path, saved_world_size: int) -> None:
+    def load_shards(self, folder: Path, saved_world_size: int, model_state) -> None:
+        """The engine's state from folder/ds; `model_state()`: model.pt's weights (ZeRO-1/2)."""
         source = folder / "ds"
         if saved_world_size != self.d.world_size:
             source = self._universal_copy(folder)
+
+        def load_module(src: dict, dst: nn.Module) -> None:
+            # ds/ holds the buffers only (_ShardWriter). ZeRO-1/2 keep whole parameters on every
+            # rank: model.pt's fp32 weights, cast as DeepSpeed casts its master weights. ZeRO-3
+            # restores its partitions from the fp32 ones in the optimizer files.
+            dst.load_state_dict(model_state() if self.stage < 3 else src, strict=self.stage < 3)
+
         try:
             path, _ = self.engine.load_checkpoint(str(source), tag=self.TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True, custom_load_fn=load_module)
         finally:
             distributed.barrier(self.d)
             if source != folder / "ds" and self.d.is_main:
