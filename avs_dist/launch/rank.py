@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Session.open(cfg, args.run_dir, resume) as session:
             session.finish(train(session, stop), stop)
-    except CheckpointSaveError as e:  # every rank raises it; the message says it all (file, why, resume point)
+    except (CheckpointSaveError, ConfigError) as e:  # every rank raises it; the message says it all
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+            print(f"{'checkpoint' if isinstance(e, CheckpointSaveError) else 'config'} error: {e}", file=sys.stderr,
+                  flush=True)
         rc = 1
     except Exception:
         traceback.print_exc()
