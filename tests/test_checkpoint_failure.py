@@ -85,6 +85,10 @@ def test_shard_writer_leaves_the_weights_to_model_pt(tmp_path):
     assert saved["param_shapes"] == [{"0.weight": (4, 3, 1, 1)}]
     writer.save({"optimizer_state_dict": {"x": torch.ones(3)}}, str(tmp_path / "optim_states.pt"))
     assert torch.equal(torch.load(tmp_path / "optim_states.pt")["optimizer_state_dict"]["x"], torch.ones(3))
+    assert writer.failure is None
+    # a failed write is kept, not raised: DeepSpeed's save ends in a barrier every rank must reach
+    writer.save({"x": torch.ones(3)}, str(tmp_path / "no-such-folder" / "optim_states.pt"))
+    assert isinstance(writer.failure, ckpt.WriteError) and "no-such-folder/optim_states.pt failed" in str(writer.failure)
 
 
 def test_launcher_names_the_checkpoint_to_resume_from_or_that_there_is_none(tmp_path, capsys):

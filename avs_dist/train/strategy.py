@@ -165,21 +165,28 @@ class _ShardWriter:
     """DeepSpeed's checkpoint engine, with every file written by checkpoint.save_torch (fsynced;
     a failed write names its file and why, where torch's own writer says `basic_ios::clear`) and
     the model-states file without the module's parameters: model.pt holds them (the `module`
-    entry keeps the buffers, which DeepSpeed's universal converter reads)."""
+    entry keeps the buffers, which DeepSpeed's universal converter reads).
+
+    A failed write is kept in `failure` rather than raised: DeepSpeed's save ends with a barrier
+    that every rank must reach; save_shards raises it after."""
 
     def __init__(self, inner, param_names: set[str]):
         self.inner, self.param_names = inner, param_names
+        self.failure: OSError | None = None
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def save(self, state_dict, path) -> None:
-        from avs_dist.train.checkpoint import save_torch
+        from avs_dist.train.checkpoint import WriteError, save_torch
 
         module = state_dict.get("module") if isinstance(state_dict, dict) else None
         if isinstance(module, dict):
             state_dict = {**state_dict, "module": {k: v for k, v in module.items() if k not in self.param_names}}
-        save_torch(state_dict, Path(path))
+        try:
+            save_torch(state_dict, Path(path))
+        except WriteError as e:
+            self.failure = self.failure or e
 
 
 class ZeroStrategy:
@@ -296,8 +303,12 @@ class ZeroStrategy:
 
         # The marker DeepSpeed's universal-checkpoint converter requires of a checkpoint.
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        writer = self.engine.checkpoint_engine
+        writer.failure = None
         self.engine.save_checkpoint(str(folder / "ds"), tag=self.TAG, client_state=info,
                                     exclude_frozen_parameters=True)
+        if writer.failure is not None:
+            raise writer.failure
 
     def load_shards(self, folder: Path, saved_world_size: int, model_state) -> None:
         """The engine's state from folder/ds; `model_state()`: model.pt's weights (ZeRO-1/2)."""
