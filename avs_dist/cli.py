@@ -25,7 +25,8 @@ BENCH = {
 
 def _usage(table: dict, prog: str) -> str:
     width = max(len(k) for k in table)
-    lines = [f"usage: {prog} <command> [args]", "", "commands:"]
+    lines = [f"usage: {prog} [--version] <command> [args]" if prog == "avs-dist" else f"usage: {prog} <command> [args]",
+             "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in table.items()]
     return "\n".join(lines)
 
@@ -36,11 +37,26 @@ def _run(target: str, argv: list[str]) -> int:
     return int(result or 0)
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" for a source tree that
+    was never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("avs-dist")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     table = dict(COMMANDS, bench=("", "benchmarks: " + ", ".join(BENCH)))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(table, "avs-dist"))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"avs-dist {version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name == "bench":

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from avs_dist.fileio import write_json
+from avs_dist.helpformat import HelpFormatter
 from avs_dist.metrics import StreamingEvaluator
 from avs_dist.precision import PRECISIONS, autocast
 
@@ -295,7 +296,7 @@ def print_result(result: dict, title: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avs-dist eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder, its model.pt, a run/checkpoints folder, or an AVSBench .pth")
     p.add_argument("--shards", required=True, help="shard set written by `avs-dist pack`")

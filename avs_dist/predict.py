@@ -24,6 +24,7 @@ from PIL import Image, ImageFilter
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
 from avs_dist.data.transforms import normalize_uint8, stack_images
+from avs_dist.helpformat import HelpFormatter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TINT = np.array([255, 40, 40], dtype=np.float32)  # red fill for the predicted foreground
@@ -137,7 +138,7 @@ def iter_inputs(path: Path, split: str):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avs-dist predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, model.pt, or AVSBench .pth")
     p.add_argument("--input", required=True, help="a shard set, a folder of 5 frames + .wav, or a folder of those")
     p.add_argument("--out", required=True, help="output folder")

@@ -13,6 +13,7 @@ import numpy as np
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
 from avs_dist.data.shards import ShardError, decode_sample, iter_raw, read_manifest, split_shards, verify_shards
+from avs_dist.helpformat import HelpFormatter
 
 
 def sample_strip(video: dict) -> np.ndarray:
@@ -91,7 +92,8 @@ def _read_video(shard_dir, split: str, index: int, manifest: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="avs-dist inspect", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="avs-dist inspect", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     ap.add_argument("shard_dir")
     ap.add_argument("--split", choices=SPLITS, default=None, help="split of the sample shown (default: first non-empty)")
     ap.add_argument("--index", type=int, default=0, help="position of the sample in its split")

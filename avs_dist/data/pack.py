@@ -616,7 +616,10 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="avs-dist pack", description=__doc__.split("\n\n")[0])
+    from avs_dist.helpformat import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="avs-dist pack", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--data-root", required=True, help="folder holding Single-source/ and/or Multi-sources/")
     ap.add_argument("--subset", required=True, choices=("s4", "ms3"))
     ap.add_argument("--out", required=True, help="shard folder to write (one per subset)")

@@ -72,6 +72,7 @@ class RunLogger:
         self._wait: list[float] = []
         self._peak_mem = 0
         self.terminal = None
+        self.kept = True  # run_dir outlives the run (not bench train's temporary one): finish() names its logs
         self.sinks: list = []
         self.videos = None
         if train.get("record_videos"):
@@ -195,7 +196,8 @@ class RunLogger:
         rows += [(f"final {k}", fmt(v) if is_number(v) else v) for k, v in final.items()]
         for sink in self.sinks:
             sink.finish(rows, final, dict(hparams or self.cfg_dict), self._last_step)
-        self.info(f"logs: {self.run_dir / 'metrics.jsonl'}, tensorboard --logdir {self.run_dir / 'tb'}")
+        if self.kept:
+            self.info(f"logs: {self.run_dir / 'metrics.jsonl'}, tensorboard --logdir {self.run_dir / 'tb'}")
 
     def close(self) -> None:
         if self._closed:
