@@ -31,9 +31,17 @@ def _usage(table: dict, prog: str) -> str:
     return "\n".join(lines)
 
 
-def _run(target: str, argv: list[str]) -> int:
+def _run(target: str, argv: list[str], prog: str) -> int:
+    """Run one command; a UserError (avs_dist/errors.py) from anywhere below is its one-line
+    message, exit status 2, and no traceback."""
+    from avs_dist.errors import UserError
+
     module, func = target.split(":")
-    result = getattr(importlib.import_module(module), func)(argv)
+    try:
+        result = getattr(importlib.import_module(module), func)(argv)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
@@ -63,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] in ("-h", "--help") or rest[0] not in BENCH:
             print(_usage(BENCH, "avs-dist bench"))
             return 0 if not rest or rest[0] in ("-h", "--help") else 2
-        return _run(BENCH[rest[0]][0], rest[1:])
+        return _run(BENCH[rest[0]][0], rest[1:], f"avs-dist bench {rest[0]}")
     if name not in COMMANDS:
         print(f"avs-dist: unknown command {name!r}\n\n{_usage(table, 'avs-dist')}", file=sys.stderr)
         return 2
-    return _run(COMMANDS[name][0], rest)
+    return _run(COMMANDS[name][0], rest, f"avs-dist {name}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from avs_dist.errors import BadFileError, MissingFileError, UserError
 from avs_dist.fileio import write_json
 from avs_dist.helpformat import HelpFormatter
 from avs_dist.metrics import StreamingEvaluator
@@ -79,14 +80,17 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist: give a checkpoint folder (run_dir/checkpoints/best), "
+                               "its model.pt, a run folder, or an AVSBench .pth")
     from avs_dist.train.checkpoint import model_file
 
     file = model_file(path)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's messages run to a page
+        raise BadFileError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {first}); "
+                           "give a checkpoint folder, its model.pt or an AVSBench .pth") from None
     from avs_dist.models.system import build_model
     from avs_dist.models.weights import is_reference_checkpoint, load_reference_state_dict, unwrap_state_dict
 
@@ -97,12 +101,14 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         try:
             model = _from_state_dict(build_model, cfg, obj["model"])
         except RuntimeError as e:
-            raise ValueError(f"{file}: the weights do not fit the model its config describes: {e}") from None
+            first = str(e).strip().splitlines()[0]
+            raise BadFileError(f"{file}: the weights do not fit the model its config describes ({first}); "
+                               "drop the overrides that change the model") from None
         vggish_file = vggish_weights or cfg.model.vggish_weights
         if vggish_file and model.vggish is not None:
             from avs_dist.models.weights import load_vggish
             if not Path(vggish_file).is_file():
-                raise FileNotFoundError(f"VGGish weights {vggish_file} (named by the checkpoint's config "
+                raise MissingFileError(f"VGGish weights {vggish_file} (named by the checkpoint's config "
                                         "model.vggish_weights) do not exist here: pass --vggish-weights PATH")
             load_vggish(model.vggish, vggish_file)
     elif isinstance(obj, dict) and is_reference_checkpoint(obj.get("state_dict", obj)):
@@ -116,7 +122,7 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         load_reference_state_dict(model, sd, str(file))
     else:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
+        raise BadFileError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
                          f"nor an AVSBench reference state dict; found {keys}")
     return model.to(device).eval(), cfg
 
@@ -131,7 +137,7 @@ def _reference_config(sd: dict, file, vggish_weights, config_overrides):
     backbone = found[0].partition("=")[2]
     cfg = load_config("s4_pvt" if backbone.startswith("pvt_") else "s4_avsbench", [*found, *(config_overrides or [])])
     if cfg.model.backbone != backbone:
-        raise ValueError(f"{file} holds a {backbone} model, but the overrides set model.backbone="
+        raise BadFileError(f"{file} holds a {backbone} model, but the overrides set model.backbone="
                          f"{cfg.model.backbone}: drop that override")
     data = to_dict(cfg)
     data["model"].update(vggish_weights=vggish_weights or "", pretrained_backbone="", init_from="")
@@ -325,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before any model is built or process group joined
         check_shards(args.shards, [args.split], sha256=args.check_sha256)
     except ShardError as e:
-        print(f"avs-dist eval: {e}", file=sys.stderr)
+        print(f"avs-dist eval: error: {e}", file=sys.stderr)
         return 2
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -339,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
         batch_videos = args.batch_videos or cfg.data.eval_batch_videos
         if batch_videos < 1:
-            raise ValueError(f"--batch-videos must be >= 1 (got {batch_videos})")
+            raise UserError(f"--batch-videos must be >= 1 (got {batch_videos})")
         cfg.data.eval_batch_videos = batch_videos
         if args.num_workers is not None:
             cfg.data.num_workers = args.num_workers

@@ -24,6 +24,7 @@ from PIL import Image, ImageFilter
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
 from avs_dist.data.transforms import normalize_uint8, stack_images
+from avs_dist.errors import UserError
 from avs_dist.helpformat import HelpFormatter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -32,7 +33,7 @@ CONTOUR = np.array([255, 255, 0], dtype=np.uint8)  # yellow outline
 ALPHA = 0.45
 
 
-class PredictInputError(ValueError):
+class PredictInputError(UserError, ValueError):
     """An input that is neither a shard set nor a folder of 5 frames and a wav."""
 
 

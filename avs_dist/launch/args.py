@@ -49,6 +49,22 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a GPU (its CPU accelerator has no fp16); "
                           "use bf16 or fp32, or train.strategy=ddp (torch GradScaler)")
     global_batch(cfg.data, world_size, cfg.optim.grad_accum)
+    check_weight_files(cfg)
+
+
+WEIGHT_FILES = ("pretrained_backbone", "pretrained_crop_backbone", "vggish_weights", "init_from")
+
+
+def check_weight_files(cfg: Config) -> None:
+    """Every weights file the model config names exists (ConfigError naming the key otherwise),
+    before any process spends minutes starting up to fail on it."""
+    from pathlib import Path
+
+    for key in WEIGHT_FILES:
+        value = getattr(cfg.model, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"model.{key}={value}: no such file here; give the path of the file on this "
+                              f"machine, or model.{key}=\"\" to go without it")
 
 
 def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, shards: bool = True) -> dict:
@@ -72,3 +88,32 @@ def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, sh
     check_shards(cfg.data.shards, [s for s in ("train", "val", "test") if splits.get(s, {}).get("videos")],
                  sha256=sha256, manifest=manifest)
     return manifest
+
+
+def check_resume(cfg: Config, run_dir, resume: str, world_size: int) -> None:
+    """The checkpoint that `--resume` picks must continue with this run's global batch.
+
+    A checkpoint counts its data position in global batches (data/loader.py TrainStream), so it
+    resumes on any number of ranks whose global batch is the one it was trained with. By default
+    that batch is data.batch_videos x ranks x optim.grad_accum, which changes with the ranks:
+    ConfigError naming the `data.global_batch_videos=` override that continues it. Only
+    trainer.pt's small data record is read (memory-mapped). A checkpoint that cannot be read is
+    left to the ranks, which skip or report it."""
+    import torch
+
+    from avs_dist.train.checkpoint import resolve_resume
+
+    folder = resolve_resume(run_dir, resume, warn=lambda msg: None)
+    if folder is None:
+        return
+    try:
+        trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False, mmap=True)
+        saved = int(trainer["data"]["global_batch_videos"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+        return
+    ours = global_batch(cfg.data, world_size, cfg.optim.grad_accum)[0]
+    if saved != ours:
+        raise ConfigError(f"{folder} was trained with a global batch of {saved} videos per step, this run's is {ours} "
+                          f"({world_size} ranks x data.batch_videos {cfg.data.batch_videos} x optim.grad_accum "
+                          f"{cfg.optim.grad_accum}): add data.global_batch_videos={saved} to continue it "
+                          f"(or --resume never / a new --run-dir to start over)")

@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from avs_dist.launch.args import check_run, rank_args, resolve_config, run_parser
+from avs_dist.launch.args import check_resume, check_run, rank_args, resolve_config, run_parser
 from avs_dist.launch.signals import LAUNCHER_ENV, STOP_SIGNALS
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = resolve_config(args)
         check_run(cfg, args.nproc, torch.cuda.is_available(), sha256=args.check_sha256)
+        check_resume(cfg, args.run_dir, args.resume, args.nproc)
     except (ConfigError, ShardError) as e:
         print(f"avs-dist train: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from avs_dist import distributed
-from avs_dist.launch.args import check_run, resolve_config, run_parser
+from avs_dist.launch.args import check_resume, check_run, resolve_config, run_parser
 from avs_dist.launch.signals import install_stop_signals, watch_launcher
 
 
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
         import torch
 
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available(), sha256=args.check_sha256)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        check_run(cfg, world, torch.cuda.is_available(), sha256=args.check_sha256)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:  # a restart resumes its own run
+            check_resume(cfg, args.run_dir, args.resume, world)
     except (ConfigError, ShardError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'shard'} error: {e}", file=sys.stderr)
         distributed.hard_exit(2)
@@ -44,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     watch_launcher(stop)
     # a rank restarted by torchrun continues from this run's own last checkpoint
     resume = "auto" if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 else args.resume
+    from avs_dist.errors import UserError
+
     rc = 0
     try:
         with Session.open(cfg, args.run_dir, resume) as session:
             session.finish(train(session, stop), stop)
+    except UserError as e:  # a bad input found only once the run opened: its one line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        rc = 2
     except Exception:
         traceback.print_exc()
         rc = 1

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from avs_dist.config import ConfigError, is_config_path, load_config
-from avs_dist.launch.args import check_run, run_parser
+from avs_dist.launch.args import check_resume, check_run, run_parser
 
 DEFAULT_TIME_MIN = 60
 DEFAULT_SIGNAL_DELAY_S = 120
@@ -374,6 +374,8 @@ def check_request(args, config: str, base: list[str]) -> list[list[str]]:
         check_run(cfg, args.nodes * tasks_per_node(args), args.gpus_per_node > 0, sha256=args.check_sha256,
                   shards=not args.dry_run and cfg.data.shards not in checked)
         checked.add(cfg.data.shards)
+        if len(specs) == 1:  # an array's jobs each get their own run folder
+            check_resume(cfg, args.run_dir, args.resume, args.nodes * tasks_per_node(args))
     return specs
 
 
