@@ -15,6 +15,7 @@ COMMANDS = {
     "predict": ("avs_dist.predict:main", "write mask PNGs and overlays for frames + audio or a shard set"),
     "submit": ("avs_dist.launch.submit:main", "submit a training run to Slurm with submitit"),
     "demo": ("avs_dist.demo:main", "synth -> pack -> 2-process training -> eval, on CPU"),
+    "plot": ("avs_dist.plots:main", "write a run folder's loss and evaluation curves as PNGs"),
 }
 BENCH = {
     "data": ("avs_dist.data.bench:main", "shard loader vs per-file loader, videos/s per core"),
