@@ -230,7 +230,7 @@ def _labels(batch: dict) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = True,
-             precision: str = "auto", group=None) -> dict:
+             precision: str = "auto", group=None, per_class: bool = False) -> dict:
     """Run `model` over an eval loader and return the metrics (see StreamingEvaluator).
 
     `loader` is a re-iterable of batches (eval_loader's result, a list) or a callable
@@ -238,7 +238,9 @@ def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = Tru
     audio from the AudioBank built in the first pass). Every rank calls this with its own
     share of the videos; the result (the same on every rank) covers all of them; `group` is
     the process group for the gathers (default: world). With `audio_gap` it adds
-    `audio_gap`, `miou_mismatched`, `f_mismatched` (None for a split of one video).
+    `audio_gap`, `miou_mismatched`, `f_mismatched` (None for a split of one video); with
+    `per_class` too, `audio_gap_per_class` {S4 class name: that class's audio gap} (videos with
+    a class only: S4).
     """
     device = torch.device(device)
     if audio_gap and isinstance(loader, Iterator):
@@ -251,8 +253,8 @@ def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = Tru
         model = model.module
     was_training = model.training
     model.eval()
-    matched = StreamingEvaluator(batch_videos)
-    mismatched = StreamingEvaluator(batch_videos) if audio_gap else None
+    matched = StreamingEvaluator(batch_videos, per_class=per_class)
+    mismatched = StreamingEvaluator(batch_videos, per_class=per_class) if audio_gap else None
     bank = AudioBank()
     try:
         for batch in fresh():
@@ -280,7 +282,18 @@ def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = Tru
         gap = res["miou"] - mis["miou"] if paired else None
         res.update(audio_gap=gap, miou_mismatched=mis["miou"], f_mismatched=mis["f"])
         order += ["audio_gap", "miou_mismatched", "f_mismatched"]
+        if per_class and paired:
+            res["audio_gap_per_class"] = _per_class_gap(res["miou_per_class"], mis["miou_per_class"])
+    res.pop("miou_per_class", None)
     return {**{k: res[k] for k in order}, **res}
+
+
+def _per_class_gap(matched: dict, mismatched: dict) -> dict:
+    """{label: mIoU} of both passes -> {class name: gap}, in the reference class order."""
+    from avs_dist.data.classes import S4_CLASSES
+
+    return {S4_CLASSES[c] if c < len(S4_CLASSES) else str(c): matched[c] - mismatched[c]
+            for c in sorted(matched) if c in mismatched}
 
 
 # ---- command line ----
@@ -300,6 +313,20 @@ def print_result(result: dict, title: str) -> None:
     Console().print(table)
 
 
+def _gap_chart(per_class: dict | None, args) -> None:
+    """The per-class audio gap: a table on the terminal and, with --plot or --out, a bar chart."""
+    if not per_class:
+        return
+    print("audio gap per class: " + ", ".join(f"{k} {v:+.3f}" for k, v in per_class.items()))
+    path = args.plot or (str(Path(args.out).with_name(Path(args.out).stem + "_audio_gap.png")) if args.out else None)
+    if path is None:
+        return
+    from avs_dist.plots import plot_audio_gap
+
+    plot_audio_gap(per_class, path, f"audio gap per class: {args.split} of {args.checkpoint}")
+    print(f"wrote {path}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avs-dist eval", description=__doc__,
                                 formatter_class=HelpFormatter)
@@ -312,6 +339,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vggish-weights", default=None, help="vggish-10086976.pth (for AVSBench reference checkpoints)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--no-audio-gap", action="store_true", help="skip the mismatched-audio pass")
+    p.add_argument("--plot", default=None,
+                   help="write the audio gap per class as a bar chart PNG here (default: beside --out, "
+                        "<out>_audio_gap.png; none without --out)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: config)")
@@ -351,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.num_workers = args.num_workers
         loader = eval_loader(args.shards, args.split, cfg.data, rank, world, device=device, crops=False)
         result = evaluate(model, loader, device, batch_videos=batch_videos, audio_gap=not args.no_audio_gap,
-                          precision=args.precision, group=d.control if d else None)
+                          precision=args.precision, group=d.control if d else None, per_class=True)
         # an empty split has no figures: null in JSON rather than the non-standard NaN
         result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
         result.update(split=args.split, checkpoint=str(Path(args.checkpoint).resolve()),
@@ -360,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             print_result(result, f"{args.split}: {args.checkpoint}")
             if args.out:
                 write_json(args.out, result)
+            _gap_chart(result.get("audio_gap_per_class"), args)
     finally:
         if d is not None:
             distributed.teardown()
