@@ -70,3 +70,16 @@ def test_plot_run_and_audio_gap(tmp_path):
 
     with pytest.raises(UserError, match="no metrics.jsonl"):
         plots.plot_run(tmp_path / "empty")
+
+
+def test_plot_command(tmp_path, capsys):
+    from avs_dist.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.jsonl").write_text(json.dumps({"step": 5, "split": "val", "miou": 0.5, "f": 0.6}) + "\n")
+    assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {run / 'plots' / 'eval.png'}"
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == (f"avs-dist plot: error: {tmp_path / 'nope'}: no metrics.jsonl or "
+                                               "eval.jsonl to plot (not a run folder, or no step yet)")
