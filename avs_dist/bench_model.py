@@ -33,6 +33,7 @@ from .config import LossConfig, ModelConfig
 from .fileio import write_json
 from .losses import compute_losses
 from .models import build_model, to_channels_last
+from .helpformat import HelpFormatter
 from .precision import autocast as precision_autocast
 from .train.logger import peak_memory_bytes as peak_mem
 
@@ -272,7 +273,8 @@ def _row(r: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="avs-dist bench model", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="avs-dist bench model", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--steps", type=int, help="timed steps per variant (preset default: cpu 3, full 20)")

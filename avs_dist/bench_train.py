@@ -39,6 +39,7 @@ from avs_dist import distributed
 from avs_dist.config import Config, ConfigError, load_config
 from avs_dist.bench_model import device_name, sync
 from avs_dist.fileio import write_json
+from avs_dist.helpformat import HelpFormatter
 
 # Forced on the harness run: see the module docstring.
 BENCH_OVERRIDES = ["train.eval_every_epochs=0", "train.eval_every_steps=0", "train.audio_gap_eval=false",
@@ -134,13 +135,14 @@ def harness_rate(metrics_path: Path, frames_per_step: int, log_every: int, warmu
     }
 
 
-def measure_harness(cfg: Config, run_dir: Path, warmup: int) -> dict:
+def measure_harness(cfg: Config, run_dir: Path, warmup: int, kept: bool = True) -> dict:
     from avs_dist.train.loop import train
     from avs_dist.train.session import Session
     from avs_dist.train.stop import StopRequest
 
     t0 = time.perf_counter()
     with Session.open(cfg, run_dir, resume="never") as s:
+        s.log.kept = kept  # a temporary run dir is deleted: its logs are not to be pointed at
         result = s.finish(train(s, StopRequest()))
     total_wall = time.perf_counter() - t0
     if result.get("status") != "completed":
@@ -153,7 +155,8 @@ def measure_harness(cfg: Config, run_dir: Path, warmup: int) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="avs-dist bench train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="avs-dist bench train", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="preset name (tiny, s4_seed, ...) or a .toml path")
     p.add_argument("--shards", required=True, help="shard set written by `avs-dist pack`")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement (default 60)")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         _fresh_port(own_env)
         synthetic = measure_synthetic(cfg, tmp / "synthetic", args.steps - args.warmup, args.warmup)
         _fresh_port(own_env)
-        harness = measure_harness(cfg, run_dir, args.warmup)
+        harness = measure_harness(cfg, run_dir, args.warmup, kept=bool(args.run_dir))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

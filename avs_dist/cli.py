@@ -15,6 +15,7 @@ COMMANDS = {
     "predict": ("avs_dist.predict:main", "write mask PNGs and overlays for frames + audio or a shard set"),
     "submit": ("avs_dist.launch.submit:main", "submit a training run to Slurm with submitit"),
     "demo": ("avs_dist.demo:main", "synth -> pack -> 2-process training -> eval, on CPU"),
+    "plot": ("avs_dist.plots:main", "write a run folder's loss and evaluation curves as PNGs"),
 }
 BENCH = {
     "data": ("avs_dist.data.bench:main", "shard loader vs per-file loader, videos/s per core"),
@@ -25,15 +26,36 @@ BENCH = {
 
 def _usage(table: dict, prog: str) -> str:
     width = max(len(k) for k in table)
-    lines = [f"usage: {prog} <command> [args]", "", "commands:"]
+    lines = [f"usage: {prog} [--version] <command> [args]" if prog == "avs-dist" else f"usage: {prog} <command> [args]",
+             "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in table.items()]
     return "\n".join(lines)
 
 
-def _run(target: str, argv: list[str]) -> int:
+def _run(target: str, argv: list[str], prog: str) -> int:
+    """Run one command; a UserError (avs_dist/errors.py) from anywhere below is its one-line
+    message, exit status 2, and no traceback."""
+    from avs_dist.errors import UserError
+
     module, func = target.split(":")
-    result = getattr(importlib.import_module(module), func)(argv)
+    try:
+        result = getattr(importlib.import_module(module), func)(argv)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" for a source tree that
+    was never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("avs-dist")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(table, "avs-dist"))
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"avs-dist {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name == "bench":
         if not rest or rest[0] in ("-h", "--help") or rest[0] not in BENCH:
             print(_usage(BENCH, "avs-dist bench"))
             return 0 if not rest or rest[0] in ("-h", "--help") else 2
-        return _run(BENCH[rest[0]][0], rest[1:])
+        return _run(BENCH[rest[0]][0], rest[1:], f"avs-dist bench {rest[0]}")
     if name not in COMMANDS:
         print(f"avs-dist: unknown command {name!r}\n\n{_usage(table, 'avs-dist')}", file=sys.stderr)
         return 2
-    return _run(COMMANDS[name][0], rest)
+    return _run(COMMANDS[name][0], rest, f"avs-dist {name}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avs_dist.errors import UserError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -21,7 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key that does not exist or a value that cannot work."""
 
 
@@ -251,6 +253,11 @@ def is_config_path(name_or_path: str) -> bool:
     return path.suffix == ".toml" or path.exists()
 
 
+def preset_names() -> list[str]:
+    """The preset names (avs_dist/configs/*.toml), sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
 def preset_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if is_config_path(name_or_path):
@@ -259,7 +266,7 @@ def preset_path(name_or_path: str) -> Path:
         return path
     candidate = PRESET_DIR / f"{name_or_path}.toml"
     if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+        known = ", ".join(preset_names())
         raise ConfigError(f"unknown config preset {name_or_path!r} (presets: {known})")
     return candidate
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from avs_dist.helpformat import HelpFormatter
+
 
 def _step(title: str, args: list[str]) -> None:
     cmd = [sys.executable, "-m", "avs_dist", *args]
@@ -28,7 +30,7 @@ def _step(title: str, args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avs-dist demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for data, shards and the run")
     p.add_argument("--videos", type=int, default=40, help="synthetic S4 videos")
     p.add_argument("--classes", type=int, default=3,

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from avs_dist.errors import BadFileError, MissingFileError, UserError
 from avs_dist.fileio import write_json
+from avs_dist.helpformat import HelpFormatter
 from avs_dist.metrics import StreamingEvaluator
 from avs_dist.precision import PRECISIONS, autocast
 
@@ -78,14 +80,17 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist: give a checkpoint folder (run_dir/checkpoints/best), "
+                               "its model.pt, a run folder, or an AVSBench .pth")
     from avs_dist.train.checkpoint import model_file
 
     file = model_file(path)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's messages run to a page
+        raise BadFileError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {first}); "
+                           "give a checkpoint folder, its model.pt or an AVSBench .pth") from None
     from avs_dist.models.system import build_model
     from avs_dist.models.weights import is_reference_checkpoint, load_reference_state_dict, unwrap_state_dict
 
@@ -96,12 +101,14 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         try:
             model = _from_state_dict(build_model, cfg, obj["model"])
         except RuntimeError as e:
-            raise ValueError(f"{file}: the weights do not fit the model its config describes: {e}") from None
+            first = str(e).strip().splitlines()[0]
+            raise BadFileError(f"{file}: the weights do not fit the model its config describes ({first}); "
+                               "drop the overrides that change the model") from None
         vggish_file = vggish_weights or cfg.model.vggish_weights
         if vggish_file and model.vggish is not None:
             from avs_dist.models.weights import load_vggish
             if not Path(vggish_file).is_file():
-                raise FileNotFoundError(f"VGGish weights {vggish_file} (named by the checkpoint's config "
+                raise MissingFileError(f"VGGish weights {vggish_file} (named by the checkpoint's config "
                                         "model.vggish_weights) do not exist here: pass --vggish-weights PATH")
             load_vggish(model.vggish, vggish_file)
     elif isinstance(obj, dict) and is_reference_checkpoint(obj.get("state_dict", obj)):
@@ -115,7 +122,7 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         load_reference_state_dict(model, sd, str(file))
     else:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
+        raise BadFileError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
                          f"nor an AVSBench reference state dict; found {keys}")
     return model.to(device).eval(), cfg
 
@@ -130,7 +137,7 @@ def _reference_config(sd: dict, file, vggish_weights, config_overrides):
     backbone = found[0].partition("=")[2]
     cfg = load_config("s4_pvt" if backbone.startswith("pvt_") else "s4_avsbench", [*found, *(config_overrides or [])])
     if cfg.model.backbone != backbone:
-        raise ValueError(f"{file} holds a {backbone} model, but the overrides set model.backbone="
+        raise BadFileError(f"{file} holds a {backbone} model, but the overrides set model.backbone="
                          f"{cfg.model.backbone}: drop that override")
     data = to_dict(cfg)
     data["model"].update(vggish_weights=vggish_weights or "", pretrained_backbone="", init_from="")
@@ -223,7 +230,7 @@ def _labels(batch: dict) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = True,
-             precision: str = "auto", group=None) -> dict:
+             precision: str = "auto", group=None, per_class: bool = False) -> dict:
     """Run `model` over an eval loader and return the metrics (see StreamingEvaluator).
 
     `loader` is a re-iterable of batches (eval_loader's result, a list) or a callable
@@ -231,7 +238,9 @@ def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = Tru
     audio from the AudioBank built in the first pass). Every rank calls this with its own
     share of the videos; the result (the same on every rank) covers all of them; `group` is
     the process group for the gathers (default: world). With `audio_gap` it adds
-    `audio_gap`, `miou_mismatched`, `f_mismatched` (None for a split of one video).
+    `audio_gap`, `miou_mismatched`, `f_mismatched` (None for a split of one video); with
+    `per_class` too, `audio_gap_per_class` {S4 class name: that class's audio gap} (videos with
+    a class only: S4).
     """
     device = torch.device(device)
     if audio_gap and isinstance(loader, Iterator):
@@ -244,8 +253,8 @@ def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = Tru
         model = model.module
     was_training = model.training
     model.eval()
-    matched = StreamingEvaluator(batch_videos)
-    mismatched = StreamingEvaluator(batch_videos) if audio_gap else None
+    matched = StreamingEvaluator(batch_videos, per_class=per_class)
+    mismatched = StreamingEvaluator(batch_videos, per_class=per_class) if audio_gap else None
     bank = AudioBank()
     try:
         for batch in fresh():
@@ -273,7 +282,18 @@ def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = Tru
         gap = res["miou"] - mis["miou"] if paired else None
         res.update(audio_gap=gap, miou_mismatched=mis["miou"], f_mismatched=mis["f"])
         order += ["audio_gap", "miou_mismatched", "f_mismatched"]
+        if per_class and paired:
+            res["audio_gap_per_class"] = _per_class_gap(res["miou_per_class"], mis["miou_per_class"])
+    res.pop("miou_per_class", None)
     return {**{k: res[k] for k in order}, **res}
+
+
+def _per_class_gap(matched: dict, mismatched: dict) -> dict:
+    """{label: mIoU} of both passes -> {class name: gap}, in the reference class order."""
+    from avs_dist.data.classes import S4_CLASSES
+
+    return {S4_CLASSES[c] if c < len(S4_CLASSES) else str(c): matched[c] - mismatched[c]
+            for c in sorted(matched) if c in mismatched}
 
 
 # ---- command line ----
@@ -293,9 +313,23 @@ def print_result(result: dict, title: str) -> None:
     Console().print(table)
 
 
+def _gap_chart(per_class: dict | None, args) -> None:
+    """The per-class audio gap: a table on the terminal and, with --plot or --out, a bar chart."""
+    if not per_class:
+        return
+    print("audio gap per class: " + ", ".join(f"{k} {v:+.3f}" for k, v in per_class.items()))
+    path = args.plot or (str(Path(args.out).with_name(Path(args.out).stem + "_audio_gap.png")) if args.out else None)
+    if path is None:
+        return
+    from avs_dist.plots import plot_audio_gap
+
+    plot_audio_gap(per_class, path, f"audio gap per class: {args.split} of {args.checkpoint}")
+    print(f"wrote {path}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avs-dist eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder, its model.pt, a run/checkpoints folder, or an AVSBench .pth")
     p.add_argument("--shards", required=True, help="shard set written by `avs-dist pack`")
@@ -305,6 +339,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vggish-weights", default=None, help="vggish-10086976.pth (for AVSBench reference checkpoints)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--no-audio-gap", action="store_true", help="skip the mismatched-audio pass")
+    p.add_argument("--plot", default=None,
+                   help="write the audio gap per class as a bar chart PNG here (default: beside --out, "
+                        "<out>_audio_gap.png; none without --out)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: config)")
@@ -324,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before any model is built or process group joined
         check_shards(args.shards, [args.split], sha256=args.check_sha256)
     except ShardError as e:
-        print(f"avs-dist eval: {e}", file=sys.stderr)
+        print(f"avs-dist eval: error: {e}", file=sys.stderr)
         return 2
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -338,13 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
         batch_videos = args.batch_videos or cfg.data.eval_batch_videos
         if batch_videos < 1:
-            raise ValueError(f"--batch-videos must be >= 1 (got {batch_videos})")
+            raise UserError(f"--batch-videos must be >= 1 (got {batch_videos})")
         cfg.data.eval_batch_videos = batch_videos
         if args.num_workers is not None:
             cfg.data.num_workers = args.num_workers
         loader = eval_loader(args.shards, args.split, cfg.data, rank, world, device=device, crops=False)
         result = evaluate(model, loader, device, batch_videos=batch_videos, audio_gap=not args.no_audio_gap,
-                          precision=args.precision, group=d.control if d else None)
+                          precision=args.precision, group=d.control if d else None, per_class=True)
         # an empty split has no figures: null in JSON rather than the non-standard NaN
         result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
         result.update(split=args.split, checkpoint=str(Path(args.checkpoint).resolve()),
@@ -353,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             print_result(result, f"{args.split}: {args.checkpoint}")
             if args.out:
                 write_json(args.out, result)
+            _gap_chart(result.get("audio_gap_per_class"), args)
     finally:
         if d is not None:
             distributed.teardown()

@@ -7,6 +7,9 @@ the sum of weight * term. Everything is a masked mean over tensors: no boolean i
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -124,25 +127,70 @@ def crop_audio_loss(crop_proj: torch.Tensor, audio_proj: torch.Tensor) -> torch.
     return (1 - F.cosine_similarity(crops, audio_proj.float()[:, None], dim=-1)).mean()
 
 
+@dataclass(frozen=True)
+class LossTerm:
+    """One loss term: the model outputs it reads (architecture.md "Model"), and its value.
+
+    The switch and weight are the LossConfig fields named after the term: `cfg.<name>` (bool;
+    bce has none: always on) and `cfg.<name>_weight`. Which parameters get gradients follows
+    from `reads` (see `unreached_parameters`), so DDP's unused-parameter handling needs no
+    list of term names anywhere else."""
+    reads: tuple[str, ...]
+    compute: Callable[[dict, dict, LossConfig, int], torch.Tensor]  # (out, batch, cfg, frames per video)
+
+
+def _crop_audio(out: dict, batch: dict, cfg: LossConfig, frames: int) -> torch.Tensor:
+    if out.get("audio_proj") is None:
+        raise ValueError("loss.crop_audio needs audio features (out['audio_proj'] is None)")
+    return crop_audio_loss(out["crop_proj"], out["audio_proj"])
+
+
+# Adding a term: its LossConfig fields (`<name>: bool`, `<name>_weight: float`) and one entry
+# here; nothing else in the package names it (tests/test_losses.py checks both).
+TERMS: dict[str, LossTerm] = {
+    "bce": LossTerm(("logits",), lambda out, batch, cfg, frames: bce_loss(out["logits"], batch["masks"],
+                                                                          batch["mask_valid"])),
+    "avm": LossTerm(("logits", "avm"), lambda out, batch, cfg, frames: avm_loss(
+        out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant, sum_frames=cfg.avm_sum_videos * frames)),
+    "crop_ce": LossTerm(("crop_logits",), lambda out, batch, cfg, frames: crop_ce_loss(out["crop_logits"],
+                                                                                       batch["label"], frames)),
+    "crop_pair": LossTerm(("crop_embed",), lambda out, batch, cfg, frames: crop_pair_loss(out["crop_embed"], frames)),
+    "crop_audio": LossTerm(("crop_proj", "audio_proj"), _crop_audio),
+}
+
+
+def enabled_terms(cfg: LossConfig) -> list[str]:
+    """The names of the terms `cfg` switches on, in TERMS order (bce always)."""
+    return [name for name in TERMS if name == "bce" or getattr(cfg, name)]
+
+
+def outputs_read(cfg: LossConfig) -> set[str]:
+    """The model outputs (keys of the model's dict) that the enabled terms read."""
+    return {key for name in enabled_terms(cfg) for key in TERMS[name].reads}
+
+
+def unreached_parameters(model: nn.Module, cfg: LossConfig) -> list[str] | None:
+    """Names of the trainable parameters of `model` that no enabled term's gradient reaches.
+
+    `model.output_params()` (models/system.py) maps each output to the parameter-name prefixes
+    that produce it. None when the model does not declare that (the caller must then assume
+    some parameters may go unused)."""
+    produced_by = getattr(model, "output_params", None)
+    if produced_by is None:
+        return None
+    table = produced_by()
+    prefixes = tuple(p for key in outputs_read(cfg) for p in table.get(key, ()))
+    return [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(prefixes)]
+
+
 def compute_losses(out: dict, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+    """-> (total: scalar tensor = sum of weight x term, {term name: unweighted scalar tensor}).
+    ValueError when an enabled term's model output is missing (e.g. crop terms without the crop branch)."""
     frames = batch["mask_valid"].shape[1]
-    terms = {"bce": bce_loss(out["logits"], batch["masks"], batch["mask_valid"])}
-    weights = {"bce": cfg.bce_weight}
-    if cfg.avm:
-        terms["avm"] = avm_loss(out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant,
-                                sum_frames=cfg.avm_sum_videos * frames)
-        weights["avm"] = cfg.avm_weight
-    crop_terms = [t for t in ("crop_ce", "crop_pair", "crop_audio") if getattr(cfg, t)]
+    names = enabled_terms(cfg)
+    crop_terms = [t for t in names if any(k.startswith("crop_") for k in TERMS[t].reads)]
     if crop_terms and out.get("crop_logits") is None:
         raise ValueError(f"loss terms {crop_terms} need the crop branch's outputs (model.crop_branch=true and crops)")
-    if cfg.crop_ce:
-        terms["crop_ce"], weights["crop_ce"] = crop_ce_loss(out["crop_logits"], batch["label"], frames), cfg.crop_ce_weight
-    if cfg.crop_pair:
-        terms["crop_pair"], weights["crop_pair"] = crop_pair_loss(out["crop_embed"], frames), cfg.crop_pair_weight
-    if cfg.crop_audio:
-        if out.get("audio_proj") is None:
-            raise ValueError("loss.crop_audio needs audio features (out['audio_proj'] is None)")
-        terms["crop_audio"] = crop_audio_loss(out["crop_proj"], out["audio_proj"])
-        weights["crop_audio"] = cfg.crop_audio_weight
-    total = sum(weights[k] * v for k, v in terms.items())
+    terms = {name: TERMS[name].compute(out, batch, cfg, frames) for name in names}
+    total = sum(getattr(cfg, f"{k}_weight") * v for k, v in terms.items())
     return total, terms

@@ -154,9 +154,11 @@ class StreamingEvaluator:
     batch-size-free ``miou`` / ``f`` described in the module docstring.
     """
 
-    def __init__(self, batch_videos: int = 4, frames_per_video: int = 5, curves: bool = True):
+    def __init__(self, batch_videos: int = 4, frames_per_video: int = 5, curves: bool = True,
+                 per_class: bool = False):
         if batch_videos < 1 or frames_per_video < 1:
             raise ValueError("batch_videos and frames_per_video must be >= 1")
+        self.per_class = per_class  # result() adds miou_per_class {label: per-frame mIoU} (batch["label"])
         self.batch_videos = batch_videos
         self.frames_per_video = frames_per_video
         self.curves = curves
@@ -173,6 +175,9 @@ class StreamingEvaluator:
         chunk["valid"] = batch["mask_valid"].reshape(b, t).to(torch.bool)
         index = batch["index"]
         chunk["index"] = index.reshape(b).long() if torch.is_tensor(index) else torch.as_tensor(index).long()
+        if self.per_class:
+            label = batch.get("label", torch.full((b,), -1))
+            chunk["label"] = label.reshape(b).long() if torch.is_tensor(label) else torch.as_tensor(label).long()
         self._chunks.append(chunk)
 
     def local_stats(self) -> dict:
@@ -185,6 +190,8 @@ class StreamingEvaluator:
                 out.update(tp=torch.zeros(0, t, NUM_THRESHOLDS, dtype=torch.float64),
                            pred=torch.zeros(0, t, NUM_THRESHOLDS, dtype=torch.int64))
             out.update(valid=torch.zeros(0, t, dtype=torch.bool), index=torch.zeros(0, dtype=torch.int64))
+            if self.per_class:
+                out["label"] = torch.zeros(0, dtype=torch.int64)
             return out
         keys = self._chunks[0].keys()
         return {k: torch.cat([c[k].cpu() for c in self._chunks]) for k in keys}
@@ -239,4 +246,8 @@ class StreamingEvaluator:
         if curves is not None:
             out["f_avsbench"] = float(torch.stack(batch_f).mean()) if batch_f else float("nan")
             out["f"] = float(batch_fscore(curves, frames["gt"])) if iou.numel() else float("nan")
+        if self.per_class:
+            frame_label = stats["label"].unsqueeze(1).expand_as(valid)[valid]  # [F], CSV order like iou
+            out["miou_per_class"] = {int(c): float(iou[frame_label == c].mean())
+                                     for c in frame_label.unique().tolist() if c >= 0}
         return out

@@ -5,7 +5,8 @@ a folder of one video: 5 image files (sorted by name) and one .wav (log-mel as A
 computes it), or a folder of such video folders. For each video `name` it writes
 
     {out}/{name}/{name}_{i}_mask.png      0 / 255, i = 1..5 like the AVSBench frame names
-    {out}/{name}/{name}_{i}_overlay.png   the frame, the predicted mask tinted red, outlined in yellow
+    {out}/{name}/{name}_{i}_overlay.png   the frame, the predicted mask lightly tinted and outlined
+                                          in a colour that stands out there (plots.overlay)
 
 Frames are resized to the model's image size for the model; masks and overlays come back
 at the size of the input frames (logits upsampled bilinearly, then sigmoid > 0.5 as in
@@ -20,18 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO
 from avs_dist.data.transforms import normalize_uint8, stack_images
+from avs_dist.errors import UserError
+from avs_dist.helpformat import HelpFormatter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-TINT = np.array([255, 40, 40], dtype=np.float32)  # red fill for the predicted foreground
-CONTOUR = np.array([255, 255, 0], dtype=np.uint8)  # yellow outline
-ALPHA = 0.45
 
 
-class PredictInputError(ValueError):
+class PredictInputError(UserError, ValueError):
     """An input that is neither a shard set nor a folder of 5 frames and a wav."""
 
 
@@ -59,15 +59,12 @@ def predict_masks(model, frames: np.ndarray, audio: np.ndarray, size: int, devic
 
 
 def overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The frame with the mask tinted and a one-pixel contour drawn just outside it (so the
-    whole predicted region stays visible under the tint)."""
-    out = frame.astype(np.float32)
-    out[mask] = (1 - ALPHA) * out[mask] + ALPHA * TINT
-    out = out.round().clip(0, 255).astype(np.uint8)
-    m = Image.fromarray(mask.astype(np.uint8) * 255)
-    dilated = np.asarray(m.filter(ImageFilter.MaxFilter(3))) > 0
-    out[dilated & ~mask] = CONTOUR
-    return out
+    """The frame with the predicted mask lightly tinted and outlined just outside it, in a
+    colour that stands out from the pixels there, edged in black or white (plots.overlay):
+    visible on an object of any colour."""
+    from avs_dist.plots import overlay as outlined
+
+    return outlined(frame, mask)
 
 
 def write_video(out_dir: Path, name: str, frames: np.ndarray, masks: np.ndarray) -> list[Path]:
@@ -137,7 +134,7 @@ def iter_inputs(path: Path, split: str):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avs-dist predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, model.pt, or AVSBench .pth")
     p.add_argument("--input", required=True, help="a shard set, a folder of 5 frames + .wav, or a folder of those")
     p.add_argument("--out", required=True, help="output folder")

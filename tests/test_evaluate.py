@@ -93,6 +93,33 @@ def test_audio_gap_nonzero_for_audio_model():
     assert res["videos"] == 6 and res["frames"] == 30
 
 
+class LeftOrAll(nn.Module):
+    """Left half for positive audio, the whole frame otherwise: IoU 1 / 0.5 with its own audio,
+    0 / 0.5 with the other class's, so a gap of 0.5 in each class."""
+
+    def forward(self, frames, audio, crops=None):
+        b = frames.shape[0]
+        sign = audio.reshape(b, T, -1).mean(-1).reshape(b * T, 1, 1, 1)
+        left = torch.zeros(1, 1, S, S)
+        left[..., : S // 2] = 1
+        return {"logits": (torch.where(sign > 0, left, torch.ones_like(left)) - 0.5) * 20}
+
+
+def test_audio_gap_per_class():
+    from avs_dist.data.classes import S4_CLASSES
+
+    two = [S4_CLASSES[0], S4_CLASSES[1]]
+    res = evaluate(AudioOnly(), make_batches(6, 4), "cpu", per_class=True)
+    assert list(res["audio_gap_per_class"]) == two and "miou_per_class" not in res
+    assert res["audio_gap_per_class"] == pytest.approx({two[0]: 1.0, two[1]: 1.0}, abs=1e-6)
+    res = evaluate(LeftOrAll(), make_batches(6, 2), "cpu", per_class=True)
+    assert res["audio_gap_per_class"] == pytest.approx({two[0]: 0.5, two[1]: 0.5}, abs=1e-6)
+    assert res["audio_gap"] == pytest.approx(0.5, abs=1e-6)
+    res = evaluate(VisualOnly(), make_batches(6, 2), "cpu", per_class=True)
+    assert res["audio_gap_per_class"] == {two[0]: 0.0, two[1]: 0.0}
+    assert "audio_gap_per_class" not in evaluate(AudioOnly(), make_batches(6, 4), "cpu")  # training's evals
+
+
 def test_audio_gap_zero_for_visual_model():
     model = VisualOnly()
     res = evaluate(model, lambda: iter(make_batches(5, 2)), "cpu", batch_videos=2)
@@ -208,6 +235,10 @@ def test_eval_cli_writes_json(s4_shards, tiny_checkpoint, tmp_path):
         assert key in res, key
     assert res["batch_videos"] == 2 and res["videos"] >= 1 and res["frames"] == 5 * res["videos"]
     assert 0.0 <= res["miou"] <= 1.0 and 0.0 <= res["f"] <= 1.0
+    # the per-class audio gap: in the JSON, and drawn beside it (test videos of >= 1 class)
+    gaps = res["audio_gap_per_class"]
+    assert gaps and all(-1.0 <= v <= 1.0 for v in gaps.values())
+    assert (tmp_path / "eval_audio_gap.png").stat().st_size > 1000
 
 
 def _reference_state_dict(model):

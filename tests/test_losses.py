@@ -216,3 +216,58 @@ def test_crop_terms_need_crop_outputs():
     out.update(crop_logits=torch.zeros(5, 23), crop_proj=torch.zeros(5, 128))
     with pytest.raises(ValueError, match="audio_proj"):
         compute_losses(out, batch, LossConfig(crop_audio=True))
+
+
+def test_unreached_parameters_match_the_real_gradients():
+    # What DDP is told (train/strategy.py _find_unused) comes from the terms' declared reads and
+    # the model's output_params: a term or an output declared wrongly fails here.
+    from avs_dist.losses import TERMS, unreached_parameters
+
+    torch.manual_seed(0)
+    # embeddings instead of log-mels: the frozen VGGish is not what this test is about, and costs most
+    model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8, crop_depth=18, crop_hidden=16,
+                                    crop_branch=True, audio_input="embedding")).train()
+    with torch.no_grad():  # the BN after W_z starts at zero, which would cut TPAVI off from the loss
+        for name, m in model.named_modules():
+            if name.endswith("W_z.1"):
+                m.weight.normal_()
+    valid = torch.zeros(2, 5, dtype=torch.bool)
+    valid[:, 0] = True
+    batch = {"frames": torch.randn(2, 5, 3, 32, 32), "audio": torch.randn(2, 5, 128), "crops": torch.randn(2, 5, 3, 32, 32),
+             "masks": (torch.rand(2, 5, 32, 32) > 0.5).float(), "mask_valid": valid, "label": torch.tensor([3, 11])}
+    table = model.output_params()
+    crop = {n for n, _ in model.named_parameters() if n.startswith("crop.")}
+    expected = {(): crop, ("crop_pair",): {f"crop.{m}.{k}" for m in ("fc2", "crop_proj", "audio_proj")
+                                           for k in ("weight", "bias")}, ("crop_ce", "crop_audio"): set()}
+    for switches, unused in expected.items():  # crop_pair alone leaves fc2 unused: the old name list missed it
+        model.zero_grad(set_to_none=True)
+        cfg = LossConfig(**{s: True for s in switches})
+        out = model(batch["frames"], batch["audio"], batch["crops"])
+        assert set(table) == set(out), "AVSSystem.output_params must name every output of forward"
+        assert all(set(t.reads) <= set(out) for t in TERMS.values())
+        compute_losses(out, batch, cfg)[0].backward()
+        no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert unreached_parameters(model, cfg) == no_grad
+        assert set(no_grad) == unused, switches
+    prefixes = tuple(p for v in table.values() for p in v)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(prefixes)]
+
+
+def test_loss_term_names_live_only_where_the_architecture_doc_says():
+    # docs/architecture.md "Adding a loss term": losses.py (TERMS) and config.py (LossConfig)
+    # are the only places; anything else that lists term names is a hidden coupling.
+    import re
+    from pathlib import Path
+
+    import avs_dist
+    from avs_dist.losses import TERMS
+
+    allowed = {"losses.py", "config.py"}
+    names = [t for t in TERMS if t != "bce"]
+    outputs = {"avm"}  # also a model output's name (architecture.md "Model"): only its switch counts
+    switch = re.compile(r"\bloss\.(" + "|".join(names) + r")\b")  # cfg.loss.crop_ce, loss.avm=true
+    quoted = re.compile(r"[\"'](" + "|".join(n for n in names if n not in outputs) + r")[\"']")
+    root = Path(avs_dist.__file__).parent
+    found = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in root.rglob("*.py") if p.name not in allowed
+             for i, line in enumerate(p.read_text().splitlines(), 1) if switch.search(line) or quoted.search(line)]
+    assert not found, f"loss term names outside losses.py / config.py: {found}"

@@ -34,15 +34,18 @@ def _check_outputs(folder, name, size):
 
 
 def test_overlay_tints_mask_and_draws_contour():
-    frame = np.full((8, 8, 3), 100, np.uint8)
-    mask = np.zeros((8, 8), bool)
-    mask[2:6, 2:6] = True
+    from avs_dist.plots import PALETTE, TINT_ALPHA
+
+    frame = np.full((12, 12, 3), 100, np.uint8)
+    frame[4:8, 4:8] = (255, 0, 0)  # a red object: the old red tint hid a prediction on it
+    mask = np.zeros((12, 12), bool)
+    mask[4:8, 4:8] = True
     out = overlay(frame, mask)
     assert (out[0, 0] == 100).all()  # background untouched
-    assert tuple(out[1, 2]) == (255, 255, 0) and tuple(out[6, 6]) == (255, 255, 0)  # outline outside
-    for y, x in ((2, 2), (3, 3)):
-        inside = out[y, x].astype(int)
-        assert inside[0] > 100 and inside[1] < 100  # tinted red
+    line = tuple(out[3, 5])  # outline just outside
+    assert line in PALETTE and line == tuple(out[8, 8]) and line[0] < 128  # not a red on red
+    inside = out[5, 5].astype(int)
+    assert inside.tolist() == [round((1 - TINT_ALPHA) * a + TINT_ALPHA * b) for a, b in zip((255, 0, 0), line)]
 
 
 def test_predict_shard_set(s4_shards, checkpoint, tmp_path):

@@ -70,3 +70,40 @@ def test_sha256_check_at_start_is_a_flag(s4_shards, tmp_path, capsys):
     assert _train([*base, "--check-sha256"]) == 2
     assert f"{val}: sha256" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_shards_that_do_not_fit_the_config_are_refused_with_the_pack_command(s4_shards, synth_root, tmp_path,
+                                                                               capsys):
+    # The fixture packs crops at 32 px from 64 px frames, as `tiny` (crop 32, image 64) expects.
+    import shlex
+
+    from avs_dist.cli import main as cli
+    from avs_dist.config import ConfigError, load_config
+    from avs_dist.launch.args import check_run
+
+    def refused(*overrides, config="tiny"):
+        cfg = load_config(config, [*overrides, f'data.shards="{s4_shards}"'])
+        with pytest.raises(ConfigError) as e:
+            check_run(cfg, 1, False)
+        return str(e.value)
+
+    msg = refused("data.crop_size=16")
+    assert "crops packed at 32 px, the config's data.crop_size is 16" in msg and "data.crop_size=32" in msg
+    command = msg.split("`")[1]
+    assert command.startswith("avs-dist pack ") and "--crop-size 16" in command
+    assert "--subset ms3" in refused("subset=ms3", "loss.crop_ce=false")
+    assert "set data.image_size=64" in refused("data.image_size=96")  # 64 px frames would be upsampled
+    check_run(load_config("tiny", ["data.image_size=32", f'data.shards="{s4_shards}"']), 1, False)  # down: fine
+    # no crop branch: the crops are never read, their size does not matter
+    check_run(load_config("tiny", ["data.crop_size=16", "model.crop_branch=false", "loss.crop_ce=false",
+                                   "loss.crop_pair=false", "loss.crop_audio=false", f'data.shards="{s4_shards}"']),
+              1, False)
+
+    # the command it gives packs shards that fit (into a folder of the test's own)
+    argv = shlex.split(command)[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "crop16")
+    assert cli([*argv, "--workers", "1", "--no-progress"]) == 0
+    check_run(load_config("tiny", ["data.crop_size=16", f'data.shards="{tmp_path / "crop16"}"']), 1, False)
+    rc = cli(["train", "--config", "tiny", "--shards", str(s4_shards), "--run-dir", str(tmp_path / "run"),
+              "data.crop_size=16"])
+    assert rc == 2 and "avs-dist pack" in capsys.readouterr().err and not (tmp_path / "run").exists()

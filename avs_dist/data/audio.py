@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avs_dist.errors import UserError
+
 SAMPLE_RATE = 16000
 WINDOW = 400
 HOP = 160
@@ -40,7 +42,7 @@ EXAMPLE_SHAPE = (NUM_EXAMPLES, 1, EXAMPLE_FRAMES, NUM_BANDS)
 MIN_SAMPLES = WINDOW + (EXAMPLE_FRAMES - 1) * HOP
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """An audio file (wav or .pkl) that cannot be read or has the wrong shape."""
 
 

@@ -44,6 +44,7 @@ from avs_dist.data.layout import read_subset
 from avs_dist.data.loader import eval_loader
 from avs_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from avs_dist.data.shards import iter_videos, read_manifest
+from avs_dist.helpformat import HelpFormatter
 
 LOADERS = ("per_file", "reference_like", "reference_like_float_workers", "two_branch", "uint8_for_gpu",
            "uint8_for_gpu_two_branch")
@@ -184,8 +185,26 @@ def run(data_root: str | Path, shards: str | Path, videos: int = 128, workers: i
     }
 
 
+def result_table(result: dict):
+    """The rich Table `avs-dist bench data` prints for `run`'s result."""
+    from rich.table import Table
+
+    t = Table(title=f"{result['subset']} {result['split']}: {result['videos']} videos, {result['workers']} workers, "
+                    f"frames {result['frame_size']} ({result['image_format']}), load {result['machine']['load_avg_1_5_15_at_end']}")
+    # The loader names share long prefixes: never cut them (rich would, to fit 80 columns).
+    t.add_column("loader", no_wrap=True, min_width=max(len(n) for n in LOADERS))
+    for col in ("videos/s", "CPU s", "cores used", "videos / CPU s", "x per core", "x wall"):
+        t.add_column(col, justify="right")
+    for name in ["per_file", *result["ratio_vs_per_file"]]:
+        r, x = result[name], result["ratio_vs_per_file"].get(name, {"per_core": 1.0, "wall": 1.0})
+        t.add_row(name, f"{r['videos_per_s']:.1f}", f"{r['cpu_s']:.2f}", f"{r['cores_used']:.2f}",
+                  f"{r['videos_per_cpu_s']:.1f}", f"{x['per_core']:.2f}", f"{x['wall']:.2f}")
+    return t
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="avs-dist bench data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="avs-dist bench data", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     ap.add_argument("--data-root", required=True, help="the AVSBench (or synth) folder the shards were packed from")
     ap.add_argument("--shards", required=True)
     ap.add_argument("--videos", type=int, default=128)
@@ -203,17 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown loader(s) {', '.join(bad)}; choose from {', '.join(LOADERS)}")
     result = run(a.data_root, a.shards, a.videos, a.workers, a.batch_videos, a.split, a.rounds, loaders)
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table(title=f"{result['subset']} {result['split']}: {result['videos']} videos, {result['workers']} workers, "
-                    f"frames {result['frame_size']} ({result['image_format']}), load {result['machine']['load_avg_1_5_15_at_end']}")
-    for col in ("loader", "videos/s", "CPU s", "cores used", "videos / CPU s", "x per core", "x wall"):
-        t.add_column(col, justify="right")
-    for name in ["per_file", *result["ratio_vs_per_file"]]:
-        r, x = result[name], result["ratio_vs_per_file"].get(name, {"per_core": 1.0, "wall": 1.0})
-        t.add_row(name, f"{r['videos_per_s']:.1f}", f"{r['cpu_s']:.2f}", f"{r['cores_used']:.2f}",
-                  f"{r['videos_per_cpu_s']:.1f}", f"{x['per_core']:.2f}", f"{x['wall']:.2f}")
-    Console().print(t)
+    Console().print(result_table(result))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

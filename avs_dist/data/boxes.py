@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SUBSET_DIRS
+from avs_dist.errors import UserError
 
 # VOC tools disagree by one pixel at the image border (labelImg never writes 0, others
 # write 0-based values): accept that much and clamp, reject anything further out.
 _BORDER_TOLERANCE = 1.0
 
 
-class BoxError(ValueError):
+class BoxError(UserError, ValueError):
     """A box annotation that cannot be used (unparsable, incomplete, empty or off-image)."""
 
 

@@ -13,22 +13,31 @@ import numpy as np
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
 from avs_dist.data.shards import ShardError, decode_sample, iter_raw, read_manifest, split_shards, verify_shards
+from avs_dist.helpformat import HelpFormatter
 
 
 def sample_strip(video: dict) -> np.ndarray:
-    """uint8 [3*H, 5*W, 3]: frames, masks (red over the frame; grey where no mask), crops."""
+    """uint8 [H,W,3], labelled (plots.labelled_grid): one column per frame; rows: the frames,
+    the ground-truth masks outlined over their frames (a grey panel where a frame has no mask),
+    and the crops (resized to the frame size) with each box's source."""
+    from PIL import Image
+
+    from avs_dist.plots import overlay
+
     frames = video["frames"]
     _, h, w, _ = frames.shape
     masks = np.full_like(frames, 64)
     for m, k in zip(video["masks"], video["mask_frames"]):
-        overlay = frames[k].copy()
-        overlay[m > 0] = (0.5 * overlay[m > 0] + [127, 0, 0]).astype(np.uint8)
-        masks[k] = overlay
-    from PIL import Image
-
+        masks[k] = overlay(frames[k], m > 0)
     crops = np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BILINEAR)) for c in video["crops"]])
-    rows = [np.concatenate(list(r), axis=1) for r in (frames, masks, crops)]
-    return np.concatenate(rows, axis=0)
+    sounds = f"  sounds: {video['category']}" if video.get("category") else ""
+    sources = ", ".join(sorted(set(video["box_source"])))
+    titles = [f"{video['name']}  ({video['split']} #{video['index']}){sounds}",
+              f"ground truth: {len(video['masks'])} mask(s); grey: no mask", f"crops (boxes from: {sources})"]
+    from avs_dist.plots import labelled_grid
+
+    return labelled_grid([list(frames), list(masks), list(crops)],
+                         [f"frame {i + 1}" for i in range(len(frames))], titles)
 
 
 def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
@@ -91,7 +100,8 @@ def _read_video(shard_dir, split: str, index: int, manifest: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="avs-dist inspect", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="avs-dist inspect", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     ap.add_argument("shard_dir")
     ap.add_argument("--split", choices=SPLITS, default=None, help="split of the sample shown (default: first non-empty)")
     ap.add_argument("--index", type=int, default=0, help="position of the sample in its split")

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avs_dist.errors import UserError
+
 FRAMES_PER_VIDEO = 5
 SPLITS = ("train", "val", "test")
 SUBSET_DIRS = {"s4": "Single-source", "ms3": "Multi-sources"}
@@ -17,7 +19,7 @@ S4_HEADER = ["name", "start", "category", "split"]
 MS3_HEADER = ["video_id", "split"]
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The download root or its meta CSV does not look like AVSBench."""
 
 

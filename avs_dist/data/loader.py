@@ -374,15 +374,18 @@ class TrainStream:
     def load_state_dict(self, state: dict) -> None:
         if self._it is not None:
             raise RuntimeError("TrainStream.load_state_dict after the stream started")
+        from avs_dist.config import ConfigError
+
         if state["global_batch_videos"] != self.global_batch:
-            raise ValueError(f"the checkpoint's global batch is {state['global_batch_videos']} videos per step, "
+            raise ConfigError(f"the checkpoint's global batch is {state['global_batch_videos']} videos per step, "
                              f"this run's is {self.global_batch} ({self.world_size} ranks x {self.micro_batch} x "
                              f"grad_accum {self.grad_accum}); set data.global_batch_videos="
                              f"{state['global_batch_videos']} to continue it")
         if state["train_videos"] != len(self.order.refs) or state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint was trained on {state['train_videos']} train videos with seed "
+            raise ConfigError(f"the checkpoint was trained on {state['train_videos']} train videos with seed "
                              f"{state['seed']}, this run has {len(self.order.refs)} with seed {self.seed}: "
-                             f"not the same data order")
+                             f"not the same data order: resume with the checkpoint's shards and train.seed, "
+                             f"or start a new --run-dir")
         self.epoch, self.step_in_epoch, self.last_epoch = state["epoch"], state["step_in_epoch"], state["last_epoch"]
 
     def next_step(self) -> StepBatches:

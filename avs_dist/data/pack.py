@@ -57,6 +57,7 @@ from avs_dist.data.classes import S4_CLASSES, class_index
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS, SUBSET_DIRS, LayoutError, VideoRecord, read_subset, subset_root
 from avs_dist.data.masks import stored_mask
 from avs_dist.data.shards import MANIFEST, SCHEMA_VERSION
+from avs_dist.errors import UserError
 from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
 
 IMAGE_FORMATS = ("npy", "png", "jpeg")
@@ -64,7 +65,7 @@ SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.tar(\.tmp)?$")
 CSV_NAMES = {"s4": "s4_meta_data.csv", "ms3": "ms3_meta_data.csv"}
 
 
-class PackError(RuntimeError):
+class PackError(UserError, RuntimeError):
     """The input cannot be packed as asked; `problems` lists every bad video when known."""
 
     def __init__(self, message: str, problems: list[dict] | None = None):
@@ -616,7 +617,10 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="avs-dist pack", description=__doc__.split("\n\n")[0])
+    from avs_dist.helpformat import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="avs-dist pack", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--data-root", required=True, help="folder holding Single-source/ and/or Multi-sources/")
     ap.add_argument("--subset", required=True, choices=("s4", "ms3"))
     ap.add_argument("--out", required=True, help="shard folder to write (one per subset)")

@@ -41,13 +41,14 @@ from pathlib import Path
 import numpy as np
 
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS
+from avs_dist.errors import UserError
 from avs_dist.fileio import sha256_file
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard set that is missing, incomplete, or does not match its manifest."""
 
 

@@ -47,6 +47,7 @@ from avs_dist.data import audio as audio_mod
 from avs_dist.data import layout
 from avs_dist.data.boxes import box_from_mask, write_voc_xml
 from avs_dist.data.classes import S4_CLASSES
+from avs_dist.helpformat import HelpFormatter
 
 FRAMES = layout.FRAMES_PER_VIDEO
 SUBSET_IDS = {"s4": 1, "ms3": 2}
@@ -414,7 +415,8 @@ def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="avs-dist synth", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="avs-dist synth", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="dataset root (gets Single-source/, Multi-sources/, boxes/)")
     p.add_argument("--videos", type=int, default=30, help="videos per subset, split ~70/15/15 (default 30)")
     p.add_argument("--size", type=int, default=224, help="frame side in pixels (default 224, like AVSBench)")

@@ -49,6 +49,22 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a GPU (its CPU accelerator has no fp16); "
                           "use bf16 or fp32, or train.strategy=ddp (torch GradScaler)")
     global_batch(cfg.data, world_size, cfg.optim.grad_accum)
+    check_weight_files(cfg)
+
+
+WEIGHT_FILES = ("pretrained_backbone", "pretrained_crop_backbone", "vggish_weights", "init_from")
+
+
+def check_weight_files(cfg: Config) -> None:
+    """Every weights file the model config names exists (ConfigError naming the key otherwise),
+    before any process spends minutes starting up to fail on it."""
+    from pathlib import Path
+
+    for key in WEIGHT_FILES:
+        value = getattr(cfg.model, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"model.{key}={value}: no such file here; give the path of the file on this "
+                              f"machine, or model.{key}=\"\" to go without it")
 
 
 def check_resume(cfg: Config, run_dir, resume: str, world_size: int, manifest: dict) -> None:
@@ -67,11 +83,12 @@ def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, sh
               run_dir=None, resume: str = "auto") -> dict:
     """Every check of a run on `world_size` ranks before any of them starts; returns the manifest.
 
-    ConfigError for the config and the runtime, and (with `run_dir`) for a setting that differs
-    from the checkpoint it resumes and cannot change (check_resume); ShardError for the shard
-    set: its manifest, train videos, and every shard of the splits the run reads (train, and
-    val / test when they have videos) present with the manifest's size (and sha256 with
-    `sha256`). shards=False skips the shard set (`avs-dist submit --dry-run`)."""
+    ConfigError for the config and the runtime; ShardError for the shard set: its manifest,
+    train videos, and every shard of the splits the run reads (train, and val / test when
+    they have videos) present with the manifest's size (and sha256 with `sha256`); then
+    ConfigError when the shards do not fit the config (check_shards_fit) and (with `run_dir`)
+    for a setting that differs from the checkpoint it resumes and cannot change (check_resume).
+    shards=False skips the shard set (`avs-dist submit --dry-run`)."""
     from avs_dist.data.shards import check_shards, read_manifest
 
     check_runtime(cfg, world_size, cuda)
@@ -87,6 +104,61 @@ def check_run(cfg: Config, world_size: int, cuda: bool, sha256: bool = False, sh
                            manifest=manifest)  # ShardError without train videos
     check_shards(cfg.data.shards, [s for s in ("train", "val", "test") if splits.get(s, {}).get("videos")],
                  sha256=sha256, manifest=manifest)
+    check_shards_fit(cfg, manifest, stored_frame_size(cfg.data.shards, manifest))
     if run_dir is not None:
         check_resume(cfg, run_dir, resume, world_size, manifest)
     return manifest
+
+
+def pack_command(manifest: dict, shard_dir, crop_size: int) -> str:
+    """The `avs-dist pack` command that packs the same source as `manifest` with `crop_size`."""
+    import shlex
+
+    opts = manifest.get("options", {})
+    cmd = ["avs-dist", "pack", "--data-root", str(opts.get("data_root", "DATA_ROOT")), "--subset",
+           str(manifest.get("subset")), "--out", f"{str(shard_dir).rstrip('/')}-crop{crop_size}",
+           "--crop-size", str(crop_size)]
+    if opts.get("boxes"):
+        cmd += ["--boxes", str(opts["boxes"])]
+    if opts.get("image_format", "npy") != "npy":
+        cmd += ["--image-format", str(opts["image_format"])]
+    return shlex.join(cmd)
+
+
+def check_shards_fit(cfg: Config, manifest: dict, frame_size: tuple[int, int] | None) -> None:
+    """What the shards were packed with against what the config trains on; ConfigError otherwise.
+
+    - subset: an S4 config on MS3 shards (or the reverse) trains the wrong task;
+    - crop size (when the crop branch is on): the loader would resize every crop at every step,
+      after reading crops packed bigger (or smaller: blurred) than the model sees; the error
+      gives the `avs-dist pack` command that fits, or the data.crop_size that fits the shards;
+    - image size: frames smaller than data.image_size would be upsampled (blurred) at every
+      step. Larger frames are fine: data.image_size is what they are resized to (the reference
+      resizes AVSBench's 224 px frames the same way).
+    The schema version is read_manifest's check. `frame_size` (h, w) of the stored frames, or
+    None to skip that check."""
+    shards = cfg.data.shards
+    if manifest.get("subset") != cfg.subset:
+        raise ConfigError(f"{shards} holds {manifest.get('subset')} videos but the config trains subset={cfg.subset}: "
+                          f"give shards packed with --subset {cfg.subset}, or a {manifest.get('subset')} preset")
+    packed = manifest.get("options", {}).get("crop_size")
+    if cfg.model.crop_branch and packed is not None and packed != cfg.data.crop_size:
+        raise ConfigError(f"{shards} holds crops packed at {packed} px, the config's data.crop_size is "
+                          f"{cfg.data.crop_size}: pack to fit with `{pack_command(manifest, shards, cfg.data.crop_size)}` "
+                          f"(or set data.crop_size={packed})")
+    if frame_size is not None and min(frame_size) < cfg.data.image_size:
+        h, w = frame_size
+        raise ConfigError(f"{shards} holds {h}x{w} px frames, smaller than data.image_size={cfg.data.image_size}: "
+                          f"they would be upsampled; set data.image_size={min(h, w)} or pack larger frames")
+
+
+def stored_frame_size(shard_dir, manifest: dict) -> tuple[int, int] | None:
+    """(h, w) of the first train video's frames (one sample read), None without train videos."""
+    from avs_dist.data.shards import decode_sample, iter_raw, split_shards
+
+    for entry in split_shards(shard_dir, "train", manifest):
+        if entry["keys"]:
+            key = entry["keys"][0]
+            frames = decode_sample(next(iter(iter_raw([entry["path"]], select=key.__eq__))))["frames"]
+            return tuple(frames.shape[1:3])
+    return None

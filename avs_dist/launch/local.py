@@ -42,8 +42,12 @@ TORCHRUN_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300", "PET_SIGNALS_TO_HANDLE"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="avs-dist train", parents=[run_parser()],
-                                description="train with one or --nproc local processes (torchrun)")
+    from avs_dist.config import preset_names
+    from avs_dist.helpformat import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="avs-dist train", parents=[run_parser()], formatter_class=HelpFormatter,
+                                description="train with one or --nproc local processes (torchrun)",
+                                epilog="presets (--config): " + ", ".join(preset_names()))
     p.add_argument("--nproc", type=int, default=1, help="local ranks (processes) to start")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun restarts of all ranks after a failure (each resumes from the last checkpoint)")

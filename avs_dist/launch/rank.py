@@ -45,15 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(stop_file(args.run_dir))
     install_stop_signals(stop)
     watch_launcher(stop)
+    from avs_dist.errors import UserError
+
     rc = 0
     try:
         with Session.open(cfg, args.run_dir, resume) as session:
             session.finish(train(session, stop), stop)
-    except (CheckpointSaveError, ConfigError) as e:  # every rank raises it; the message says it all
+    except CheckpointSaveError as e:  # every rank raises it; the message says it all
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{'checkpoint' if isinstance(e, CheckpointSaveError) else 'config'} error: {e}", file=sys.stderr,
-                  flush=True)
+            print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
         rc = 1
+    except UserError as e:  # a bad input found only once the run opened (every rank): its one line, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{'config ' if isinstance(e, ConfigError) else ''}error: {e}", file=sys.stderr, flush=True)
+        rc = 2
     except Exception:
         traceback.print_exc()
         rc = 1

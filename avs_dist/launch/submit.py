@@ -37,8 +37,12 @@ DEFAULT_SIGNAL_DELAY_S = 120
 def _parser() -> argparse.ArgumentParser:
     # The training flags are the rank entry's own (launch/args.py); requeued attempts always resume "auto",
     # and --run-dir must be on storage every node sees.
+    from avs_dist.config import preset_names
+    from avs_dist.helpformat import HelpFormatter
+
     p = argparse.ArgumentParser(prog="avs-dist submit", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, parents=[run_parser()])
+                                formatter_class=HelpFormatter, parents=[run_parser()],
+                                epilog="presets (--config): " + ", ".join(preset_names()))
     s = p.add_argument_group("Slurm resources")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--tasks-per-node", type=int, default=None,
@@ -57,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="requeues allowed (time limits and preemptions together)")
     s.add_argument("--sbatch-extra", action="append", default=[], metavar="KEY[=VALUE]",
                    help="any other sbatch option, repeatable (e.g. exclusive, mail-type=END)")
-    s.add_argument("--job-name", default=None, help="default: avs-<config name>")
+    s.add_argument("--job-name", default=None, help="Slurm job name (default: avs-<config name>)")
     s.add_argument("--log-folder", default=None, help="submitit's scripts and logs (default RUN_DIR/slurm)")
     s.add_argument("--array", nargs="+", default=None, metavar="SPEC",
                    help="sweep: one job per SPEC ('k=v k2=v2' or @FILE with one SPEC per line)")

@@ -21,6 +21,10 @@ PROJ_DIM = 128
 
 
 class CropBranch(nn.Module):
+    # output -> the submodules whose parameters it depends on (losses.unreached_parameters)
+    OUTPUT_PARAMS = {"crop_logits": ("resnet", "fc1", "fc2"), "crop_embed": ("resnet", "fc1"),
+                     "crop_proj": ("resnet", "fc1", "crop_proj"), "audio_proj": ("audio_proj",)}
+
     def __init__(self, depth: int = 50, hidden: int = 512, num_classes: int = 23, relu: str = "between"):
         super().__init__()
         if relu not in ("between", "end", "none"):

@@ -38,6 +38,15 @@ class AVSSystem(nn.Module):
                      if cfg.crop_branch else None)
         self.register_load_state_dict_post_hook(_vggish_not_missing)
 
+    def output_params(self) -> dict[str, tuple[str, ...]]:
+        """Each output of `forward` -> the parameter-name prefixes it depends on (VGGish is
+        frozen). losses.unreached_parameters reads this to tell DDP whether some parameters
+        get no gradient; a new output or submodule must be declared here."""
+        table = {"logits": ("avs.",), "avm": ("avs.",), "audio_embed": ()}
+        if self.crop is not None:
+            table.update({k: tuple(f"crop.{m}." for m in mods) for k, mods in self.crop.OUTPUT_PARAMS.items()})
+        return table
+
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         for key in [k for k in sd if k.startswith(prefix + "vggish.")]:

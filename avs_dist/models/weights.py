@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from . import pvt
+from ..errors import UserError
 from .pvt import PVTEncoder
 from .resnet import TORCHVISION_HEAD_KEYS, ResNetEncoder
 
@@ -43,7 +44,7 @@ _PVT_EMBED = {"release": lambda i: f"patch_embed{i + 1}.proj.weight",
               "timm": lambda i: "patch_embed.proj.weight" if i == 0 else f"stages.{i}.downsample.proj.weight"}
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weight file that is missing or does not fit the model."""
 
 

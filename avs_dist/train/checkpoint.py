@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from avs_dist import distributed
+from avs_dist.errors import BadFileError, MissingFileError
 from avs_dist.fileio import describe_write_failure, folder_bytes, fsync_dir, human_bytes, sha256_file, write_text_atomic
 
 FORMAT_VERSION = 2
@@ -162,10 +163,10 @@ def resolve_resume(run_dir, resume: str, warn=print) -> Path | None:
     if path.is_file() and path.name == "model.pt":
         path = path.parent
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        raise MissingFileError(f"--resume {resume}: no such checkpoint folder (give one, auto or never)")
     problem = verify(path)
     if problem is not None:
-        raise ValueError(f"--resume {resume}: {problem}")
+        raise BadFileError(f"--resume {resume}: {problem}; pick another checkpoint, or --resume auto")
     return path
 
 
@@ -289,14 +290,14 @@ def model_file(path) -> Path:
     if (path / "model.pt").is_file() or (path / COMPLETE).is_file():
         problem = verify(path)
         if problem is not None:
-            raise ValueError(f"{path}: not a valid checkpoint ({problem}); pass {path / 'model.pt'} itself "
-                             "to evaluate that file anyway")
+            raise BadFileError(f"{path}: not a valid checkpoint ({problem}); pass {path / 'model.pt'} itself "
+                               "to evaluate that file anyway")
         return path / "model.pt"
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     for folder in [root / "best", *(p for _, p in reversed(step_folders(root)))]:
         if folder.is_dir() and verify(folder) is None:
             return folder / "model.pt"
-    raise FileNotFoundError(f"{path}: no model.pt here, and no valid best/ or step_*/ checkpoint below it")
+    raise MissingFileError(f"{path}: no model.pt here, and no valid best/ or step_*/ checkpoint below it")
 
 
 def find_resume(run_dir, resume: str, d, warn) -> tuple[Path, dict] | None:

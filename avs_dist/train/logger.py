@@ -51,6 +51,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def frame_captions(batch: dict) -> list[str]:
+    """"name  frame t  class" for each of the B x T frames of a loader batch (class: the S4
+    class that sounds, by batch["label"]; MS3 videos have none)."""
+    from avs_dist.data.classes import S4_CLASSES
+
+    t = batch["mask_valid"].shape[1]
+    labels = batch["label"].tolist() if "label" in batch else [-1] * len(batch["name"])
+    out = []
+    for name, label in zip(batch["name"], labels):
+        sounds = f"  sounds: {S4_CLASSES[label]}" if 0 <= label < len(S4_CLASSES) else ""
+        out += [f"{name}  frame {i + 1}{sounds}" for i in range(t)]
+    return out
+
+
 class RunLogger:
     """See the module docstring. `frames_per_step`: frames of one optimizer step over all
     ranks (for frames/s in record_step)."""
@@ -72,6 +86,7 @@ class RunLogger:
         self._wait: list[float] = []
         self._peak_mem = 0
         self.terminal = None
+        self.kept = True  # run_dir outlives the run (not bench train's temporary one): finish() names its logs
         self.sinks: list = []
         self.videos = None
         if train.get("record_videos"):
@@ -131,7 +146,8 @@ class RunLogger:
         valid = batch["mask_valid"].reshape(-1).cpu()
         frames = batch["frames"].reshape(-1, *batch["frames"].shape[2:]).float().cpu()[valid]
         masks = batch["masks"].reshape(-1, *batch["masks"].shape[2:]).float().cpu()[valid]
-        self.log_images(step, frames, masks, out.out["logits"].detach().float().cpu()[valid])
+        self.log_images(step, frames, masks, out.out["logits"].detach().float().cpu()[valid],
+                        captions=[c for c, v in zip(frame_captions(batch), valid.tolist()) if v])
 
     def log_step(self, step, epoch, terms: dict, lr, grad_norm, frames_per_s, data_wait_frac,
                  peak_mem_bytes, wall_time: float | None = None) -> None:
@@ -171,10 +187,10 @@ class RunLogger:
         for sink in self.sinks:
             sink.eval(int(step), split, values if isinstance(sink, JsonlSink) else numbers)
 
-    def log_images(self, step, frames, masks, logits) -> None:
+    def log_images(self, step, frames, masks, logits, captions: list[str] | None = None) -> None:
         if self.rank != 0:
             return
-        grid = overlay_grid(frames, masks, logits)
+        grid = overlay_grid(frames, masks, logits, captions=captions)
         for sink in self.sinks:
             sink.images(int(step), grid)
 
@@ -195,7 +211,8 @@ class RunLogger:
         rows += [(f"final {k}", fmt(v) if is_number(v) else v) for k, v in final.items()]
         for sink in self.sinks:
             sink.finish(rows, final, dict(hparams or self.cfg_dict), self._last_step)
-        self.info(f"logs: {self.run_dir / 'metrics.jsonl'}, tensorboard --logdir {self.run_dir / 'tb'}")
+        if self.kept:
+            self.info(f"logs: {self.run_dir / 'metrics.jsonl'}, tensorboard --logdir {self.run_dir / 'tb'}")
 
     def close(self) -> None:
         if self._closed:

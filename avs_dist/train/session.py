@@ -166,8 +166,22 @@ class Session:
                 stop.consume()
             write_json(self.run_dir / "status.json", {"status": status, "step": state.step,
                                                       "total_steps": self.total_steps, "time": time.time()})
+            self._plot()
         distributed.barrier(d)
         return result
+
+    def _plot(self) -> None:
+        """run_dir/plots/*.png from the run's logs (plots.plot_run), at the end of every run. A
+        machine without matplotlib (the GPU machine's image) gets a warning, not a failed run."""
+        self.log.flush()
+        try:
+            from avs_dist.plots import plot_run
+
+            paths = plot_run(self.run_dir)
+        except ImportError as e:
+            self.log.warn(f"no plots: {e} (pip install matplotlib; then `avs-dist plot {self.run_dir}`)")
+            return
+        self.log.info("plots: " + ", ".join(str(p) for p in paths))
 
     def close(self) -> None:
         self.log.close()

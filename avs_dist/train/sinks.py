@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from avs_dist.data.transforms import denormalize
 
-GT_COLOUR = (0.0, 1.0, 0.0)
-PRED_COLOUR = (1.0, 0.0, 0.0)
-OVERLAY_ALPHA = 0.5
 MAX_IMAGE_SAMPLES = 8  # rows in one overlay grid; more would make TensorBoard images huge
 
 
@@ -80,21 +78,15 @@ def fmt(value, spec: str = ".4f") -> str:
 
 
 # ----------------------------------------------------------------------------- images
-def _tint(images: torch.Tensor, mask: torch.Tensor, colour) -> torch.Tensor:
-    """Blend `colour` into `images` [N,3,H,W] where `mask` [N,H,W] is 1."""
-    colour = torch.tensor(colour).view(1, 3, 1, 1)
-    alpha = OVERLAY_ALPHA * mask.float().unsqueeze(1)
-    return images * (1 - alpha) + colour * alpha
-
-
 def overlay_grid(frames: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
-                 max_samples: int = MAX_IMAGE_SAMPLES) -> torch.Tensor:
-    """One row per sample: frame | ground truth tinted green | prediction tinted red.
+                 max_samples: int = MAX_IMAGE_SAMPLES, captions: list[str] | None = None) -> torch.Tensor:
+    """One row per sample, labelled: frame | ground truth | prediction (plots.prediction_grid:
+    outlined masks in a colour that stands out, column titles, each row's caption and IoU).
 
-    frames [N,3,H,W] ImageNet-normalised, masks [N,H,W] 0/1, logits [N,1,H,W].
-    Returns a [3,H',W'] float image in [0,1]. ValueError naming the argument of a wrong shape.
-    """
-    from torchvision.utils import make_grid
+    frames [N,3,H,W] ImageNet-normalised, masks [N,H,W] 0/1, logits [N,1,H,W]; captions: one
+    per sample (video, frame, class), or none. Returns a [3,H',W'] float image in [0,1].
+    ValueError naming the argument of a wrong shape."""
+    from avs_dist.plots import prediction_grid
 
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"log_images: frames must be [N,3,H,W], got {tuple(frames.shape)}")
@@ -104,11 +96,12 @@ def overlay_grid(frames: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor
     if tuple(logits.shape) != (n, 1, h, w):
         raise ValueError(f"log_images: logits must be [N,1,H,W]={n, 1, h, w}, got {tuple(logits.shape)}")
     k = min(n, max_samples)
-    images = denormalize(frames[:k].detach().cpu())
-    gt = masks[:k].detach().cpu() > 0.5
-    pred = torch.sigmoid(logits[:k, 0].detach().cpu().float()) > 0.5
-    rows = torch.stack([images, _tint(images, gt, GT_COLOUR), _tint(images, pred, PRED_COLOUR)], dim=1)
-    return make_grid(rows.flatten(0, 1), nrow=3, padding=2, pad_value=1.0)
+    images = (denormalize(frames[:k].detach().cpu().float()).clamp(0, 1) * 255).round().to(torch.uint8)
+    gt = (masks[:k].detach().cpu() > 0.5).numpy()
+    pred = (torch.sigmoid(logits[:k, 0].detach().cpu().float()) > 0.5).numpy()
+    captions = list(captions[:k]) if captions is not None else [f"sample {i + 1}" for i in range(k)]
+    grid = prediction_grid(images.permute(0, 2, 3, 1).numpy(), gt, pred, captions)
+    return torch.from_numpy(np.array(grid)).permute(2, 0, 1).float() / 255
 
 
 # ----------------------------------------------------------------------------- JSONL

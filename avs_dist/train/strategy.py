@@ -57,14 +57,17 @@ from avs_dist.precision import PRECISION_DTYPES, autocast, floatify
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
-def _find_unused(cfg: Config, backend: str) -> bool:
-    # The crop branch without any crop loss leaves its parameters without gradients. On gloo
-    # (CPU) the flag also keeps DDP from rebuilding its gradient buckets after the first
-    # iteration: with 3+ ranks the bucket layout decides each element's ring-allreduce
-    # summation order, so a resumed run (initial buckets) would differ in the last bits from
-    # an uninterrupted one (rebuilt buckets). CPU runs are the ones kept bit-exact on resume.
-    crop_loss = cfg.loss.crop_ce or cfg.loss.crop_pair or cfg.loss.crop_audio
-    return (cfg.model.crop_branch and not crop_loss) or backend == "gloo"
+def _find_unused(cfg: Config, backend: str, model: nn.Module) -> bool:
+    # Parameters that no enabled loss term reaches (losses.unreached_parameters: e.g. the crop
+    # branch without its losses) get no gradient, which DDP must be told. On gloo (CPU) the flag
+    # also keeps DDP from rebuilding its gradient buckets after the first iteration: with 3+
+    # ranks the bucket layout decides each element's ring-allreduce summation order, so a
+    # resumed run (initial buckets) would differ in the last bits from an uninterrupted one
+    # (rebuilt buckets). CPU runs are the ones kept bit-exact on resume.
+    from avs_dist.losses import unreached_parameters
+
+    unreached = unreached_parameters(model, cfg.loss)
+    return unreached is None or bool(unreached) or backend == "gloo"
 
 
 def state_dict_fp32(module: nn.Module) -> dict:
@@ -94,7 +97,7 @@ class DDPStrategy:
             # torch >= 2.13 deprecates broadcast_buffers; torch 2.11 (the GPU machine) lacks its successor.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             self.engine = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                              broadcast_buffers=False, find_unused_parameters=_find_unused(cfg, d.backend))
+                              broadcast_buffers=False, find_unused_parameters=_find_unused(cfg, d.backend, model))
         self.scaler = torch.amp.GradScaler(d.device.type) if precision == "fp16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
 
