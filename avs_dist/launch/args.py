@@ -71,9 +71,12 @@ def check_resume(cfg: Config, run_dir, resume: str, world_size: int, manifest: d
     """ConfigError when the checkpoint this run would resume from (--resume, in --run-dir) was
     trained with a setting this run changes and cannot (config.RESUME_RULES): one line naming
     each key, both values and what to do. The changes that can be applied are the ranks' to
-    print (train/session.py), once they have resumed."""
+    print (train/session.py), once they have resumed. A --resume folder that is missing or not
+    a valid checkpoint: MissingFileError / BadFileError (checkpoint.resolve_resume)."""
     from avs_dist.train import checkpoint as ckpt
 
+    if resume not in ("auto", "never"):
+        ckpt.resolve_resume(run_dir, resume, warn=lambda msg: None)
     found = ckpt.peek_resume(run_dir, resume)
     if found:
         ckpt.resume_changes(*found, cfg, world_size, manifest)
