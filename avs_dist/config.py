@@ -127,6 +127,9 @@ class TrainConfig:
     image_every_steps: int = 200  # TensorBoard overlay grids
     audio_gap_eval: bool = True  # also evaluate with mismatched audio at the end
     record_videos: bool = False  # every rank writes the names of the videos of each step to run_dir/videos/
+    # Seconds the ranks wait for each other before training (the store at MASTER_ADDR:PORT, every
+    # rank's arrival); a stop signal ends the wait at once. A world of one does not wait.
+    rendezvous_timeout_s: float = 300.0
 
 
 @dataclass
@@ -317,6 +320,8 @@ def validate(cfg: Config) -> None:
                 "train.image_every_steps", "data.global_batch_videos"]:
         if _get(cfg, key) < 0:
             problems.append(f"{key} must be >= 0 (got {_get(cfg, key)})")
+    if cfg.train.rendezvous_timeout_s <= 0:
+        problems.append(f"train.rendezvous_timeout_s must be > 0 (got {cfg.train.rendezvous_timeout_s})")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         problems.append("train.epochs and train.max_steps are both 0: nothing to train")
     if not 0 < cfg.optim.lr < 1:

@@ -77,8 +77,10 @@ def test_second_run_refused_then_resume_after_sigkill(s4_shards, tmp_path):
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait()
         done = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
+        # with stale rendezvous variables, which a world of one ignores (they made it retry for 600 s)
+        env = {**os.environ, "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29555"}
         rc, out = run_session([sys.executable, "-m", "avs_dist.cli", "train", *common,
-                               f"train.max_steps={done + 1}"], 300)
+                               f"train.max_steps={done + 1}"], 300, env=env)
         assert rc == 0, out
         assert f"resumed from {run_dir / 'checkpoints' / f'step_{done:08d}'}" in out
     finally:

@@ -51,11 +51,14 @@ def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
     lock_wait_s = None if lock_held or LAUNCHER_ENV in os.environ else 0.0
     rc = 0
     try:
-        with Session.open(cfg, args.run_dir, resume, lock_wait_s=lock_wait_s) as session:
+        with Session.open(cfg, args.run_dir, resume, lock_wait_s=lock_wait_s, stop=stop) as session:
             session.finish(train(session, stop), stop)
     except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
         rc = 2
+    except distributed.RendezvousError as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 1
     except Exception:
         traceback.print_exc()
         rc = 1

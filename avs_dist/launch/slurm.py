@@ -176,7 +176,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         # A requeued attempt may start on another node before the shared file system has
         # freed the dead attempt's lock (NFSv4 lease: ~90 s): it waits that long for it.
         wait_s = REQUEUE_LOCK_WAIT_S if restart_count() or self.requeues else 0.0
-        with Session.open(cfg, self.run_dir, resume, lock_wait_s=wait_s) as session:
+        with Session.open(cfg, self.run_dir, resume, lock_wait_s=wait_s, stop=stop) as session:
             return session.finish(train(session, stop), stop), signals
 
     def _after_stop(self, result: dict, signals: _StopSignals, job_env, done: int) -> None:

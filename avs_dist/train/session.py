@@ -110,14 +110,18 @@ class Session:
     lock: RunLock | None = None  # rank 0's ownership of run_dir, when this session took it
 
     @classmethod
-    def open(cls, cfg: Config, run_dir, resume: str = "auto", lock_wait_s: float | None = 0.0) -> Session:
+    def open(cls, cfg: Config, run_dir, resume: str = "auto", lock_wait_s: float | None = 0.0,
+             stop=None) -> Session:
         """This process as one rank of the job the environment describes (RANK, WORLD_SIZE, ...
         as torchrun sets them; a world of one without them). `resume`: "auto" (the newest valid
         checkpoint of run_dir, if any), "never", or a checkpoint folder. `lock_wait_s`: rank 0
         takes the run directory's lock (train/runlock.py), waiting up to that long for a dead
-        owner's lock to clear, else every rank raises RunDirBusy; None: the launcher holds it."""
+        owner's lock to clear, else every rank raises RunDirBusy; None: the launcher holds it.
+        `stop` (train/stop.py): a request ends the wait for the other ranks (RendezvousError)."""
         opened_at = time.time()
-        d = distributed.setup(cfg.train.strategy)
+        stopped = (lambda: stop.requested_since(opened_at)) if stop is not None else (lambda: None)
+        d = distributed.setup(cfg.train.strategy, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s,
+                              stopped=stopped)
         held: list = []
         try:
             if lock_wait_s is not None:
