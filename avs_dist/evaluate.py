@@ -88,6 +88,13 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         raise ValueError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     from avs_dist.models.system import build_model
     from avs_dist.models.weights import is_reference_checkpoint, load_reference_state_dict, unwrap_state_dict
+    from avs_dist.train.checkpoint import describe_nonfinite, nonfinite_tensors
+
+    state = obj.get("model", obj) if isinstance(obj, dict) else {}
+    bad = nonfinite_tensors(state) if isinstance(state, dict) else []
+    if bad:  # its scores would mean nothing (a NaN model scores mIoU 0, not an error)
+        raise ValueError(f"{file}: {describe_nonfinite(bad, len(state))}; a non-finite model cannot be evaluated "
+                         "(take an earlier checkpoint)")
 
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
         cfg = config_from_dict(_merge(obj["config"], parse_overrides(config_overrides or [])))

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
         distributed.hard_exit(2)
 
     from avs_dist.train.loop import train
+    from avs_dist.train.checkpoint import NonFiniteError
     from avs_dist.train.runlock import RunDirBusy
     from avs_dist.train.session import Session
     from avs_dist.train.stop import LAUNCHER_ENV, StopRequest, stop_file
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
     except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
         rc = 2
-    except distributed.RendezvousError as e:
+    except (distributed.RendezvousError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         rc = 1
     except Exception:

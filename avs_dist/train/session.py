@@ -191,6 +191,13 @@ class Session:
         distributed.barrier(d)
         return result
 
+    def fail(self, reason: str) -> None:
+        """Rank 0 writes status.json "failed" with `reason` (the caller then raises)."""
+        self.log.flush()
+        if self.d.is_main:
+            write_json(self.run_dir / "status.json", {"status": "failed", "reason": reason, "step": self.state.step,
+                                                      "total_steps": self.total_steps, "time": time.time()})
+
     def close(self) -> None:
         self.log.close()
         self.data.close()
