@@ -342,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank = d.rank if d else 0
     try:
-        model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
+        try:
+            model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
+        except (OSError, ValueError) as e:  # a checkpoint that cannot be evaluated: one line (WeightsError too)
+            print(f"avs-dist eval: {e}", file=sys.stderr)
+            return 2
         batch_videos = args.batch_videos or cfg.data.eval_batch_videos
         if batch_videos < 1:
             raise ValueError(f"--batch-videos must be >= 1 (got {batch_videos})")
