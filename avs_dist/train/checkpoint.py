@@ -150,8 +150,11 @@ def describe_nonfinite(names: list[str], total: int) -> str:
 
 def nonfinite_problem(folder: Path) -> str | None:
     """Why the weights in `folder`/model.pt cannot be used, or None when every tensor is finite."""
-    state = load_torch(Path(folder) / "model.pt").get("model", {})
-    bad = nonfinite_tensors(state)
+    try:
+        state = load_torch(Path(folder) / "model.pt")["model"]
+        bad = nonfinite_tensors(state)
+    except Exception as e:  # verified bytes that torch cannot read as our model.pt
+        return f"model.pt unreadable: {type(e).__name__}: {e}"
     return f"model.pt: {describe_nonfinite(bad, len(state))}" if bad else None
 
 
