@@ -319,7 +319,8 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             problems.append(f"{key} must be > 0 (got {_get(cfg, key)})")
-    for key in ["data.num_workers", "train.epochs", "train.max_nonfinite_steps", "train.max_steps", "optim.warmup_steps",
+    for key in ["data.num_workers", "train.epochs", "train.max_nonfinite_steps",
+                "train.max_steps", "optim.warmup_steps",
                 "optim.grad_clip", "optim.weight_decay", "train.eval_every_steps", "train.eval_every_epochs",
                 "train.image_every_steps", "data.global_batch_videos"]:
         if _get(cfg, key) < 0:

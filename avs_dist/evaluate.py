@@ -61,6 +61,18 @@ def _from_state_dict(build_model, cfg, state: dict):
     return model
 
 
+def _refuse_nonfinite(file: Path, obj) -> None:
+    """ValueError naming `file` when its weights hold NaN/inf: their scores would mean nothing
+    (a NaN model scores mIoU 0, not an error)."""
+    from avs_dist.train.checkpoint import describe_nonfinite, nonfinite_tensors
+
+    state = obj.get("model", obj) if isinstance(obj, dict) else {}
+    bad = nonfinite_tensors(state) if isinstance(state, dict) else []
+    if bad:
+        raise ValueError(f"{file}: {describe_nonfinite(bad, len(state))}; a non-finite model cannot be evaluated "
+                         "(take an earlier checkpoint)")
+
+
 def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
                        config_overrides: list[str] | None = None):
     """-> (model in eval mode on `device`, Config) from our checkpoint or an AVSBench .pth.
@@ -88,13 +100,8 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         raise ValueError(f"{file}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     from avs_dist.models.system import build_model
     from avs_dist.models.weights import is_reference_checkpoint, load_reference_state_dict, unwrap_state_dict
-    from avs_dist.train.checkpoint import describe_nonfinite, nonfinite_tensors
 
-    state = obj.get("model", obj) if isinstance(obj, dict) else {}
-    bad = nonfinite_tensors(state) if isinstance(state, dict) else []
-    if bad:  # its scores would mean nothing (a NaN model scores mIoU 0, not an error)
-        raise ValueError(f"{file}: {describe_nonfinite(bad, len(state))}; a non-finite model cannot be evaluated "
-                         "(take an earlier checkpoint)")
+    _refuse_nonfinite(file, obj)
 
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
         cfg = config_from_dict(_merge(obj["config"], parse_overrides(config_overrides or [])))

@@ -59,7 +59,8 @@ def test_eval_refuses_a_nonfinite_checkpoint(tmp_path, states):
     with pytest.raises(ValueError) as e:
         load_for_inference(nan)
     assert str(e.value) == (f"{nan / 'model.pt'}: 1 of {len(states[1])} tensors hold NaN/inf (first: "
-                            "avs.resnet.conv1.weight); a non-finite model cannot be evaluated (take an earlier checkpoint)")
+                            "avs.resnet.conv1.weight); a non-finite model cannot be evaluated "
+                            "(take an earlier checkpoint)")
 
 
 def test_eval_cli_one_line(tmp_path, states, s4_shards):
