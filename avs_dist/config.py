@@ -129,6 +129,13 @@ class TrainConfig:
     image_every_steps: int = 200  # TensorBoard overlay grids
     audio_gap_eval: bool = True  # also evaluate with mismatched audio at the end
     record_videos: bool = False  # every rank writes the names of the videos of each step to run_dir/videos/
+    # Seconds the ranks wait for each other before training (the store at MASTER_ADDR:PORT, every
+    # rank's arrival); a stop signal ends the wait at once. A world of one does not wait.
+    rendezvous_timeout_s: float = 300.0
+    # Optimizer steps in a row whose loss or gradient is NaN/inf that are skipped (no update);
+    # one more stops the run ("failed"), naming the step, the term and the checkpoint to resume
+    # from. fp16's loss-scale overflows are its own rule and do not count (train/strategy.py).
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -319,11 +326,14 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             problems.append(f"{key} must be > 0 (got {_get(cfg, key)})")
-    for key in ["data.num_workers", "train.epochs", "train.max_steps", "optim.warmup_steps",
+    for key in ["data.num_workers", "train.epochs", "train.max_nonfinite_steps",
+                "train.max_steps", "optim.warmup_steps",
                 "optim.grad_clip", "optim.weight_decay", "train.eval_every_steps", "train.eval_every_epochs",
                 "train.image_every_steps", "data.global_batch_videos"]:
         if _get(cfg, key) < 0:
             problems.append(f"{key} must be >= 0 (got {_get(cfg, key)})")
+    if cfg.train.rendezvous_timeout_s <= 0:
+        problems.append(f"train.rendezvous_timeout_s must be > 0 (got {cfg.train.rendezvous_timeout_s})")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         problems.append("train.epochs and train.max_steps are both 0: nothing to train")
     if not 0 < cfg.optim.lr < 1:

@@ -2,7 +2,10 @@
 
 One process per rank, configured the torchrun way (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT). A process started without those variables becomes a world of
-one so that the single-process path runs the same collectives as the multi-process one.
+one so that the single-process path runs the same collectives as the multi-process one;
+a world of one needs no rendezvous host and ignores MASTER_ADDR / MASTER_PORT (`avs-dist
+train --nproc N>1` ignores them too: its torchrun meets on 127.0.0.1). The wait for the
+other ranks is bounded by train.rendezvous_timeout_s and ends on a stop signal (`rendezvous`).
 
 Besides the main group (nccl on GPU, gloo on CPU) every rank joins a second gloo group
 for control messages (the stop flag, object gathers): they then never touch the GPU
@@ -15,6 +18,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +52,28 @@ def env_rank() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def setup(strategy: str = "ddp", timeout_s: float = 600.0) -> Dist:
-    """Join (or create) the default process group and the gloo control group."""
+class RendezvousError(RuntimeError):
+    """The wait before training (store, the other ranks) timed out or was stopped: one line
+    naming what it waited for (host, port, ranks present of the world size)."""
+
+
+def setup(strategy: str = "ddp", timeout_s: float = 600.0, rendezvous_timeout_s: float = 300.0,
+          stopped=lambda: None) -> Dist:
+    """Join (or create) the default process group and the gloo control group.
+
+    A world of one needs no rendezvous: it uses an in-process store, and stale MASTER_ADDR /
+    MASTER_PORT variables in the environment are replaced (DeepSpeed reads them). A larger
+    world meets at MASTER_ADDR:MASTER_PORT (`rendezvous`): at most `rendezvous_timeout_s`
+    seconds (train.rendezvous_timeout_s), and `stopped()` (a stop signal's reason, or None)
+    is polled while it waits. `timeout_s`: every collective's timeout afterwards.
+    RendezvousError when the wait fails."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise RuntimeError("WORLD_SIZE > 1 needs RANK too (start ranks with torchrun or `avs-dist train --nproc N`)")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world, local = env_rank()
+    if world == 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     if cuda:
         device = torch.device("cuda", local % torch.cuda.device_count())
@@ -66,8 +83,10 @@ def setup(strategy: str = "ddp", timeout_s: float = 600.0) -> Dist:
     backend = "nccl" if cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, store=_store(rank, world, timeout), rank=rank,
-                                world_size=world, timeout=timeout, device_id=device if cuda else None)
+        store = dist.HashStore() if world == 1 else rendezvous(rank, world, rendezvous_timeout_s, stopped)
+        store.set_timeout(timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if cuda else None)
     if strategy.startswith("zero"):
         import_deepspeed()
         import deepspeed
@@ -75,6 +94,56 @@ def setup(strategy: str = "ddp", timeout_s: float = 600.0) -> Dist:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     return Dist(rank, world, local, device, backend, control)
+
+
+CONNECT_TRY_S = 2.0  # one connection attempt to the store; the stop and the deadline are checked between them
+ARRIVAL_POLL_S = 0.2
+
+
+def rendezvous(rank: int, world: int, timeout_s: float, stopped=lambda: None):
+    """The store of this attempt once all `world` ranks have reached it (module docstring of
+    `_store`). Every wait is bounded by `timeout_s` and polls `stopped()`; RendezvousError
+    names MASTER_ADDR:MASTER_PORT and the ranks present."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        raise RendezvousError(f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set (torchrun and "
+                              "avs-dist submit set them)")
+    where = f"MASTER_ADDR:MASTER_PORT={host}:{port} (rank {rank} of {world})"
+    try:
+        socket.getaddrinfo(host, int(port))
+    except (socket.gaierror, ValueError) as e:
+        raise RendezvousError(f"rendezvous at {where}: the host does not resolve ({e}); a stale MASTER_ADDR in "
+                              "the environment? (a world of one needs none)") from None
+    deadline = time.monotonic() + timeout_s
+
+    def check(what: str, present) -> None:
+        why = stopped()
+        if why is None and time.monotonic() < deadline:
+            return
+        cause = f"stopped ({why})" if why else f"timed out after {timeout_s:.0f} s (train.rendezvous_timeout_s)"
+        raise RendezvousError(f"rendezvous at {where} {cause} while waiting for {what}; ranks present: {present()}")
+
+    store, error = None, None
+    hosted_here = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    while store is None:
+        check("the store", lambda: f"unknown ({error})")
+        try:
+            if not hosted_here:  # a plain connect first: the store's client logs every failed try
+                socket.create_connection((host, int(port)), timeout=CONNECT_TRY_S).close()
+            store = _store(rank, world, datetime.timedelta(seconds=min(CONNECT_TRY_S, timeout_s)))
+        except OSError as e:
+            error = f"{e.strerror or e}"
+            time.sleep(ARRIVAL_POLL_S)
+        except RuntimeError as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+            error = str(e).splitlines()[0][:200]
+    store.set(f"arrived/{rank}", "1")
+    arrived = store.add("arrived", 1)
+    while arrived < world:
+        check(f"{world - arrived} more rank(s)",
+              lambda: f"{arrived} of {world} {[r for r in range(world) if store.check([f'arrived/{r}'])]}")
+        time.sleep(ARRIVAL_POLL_S)
+        arrived = store.add("arrived", 0)
+    return store
 
 
 def _store(rank: int, world: int, timeout: datetime.timedelta):
@@ -87,8 +156,10 @@ def _store(rank: int, world: int, timeout: datetime.timedelta):
     so (TORCHELASTIC_USE_AGENT_STORE), otherwise rank 0 does.
     """
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    # wait_for_workers=False: the ranks' arrival is counted by `rendezvous`, which can be stopped
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                         is_master=rank == 0 and not agent, timeout=timeout, multi_tenant=True)
+                         is_master=rank == 0 and not agent, timeout=timeout, multi_tenant=True,
+                         wait_for_workers=False)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     return dist.PrefixStore(f"avs-dist/{run_id}/attempt{attempt}", base)

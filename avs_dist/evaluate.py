@@ -63,6 +63,18 @@ def _from_state_dict(build_model, cfg, state: dict):
     return model
 
 
+def _refuse_nonfinite(file: Path, obj) -> None:
+    """ValueError naming `file` when its weights hold NaN/inf: their scores would mean nothing
+    (a NaN model scores mIoU 0, not an error)."""
+    from avs_dist.train.checkpoint import describe_nonfinite, nonfinite_tensors
+
+    state = obj.get("model", obj) if isinstance(obj, dict) else {}
+    bad = nonfinite_tensors(state) if isinstance(state, dict) else []
+    if bad:
+        raise ValueError(f"{file}: {describe_nonfinite(bad, len(state))}; a non-finite model cannot be evaluated "
+                         "(take an earlier checkpoint)")
+
+
 def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
                        config_overrides: list[str] | None = None):
     """-> (model in eval mode on `device`, Config) from our checkpoint or an AVSBench .pth.
@@ -93,6 +105,8 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
                            "give a checkpoint folder, its model.pt or an AVSBench .pth") from None
     from avs_dist.models.system import build_model
     from avs_dist.models.weights import is_reference_checkpoint, load_reference_state_dict, unwrap_state_dict
+
+    _refuse_nonfinite(file, obj)
 
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
         cfg = config_from_dict(_merge(obj["config"], parse_overrides(config_overrides or [])))
@@ -372,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank = d.rank if d else 0
     try:
-        model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
+        try:
+            model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
+        except (OSError, ValueError) as e:  # a checkpoint that cannot be evaluated: one line (WeightsError too)
+            print(f"avs-dist eval: {e}", file=sys.stderr)
+            return 2
         batch_videos = args.batch_videos or cfg.data.eval_batch_videos
         if batch_videos < 1:
             raise UserError(f"--batch-videos must be >= 1 (got {batch_videos})")

@@ -96,14 +96,15 @@ def run_processes(launcher_pid: int) -> list[int]:
     return found
 
 
-def supervise(cmd: list[str], run_dir: Path) -> int:
-    """Run `cmd` (torchrun) to the end, turning signals into the run's stop file (module docstring)."""
+def supervise(cmd: list[str], run_dir: Path, keep_fds: tuple[int, ...] = ()) -> int:
+    """Run `cmd` (torchrun) to the end, turning signals into the run's stop file (module docstring).
+    `keep_fds`: descriptors torchrun inherits (the run directory's lock: it then outlives us)."""
     from avs_dist.fileio import write_text_atomic
     from avs_dist.train.stop import stop_file
 
     _become_subreaper()
     env = {**TORCHRUN_ENV, **os.environ, LAUNCHER_ENV: str(os.getpid())}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=keep_fds)
     seen: list[str] = []
 
     def on_signal(signum, frame):
@@ -164,17 +165,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError) as e:
         print(f"avs-dist train: {e}", file=sys.stderr)
         return 2
+    from avs_dist.train.runlock import RunDirBusy, RunLock
     from avs_dist.train.stop import stop_file
 
     run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before anything in the folder is touched: it may be another live run's
+        lock = RunLock.acquire(run_dir, "avs-dist train", warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
+    except (RunDirBusy, OSError) as e:
+        print(f"avs-dist train: {e}", file=sys.stderr)
+        return 2
     stop_file(run_dir).unlink(missing_ok=True)  # a request left from an earlier run is not for this one
     (run_dir / "status.json").unlink(missing_ok=True)
     if args.nproc == 1 and args.max_restarts == 0:
         from avs_dist.launch.rank import main as rank_main
 
-        return rank_main(rank_args(args))  # this process is the rank
-    return supervise(torchrun_command(args.nproc, args.max_restarts, rank_args(args)), run_dir)
+        return rank_main(rank_args(args), lock_held=True)  # this process is the rank
+    try:
+        return supervise(torchrun_command(args.nproc, args.max_restarts, rank_args(args)), run_dir,
+                         keep_fds=() if lock is None else (lock.fd,))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT come from the environment as
 torchrun sets them; without them the process is a world of one. Exit codes: 0 when the run
 completed or was stopped after saving its checkpoint (status.json says which), 1 on an
-error, 2 for a bad command line, config or shard set. The process ends with os._exit after
+error, 2 for a bad command line, config or shard set, or a run directory another run owns
+(train/runlock.py). The process ends with os._exit after
 the process group is gone (distributed.hard_exit).
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from avs_dist.launch.args import check_run, resolve_config, run_parser
 from avs_dist.launch.signals import install_stop_signals, watch_launcher
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
+    """`lock_held`: the caller (avs-dist train, in this process) owns the run directory."""
     from avs_dist.config import ConfigError
     from avs_dist.data.shards import ShardError
 
@@ -39,18 +41,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from avs_dist.train.checkpoint import CheckpointSaveError
     from avs_dist.train.loop import train
+    from avs_dist.train.checkpoint import NonFiniteError
+    from avs_dist.train.runlock import RunDirBusy
     from avs_dist.train.session import Session
-    from avs_dist.train.stop import StopRequest, stop_file
+    from avs_dist.train.stop import LAUNCHER_ENV, StopRequest, stop_file
 
     stop = StopRequest(stop_file(args.run_dir))
     install_stop_signals(stop)
     watch_launcher(stop)
     from avs_dist.errors import UserError
 
+    # under `avs-dist train` the launcher owns the run directory; otherwise rank 0 takes it
+    lock_wait_s = None if lock_held or LAUNCHER_ENV in os.environ else 0.0
     rc = 0
     try:
-        with Session.open(cfg, args.run_dir, resume) as session:
+        with Session.open(cfg, args.run_dir, resume, lock_wait_s=lock_wait_s, stop=stop) as session:
             session.finish(train(session, stop), stop)
+    except RunDirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 2
+    except (distributed.RendezvousError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 1
     except CheckpointSaveError as e:  # every rank raises it; the message says it all
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"checkpoint error: {e}", file=sys.stderr, flush=True)

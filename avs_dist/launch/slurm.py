@@ -32,6 +32,7 @@ import submitit
 
 # A requeued or cancelled rank leaves with this code, like submitit's own handler (sys.exit(-1)).
 INTERRUPTED_EXIT = 255
+REQUEUE_LOCK_WAIT_S = 120.0
 
 
 class RequeueLimitError(RuntimeError):
@@ -173,7 +174,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = load_config(self.config, self.overrides)
         # the shards (or the run's checkpoints) may have changed since submit
         check_run(cfg, world_size, torch.cuda.is_available(), run_dir=self.run_dir, resume=resume)
-        with Session.open(cfg, self.run_dir, resume) as session:
+        # A requeued attempt may start on another node before the shared file system has
+        # freed the dead attempt's lock (NFSv4 lease: ~90 s): it waits that long for it.
+        wait_s = REQUEUE_LOCK_WAIT_S if restart_count() or self.requeues else 0.0
+        with Session.open(cfg, self.run_dir, resume, lock_wait_s=wait_s, stop=stop) as session:
             return session.finish(train(session, stop), stop), signals
 
     def _after_stop(self, result: dict, signals: _StopSignals, job_env, done: int) -> None:

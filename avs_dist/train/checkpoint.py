@@ -142,10 +142,35 @@ def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
     return step_folders(ckpt_root(run_dir))
 
 
+class NonFiniteError(RuntimeError):
+    """Non-finite weights or training past train.max_nonfinite_steps (one line: what, where,
+    and the checkpoint to resume from)."""
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating tensors of a state dict that hold NaN or inf (one pass, on CPU)."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def describe_nonfinite(names: list[str], total: int) -> str:
+    return f"{len(names)} of {total} tensors hold NaN/inf (first: {names[0]})"
+
+
+def nonfinite_problem(folder: Path) -> str | None:
+    """Why the weights in `folder`/model.pt cannot be used, or None when every tensor is finite."""
+    try:
+        state = load_torch(Path(folder) / "model.pt")["model"]
+        bad = nonfinite_tensors(state)
+    except Exception as e:  # verified bytes that torch cannot read as our model.pt
+        return f"model.pt unreadable: {type(e).__name__}: {e}"
+    return f"model.pt: {describe_nonfinite(bad, len(state))}" if bad else None
+
+
 def latest_valid(run_dir, warn=print) -> Path | None:
-    """Newest checkpoint that verifies; corrupt or incomplete ones are passed over with a warning."""
+    """Newest checkpoint that verifies and holds finite weights; others are passed over with a warning."""
     for step, path in reversed(list_checkpoints(run_dir)):
-        problem = verify(path)
+        problem = verify(path) or nonfinite_problem(path)
         if problem is None:
             return path
         warn(f"skipping checkpoint {path}: {problem}")
@@ -164,7 +189,7 @@ def resolve_resume(run_dir, resume: str, warn=print) -> Path | None:
         path = path.parent
     if not path.is_dir():
         raise MissingFileError(f"--resume {resume}: no such checkpoint folder (give one, auto or never)")
-    problem = verify(path)
+    problem = verify(path) or nonfinite_problem(path)
     if problem is not None:
         raise BadFileError(f"--resume {resume}: {problem}; pick another checkpoint, or --resume auto")
     return path
@@ -419,6 +444,7 @@ class Checkpointer:
         rank = d.rank if d.world_size > 1 else None
         with distributed.averaged_buffers(self.strategy.module, d):
             model_state = self.strategy.model_state_dict()
+        self._refuse_nonfinite(model_state, f"checkpoint {final}")
 
         def prepare():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -466,6 +492,7 @@ class Checkpointer:
         from avs_dist.config import to_dict
 
         state = self.strategy.model_state_dict()
+        self._refuse_nonfinite(state, f"best checkpoint {ckpt_root(self.run_dir) / 'best'}")
         problem, path = None, ckpt_root(self.run_dir) / "best"
         if self.d.is_main:
             problem = _attempt(lambda: save_best(self.run_dir, state, to_dict(self.cfg), step, epoch, metrics), None)
@@ -473,3 +500,17 @@ class Checkpointer:
         if self.d.is_main:
             self.log.info(f"best val mIoU {metrics['val'].get('miou'):.4f} at step {step}: {path} "
                           f"({human_bytes(folder_bytes(path))})")
+
+    def _refuse_nonfinite(self, model_state: dict | None, what: str) -> None:
+        """NonFiniteError on every rank, before anything is written, when rank 0's weights
+        hold NaN/inf (a non-finite model is never a checkpoint, nor best)."""
+        def check():
+            bad = nonfinite_tensors(model_state)
+            if not bad:
+                return None
+            return describe_nonfinite(bad, len(model_state)), resume_hint(self.run_dir)
+
+        found = distributed.on_main(self.d, check)
+        if found:
+            raise NonFiniteError(f"not writing {what}: the weights' {found[0]}; {found[1]}")
+

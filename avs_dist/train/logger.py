@@ -112,9 +112,11 @@ class RunLogger:
             print(f"[rank {self.rank}] WARNING: {msg}", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- training steps
-    def record_step(self, step: int, batches, out, seconds: float, flush: bool = False) -> None:
+    def record_step(self, step: int, batches, out, seconds: float, flush: bool = False,
+                    nonfinite_steps: int = 0) -> None:
         """One optimizer step of the loop: `batches` (data/loader.py StepBatches), `out`
-        (train/step.py StepOutput), `seconds` from asking for the data to the optimizer step."""
+        (train/step.py StepOutput), `seconds` from asking for the data to the optimizer step,
+        `nonfinite_steps`: steps skipped for NaN/inf so far in the run."""
         if self.videos is not None:
             self.videos.write(json.dumps({"step": step, "epoch": batches.epoch,
                                           "names": [n for b in batches.micro for n in b["name"]]}) + "\n")
@@ -126,7 +128,7 @@ class RunLogger:
         self._pending.append((vec, out.names, {
             "step": step, "epoch": batches.epoch, "lr": out.lr, "frames_per_s": self.frames_per_step / seconds,
             "data_wait_frac": batches.wait_s / seconds, "peak_mem_bytes": peak_memory_bytes(device),
-            "wall_time": time.time()}))
+            "wall_time": time.time(), "skipped": out.skipped, "nonfinite_steps": nonfinite_steps}))
         if self.image_every and step % self.image_every == 0:
             self._images_of(step, out)
         if flush or step % self.log_every == 0 or step == self.total_steps:
@@ -150,9 +152,12 @@ class RunLogger:
                         captions=[c for c, v in zip(frame_captions(batch), valid.tolist()) if v])
 
     def log_step(self, step, epoch, terms: dict, lr, grad_norm, frames_per_s, data_wait_frac,
-                 peak_mem_bytes, wall_time: float | None = None) -> None:
+                 peak_mem_bytes, wall_time: float | None = None, skipped: str | None = None,
+                 nonfinite_steps: int = 0) -> None:
         """One optimizer step's line, written now. `wall_time` (time.time() when the step
-        ended; default: now) lets a caller that writes several steps at once keep each one's time."""
+        ended; default: now) lets a caller that writes several steps at once keep each one's time.
+        `skipped`: why the update was skipped ("nonfinite", "fp16_overflow"), None when it was
+        applied; `nonfinite_steps`: the run's count of non-finite steps so far."""
         terms = {str(k): _scalar(v) for k, v in terms.items()}
         clash = sorted(set(terms) & set(STEP_KEYS))
         if clash:
@@ -163,15 +168,19 @@ class RunLogger:
         record = {"step": step, "epoch": epoch, **terms, "lr": _scalar(lr), "grad_norm": _scalar(grad_norm),
                   "frames_per_s": _scalar(frames_per_s), "data_wait_frac": _scalar(data_wait_frac),
                   "peak_mem_bytes": int(_scalar(peak_mem_bytes) or 0),
-                  "time": time.time() if wall_time is None else float(wall_time)}
+                  "time": time.time() if wall_time is None else float(wall_time), "skipped": skipped,
+                  "nonfinite_steps": int(nonfinite_steps)}
         self._last_step, self._last_terms = step, terms
         if record["frames_per_s"] is not None and step > self.start_step + 1:  # first step: warm-up
             self._fps.append(record["frames_per_s"])
         if record["data_wait_frac"] is not None:
             self._wait.append(record["data_wait_frac"])
         self._peak_mem = max(self._peak_mem, record["peak_mem_bytes"])
-        if not self._warned_nonfinite and any(v is not None and not math.isfinite(v) for v in terms.values()):
-            self._warned_nonfinite = True
+        if skipped == "nonfinite":
+            self.warn(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_steps} in this run; "
+                      f"grad norm {fmt(record['grad_norm'], '.3g')}, {terms}; null in metrics.jsonl)")
+        elif not self._warned_nonfinite and any(v is not None and not math.isfinite(v) for v in terms.values()):
+            self._warned_nonfinite = True  # an fp16 overflow step: the scaler's own rule
             self.warn(f"non-finite loss at step {step}: {terms} (written as null in metrics.jsonl)")
         show = step % self.log_every == 0 or step == self.total_steps or step == self.start_step + 1
         for sink in self.sinks:

@@ -29,6 +29,7 @@ from avs_dist.precision import resolve_precision
 from avs_dist.train import checkpoint as ckpt
 from avs_dist.train.logger import RunLogger
 from avs_dist.train.optim import build_optimizer, build_scheduler, hyperparameters, reapply
+from avs_dist.train.runlock import RunDirBusy, RunLock
 from avs_dist.train.state import RankState, TrainState, seed_everything
 from avs_dist.train.stop import LAUNCHER_ENV, stop_file
 from avs_dist.train.strategy import build_strategy
@@ -68,6 +69,22 @@ def _prepare_run_dir(run_dir: Path, d, opened_at: float) -> None:
     (run_dir / "pids" / f"rank{d.rank}.pid").write_text(f"{os.getpid()}\n")
 
 
+def _own_run_dir(d, run_dir: Path, wait_s: float, held: list) -> None:
+    """Rank 0 takes run_dir's lock (appended to `held`); RunDirBusy on every rank when another
+    run owns it, so that no rank touches the folder."""
+    busy = None
+    if d.is_main:
+        job = os.environ.get("SLURM_JOB_ID")
+        what = f"rank 0 of Slurm job {job} (scancel {job})" if job else "rank 0 of a torchrun run"
+        try:
+            held.append(RunLock.acquire(run_dir, what, wait_s, warn=lambda m: print(f"WARNING: {m}", file=sys.stderr)))
+        except (RunDirBusy, OSError) as e:
+            busy = f"{e}" if isinstance(e, RunDirBusy) else f"cannot lock {run_dir}: {e}"
+    busy = distributed.broadcast_object(d, busy)
+    if busy is not None:
+        raise RunDirBusy(busy)
+
+
 def _flat_final(result: dict) -> dict:
     out = {f"{split}/{k}": v for split in ("val", "test") for k, v in (result.get(split) or {}).items()
            if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -89,17 +106,32 @@ class Session:
     checkpointer: ckpt.Checkpointer
     validator: Validator
     log: RunLogger
+    lock: RunLock | None = None  # rank 0's ownership of run_dir, when this session took it
 
     @classmethod
-    def open(cls, cfg: Config, run_dir, resume: str = "auto") -> Session:
+    def open(cls, cfg: Config, run_dir, resume: str = "auto", lock_wait_s: float | None = 0.0,
+             stop=None) -> Session:
         """This process as one rank of the job the environment describes (RANK, WORLD_SIZE, ...
         as torchrun sets them; a world of one without them). `resume`: "auto" (the newest valid
-        checkpoint of run_dir, if any), "never", or a checkpoint folder."""
+        checkpoint of run_dir, if any), "never", or a checkpoint folder. `lock_wait_s`: rank 0
+        takes the run directory's lock (train/runlock.py), waiting up to that long for a dead
+        owner's lock to clear, else every rank raises RunDirBusy; None: the launcher holds it.
+        `stop` (train/stop.py): a request ends the wait for the other ranks (RendezvousError)."""
         opened_at = time.time()
-        d = distributed.setup(cfg.train.strategy)
+        stopped = (lambda: stop.requested_since(opened_at)) if stop is not None else (lambda: None)
+        d = distributed.setup(cfg.train.strategy, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s,
+                              stopped=stopped)
+        held: list = []
         try:
-            return cls._build(cfg, Path(run_dir), d, resume, opened_at)
+            if lock_wait_s is not None:
+                _own_run_dir(d, Path(run_dir), lock_wait_s, held)
+            session = cls._build(cfg, Path(run_dir), d, resume, opened_at)
+            session.lock = held[0] if held else None
+            return session
         except BaseException:
+            for lock in held:
+                if lock is not None:
+                    lock.release()
             distributed.teardown()
             raise
 
@@ -183,10 +215,19 @@ class Session:
             return
         self.log.info("plots: " + ", ".join(str(p) for p in paths))
 
+    def fail(self, reason: str) -> None:
+        """Rank 0 writes status.json "failed" with `reason` (the caller then raises)."""
+        self.log.flush()
+        if self.d.is_main:
+            write_json(self.run_dir / "status.json", {"status": "failed", "reason": reason, "step": self.state.step,
+                                                      "total_steps": self.total_steps, "time": time.time()})
+
     def close(self) -> None:
         self.log.close()
         self.data.close()
         distributed.teardown()
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self):
         return self

@@ -2,7 +2,8 @@
 
 Each sink takes host values that RunLogger (train/logger.py) already decided to write:
 `step(record, show)` with record = {"step", "epoch", <loss terms>, "lr", "grad_norm",
-"frames_per_s", "data_wait_frac", "peak_mem_bytes", "time"} (`show`: a terminal line is due
+"frames_per_s", "data_wait_frac", "peak_mem_bytes", "time", "skipped" (None, "nonfinite" or
+"fp16_overflow"), "nonfinite_steps"} (`show`: a terminal line is due
 for this step), `eval(step, split, metrics)` with numbers only,
 `images(step, grid)`, `finish(summary_rows, final, hparams, last_step)` and `close()`.
 Only rank 0 has sinks.
@@ -190,7 +191,9 @@ class TensorBoardSink:
     def step(self, r: dict, show: bool) -> None:
         scalars = {f"loss/{k}": v for k, v in r.items() if k not in STEP_KEYS}
         scalars.update({"train/lr": r["lr"], "train/grad_norm": r["grad_norm"], "perf/frames_per_s": r["frames_per_s"],
-                        "perf/data_wait_frac": r["data_wait_frac"], "perf/peak_mem_gib": r["peak_mem_bytes"] / 2**30})
+                        "perf/data_wait_frac": r["data_wait_frac"], "perf/peak_mem_gib": r["peak_mem_bytes"] / 2**30,
+                        "train/skipped": float(r.get("skipped") is not None),
+                        "train/nonfinite_steps": r.get("nonfinite_steps", 0)})
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, r["step"], walltime=r["time"])
@@ -216,7 +219,8 @@ class TensorBoardSink:
 
 # Keys of a metrics.jsonl line that are not loss terms; a term with one of these names
 # would silently overwrite it.
-STEP_KEYS = ("step", "epoch", "lr", "grad_norm", "frames_per_s", "data_wait_frac", "peak_mem_bytes", "time")
+STEP_KEYS = ("step", "epoch", "lr", "grad_norm", "frames_per_s", "data_wait_frac", "peak_mem_bytes", "time",
+             "skipped", "nonfinite_steps")
 
 
 # ----------------------------------------------------------------------------- terminal

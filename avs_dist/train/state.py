@@ -61,6 +61,7 @@ class TrainState:
     last_val: dict = field(default_factory=dict)
     # A stop came at a step whose validation was due: the epoch of that step, validated on resume.
     pending_epoch: int | None = None
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf gradient, in the whole run
 
     @property
     def best(self) -> float | None:
@@ -88,6 +89,7 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_miou = state["step"], state["best_miou"]
         self.last_val, self.pending_epoch = state["last_val"], state["pending_epoch"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)  # absent in checkpoints before it
 
 
 class RankState:

@@ -18,7 +18,8 @@ class StepOutput:
     losses [1 + n_terms] float32: "total" then each loss term (sorted by name), each the
     mean over the micro-batches of this rank; names: their names; grad_norm: 0-d, the global
     gradient norm before clipping; lr: group 0's lr applied by this step; out / batch: the
-    last micro-batch's model output and batch (for image logging)."""
+    last micro-batch's model output and batch (for image logging); skipped: why the strategy
+    skipped the update (train/strategy.py NONFINITE / FP16_OVERFLOW), None when it stepped."""
 
     losses: torch.Tensor
     names: list[str]
@@ -26,6 +27,7 @@ class StepOutput:
     lr: float
     out: dict
     batch: dict
+    skipped: str | None = None
 
 
 def train_step(strategy, micro_batches: list[dict], loss_cfg) -> StepOutput:
@@ -43,4 +45,4 @@ def train_step(strategy, micro_batches: list[dict], loss_cfg) -> StepOutput:
         vec = torch.stack([loss.detach().float(), *(terms[k].detach().float() for k in names[1:])])
         total_terms = vec if total_terms is None else total_terms + vec
     grad_norm, lr = strategy.optimizer_step()
-    return StepOutput(total_terms / len(micro_batches), names, grad_norm, lr, out, batch)
+    return StepOutput(total_terms / len(micro_batches), names, grad_norm, lr, out, batch, strategy.skipped)

@@ -38,6 +38,17 @@ class StopRequest:
             self.reason = f"stop file {self.file}"
         return self.reason is not None
 
+    def requested_since(self, t: float) -> str | None:
+        """The reason of a request in this process, or of a stop file written at or after `t`
+        (time.time(); an older file is an earlier run's, removed once the run starts), else None."""
+        if self.reason is None and self.file is not None:
+            try:
+                if self.file.stat().st_mtime >= t:
+                    return f"stop file {self.file}"
+            except OSError:  # no stop file
+                pass
+        return self.reason
+
     def agreed(self, d) -> bool:
         """True on every rank when any rank has a request (a collective: call on every rank).
         Only rank 0 looks at the stop file, at most every FILE_CHECK_S: one stat a second on a

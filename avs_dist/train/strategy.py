@@ -17,6 +17,8 @@ loss scaler. The training step (train/step.py) calls, per optimizer step:
   0-d tensor on the device: reading it is the caller's host sync); lr is group 0's lr that
   this step applied. Under DDP and every ZeRO stage both mean the same: the figures of
   the step just taken (an fp16 step skipped for an overflow leaves the schedule where it is).
+  A step whose global grad norm is NaN/inf is skipped (no update, the schedule stays) on
+  every rank alike; `skipped` then says why (NONFINITE or FP16_OVERFLOW), else None.
 - `eval_model()`: a module to evaluate on this rank (ZeRO: a full fp32 copy).
 - `model_state_dict()`: full fp32 weights, on rank 0 (None elsewhere under DDP; a collective
   under ZeRO).
@@ -55,6 +57,17 @@ from avs_dist.precision import PRECISION_DTYPES, autocast, floatify
 # 1x1 convolutions get gradients whose strides differ from DDP's bucket views on CPU; a
 # performance note about a layout autograd chooses, repeated by every rank.
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+
+# Why optimizer_step skipped its step (Strategy.skipped; None: it stepped). FP16_OVERFLOW is
+# the loss scaler's own rule (it lowers the scale and retries); NONFINITE counts towards
+# train.max_nonfinite_steps: NaN/inf gradients without fp16, or with a loss scale already
+# below 1, where an overflow is no longer the scale's fault.
+NONFINITE, FP16_OVERFLOW = "nonfinite", "fp16_overflow"
+
+
+def skip_kind(scale: float) -> str:
+    return FP16_OVERFLOW if scale >= 1 else NONFINITE
 
 
 def _find_unused(cfg: Config, backend: str, model: nn.Module) -> bool:
@@ -100,6 +113,7 @@ class DDPStrategy:
                               broadcast_buffers=False, find_unused_parameters=_find_unused(cfg, d.backend, model))
         self.scaler = torch.amp.GradScaler(d.device.type) if precision == "fp16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.skipped: str | None = None
 
     def autocast(self):
         return autocast(self.d.device, self.precision)
@@ -120,16 +134,20 @@ class DDPStrategy:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        stepped = True
         if self.scaler:
             scale = self.scaler.get_scale()  # a host sync, fp16 only
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale  # it lowers the scale exactly when it skipped the step
+            # it lowers the scale exactly when it skipped the step; below 1 it is no overflow any more
+            self.skipped = None if self.scaler.get_scale() >= scale else skip_kind(self.scaler.get_scale())
         else:
-            self.optimizer.step()
+            # The norm of the all-reduced gradients: the same on every rank, so all skip alike.
+            # The step's one host sync (GradScaler's found_inf check costs the same).
+            self.skipped = None if bool(torch.isfinite(norm)) else NONFINITE
+            if self.skipped is None:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if stepped:  # as DeepSpeed: a step skipped for an fp16 overflow does not advance the schedule
+        if self.skipped is None:  # as DeepSpeed: a skipped step does not advance the schedule
             self.scheduler.step()
         return norm.detach(), lr
 
@@ -234,6 +252,7 @@ class ZeroStrategy:
                 if buf.is_floating_point() and buf.dtype != self.input_dtype:
                     buf.data = buf.data.to(self.input_dtype)
         self._eval_copy = None
+        self.skipped: str | None = None
 
     def autocast(self):
         import contextlib
@@ -253,6 +272,11 @@ class ZeroStrategy:
     def optimizer_step(self) -> tuple[torch.Tensor, float]:
         lr = self.lr()
         self.engine.step()  # the accumulation boundary: the optimizer and scheduler step
+        # DeepSpeed skips a step whose global grad norm is NaN/inf (every stage and precision:
+        # its overflow check), the same on every rank; under fp16 that is its loss scaling.
+        self.skipped = None
+        if not self.engine.was_step_applied():
+            self.skipped = skip_kind(float(getattr(self.engine.optimizer, "cur_scale", 1.0))) if self.precision == "fp16" else NONFINITE
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return torch.tensor(float("nan")), lr
