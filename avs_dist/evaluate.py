@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
         except (OSError, ValueError) as e:  # a checkpoint that cannot be evaluated: one line (WeightsError too)
-            print(f"avs-dist eval: {e}", file=sys.stderr)
+            print(f"avs-dist eval: error: {e}", file=sys.stderr)
             return 2
         batch_videos = args.batch_videos or cfg.data.eval_batch_videos
         if batch_videos < 1:

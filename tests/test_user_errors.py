@@ -1,7 +1,6 @@
 """Foreseeable bad inputs: one line `avs-dist <cmd>: error: ...` naming the file or setting and
 the fix, exit status 2, no traceback, and (train) before any process starts."""
 
-import pytest
 import torch
 
 from avs_dist.cli import main
