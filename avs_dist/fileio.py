@@ -106,7 +106,7 @@ def describe_write_failure(path: str | Path, exc: BaseException, need: int | Non
     free = free_bytes(path.parent)
     os_err = os_error_in(exc)
     sizes = f"it needs ~{human_bytes(need)}, " if need else ""
-    sizes += f"{human_bytes(free)} free there" if free is not None else "free space unknown"
+    sizes += f"{human_bytes(free)} free without it" if free is not None else "free space unknown"
     if os_err is not None and os_err.errno in NO_SPACE:
         return f"writing {path} failed: {os.strerror(os_err.errno).lower()} ({sizes})"
     if os_err is None and need is not None and free is not None and need > free:

@@ -56,7 +56,7 @@ def test_save_torch_on_a_full_disk_names_the_file_and_the_sizes(tmp_path, monkey
         ckpt.save_torch({"w": torch.zeros(250_000)}, target)  # 1 MB of tensors
     msg = str(info.value)
     assert msg.startswith(f"writing {target} failed: no space left on device (it needs ~1.0 MB, ")
-    assert msg.endswith(" free there)")
+    assert msg.endswith(" free without it)")
     assert "unexpected pos" not in msg and "\n" not in msg
     assert not target.exists()  # the partial file is gone
 
@@ -176,7 +176,8 @@ def test_a_failed_shard_write_on_one_rank_fails_the_save_on_every_rank(tmp_path)
     assert messages[0] == messages[1], messages
     msg = messages[0]
     assert msg.startswith("checkpoint step_00000004 not saved: rank 1: writing ")
-    assert "shard1.pt failed: no space left on device (" in msg
+    assert "shard1.pt failed: no space left on device (it needs ~4.0 kB, " in msg
+    assert " free without it) (with the partial checkpoint removed, " in msg and ", and step_00000002 took " in msg
     assert msg.endswith(f"the run can resume from {ckpt.ckpt_root(run_dir) / 'step_00000002'} (step 2): "
                         "the same command resumes it")
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]

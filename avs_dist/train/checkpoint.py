@@ -49,7 +49,8 @@ import torch
 
 from avs_dist import distributed
 from avs_dist.errors import BadFileError, MissingFileError
-from avs_dist.fileio import describe_write_failure, folder_bytes, fsync_dir, human_bytes, sha256_file, write_text_atomic
+from avs_dist.fileio import (describe_write_failure, folder_bytes, free_bytes, fsync_dir, human_bytes, sha256_file,
+                             write_text_atomic)
 
 FORMAT_VERSION = 2
 
@@ -482,6 +483,10 @@ class Checkpointer:
         if self.d.is_main and any(problems):
             shutil.rmtree(tmp, ignore_errors=True)
             why = "; ".join(p for p in problems if p)
+            if "space" in why or "quota" in why:  # ranks write at once: the whole checkpoint against the disk
+                last = latest_valid(self.run_dir, warn=lambda msg: None)
+                took = f", and {last.name} took {human_bytes(folder_bytes(last))}" if last else ""
+                why += f" (with the partial checkpoint removed, {human_bytes(free_bytes(tmp.parent) or 0)} are free{took})"
             message = f"checkpoint {name} not saved: {why}; {resume_hint(self.run_dir)}"
         message = distributed.broadcast_object(self.d, message)
         if message is not None:
