@@ -184,7 +184,7 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.set_yscale("log")
     ax.set(xlabel="optimizer step", ylabel="loss (unweighted terms; total is weighted)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")  # "best" scans every point: slow on a long run
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -210,7 +210,7 @@ def plot_eval(rows: list[dict], path: Path, title: str) -> Path | None:
                 ax.plot(steps, values, style, markersize=3, label=f"{split} {key}")
     ax.set(xlabel="optimizer step", ylabel="score", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
