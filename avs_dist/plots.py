@@ -135,7 +135,8 @@ def prediction_grid(frames: np.ndarray, gt: np.ndarray, pred: np.ndarray, captio
     rows, titles = [], []
     for frame, g, p, caption in zip(frames, gt, pred, captions):
         rows.append([frame, overlay(frame, g), overlay(frame, p)])
-        titles.append(f"{caption}   IoU {frame_iou(g, p):.2f}".strip())
+        empty = "  (empty prediction)" if not p.any() else ""
+        titles.append(f"{caption}   IoU {frame_iou(g, p):.2f}{empty}".strip())
     return labelled_grid(rows, ["frame", "ground truth", "prediction"], titles)
 
 

@@ -22,6 +22,7 @@ from avs_dist.launch.signals import install_stop_signals, watch_launcher
 def main(argv: list[str] | None = None) -> int:
     from avs_dist.config import ConfigError
     from avs_dist.data.shards import ShardError
+    from avs_dist.errors import UserError
 
     p = argparse.ArgumentParser(prog="python -m avs_dist.launch.rank", parents=[run_parser()],
                                 description="one rank of a training run (torchrun sets the environment)")
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'shard'} error: {e}", file=sys.stderr)
         distributed.hard_exit(2)
+    except UserError as e:  # e.g. --resume naming a folder that is not there
+        print(f"error: {e}", file=sys.stderr)
+        distributed.hard_exit(2)
 
     from avs_dist.train.loop import train
     from avs_dist.train.session import Session
@@ -47,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     watch_launcher(stop)
     # a rank restarted by torchrun continues from this run's own last checkpoint
     resume = "auto" if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 else args.resume
-    from avs_dist.errors import UserError
-
     rc = 0
     try:
         with Session.open(cfg, args.run_dir, resume) as session:
