@@ -240,11 +240,15 @@ def plot_audio_gap(per_class: dict[str, float], path, title: str = "audio gap pe
     plt = _pyplot()
     names = list(per_class)
     values = [per_class[n] if per_class[n] is not None else float("nan") for n in names]
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * max(len(names), 2)), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * max(len(names), 3)), dpi=100)
     ax.barh(names, values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
     for y, v in enumerate(values):
-        if math.isfinite(v):
-            ax.text(v, y, f" {v:+.3f}", va="center", ha="left" if v >= 0 else "right", fontsize=8)
+        label = f" {v:+.3f} " if math.isfinite(v) else " n/a (no partner) "
+        v = v if math.isfinite(v) else 0.0
+        ax.text(v, y, label, va="center", ha="left" if v >= 0 else "right", fontsize=8)
+    finite = [v for v in values if math.isfinite(v)] + [0.0]
+    span = max(max(finite) - min(finite), 0.05)
+    ax.set_xlim(min(finite) - 0.2 * span, max(finite) + 0.2 * span)  # room for the value labels
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
     ax.set(xlabel="mIoU(own audio) - mIoU(another class's audio)", title=title)
