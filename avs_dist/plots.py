@@ -135,7 +135,8 @@ def prediction_grid(frames: np.ndarray, gt: np.ndarray, pred: np.ndarray, captio
     rows, titles = [], []
     for frame, g, p, caption in zip(frames, gt, pred, captions):
         rows.append([frame, overlay(frame, g), overlay(frame, p)])
-        titles.append(f"{caption}   IoU {frame_iou(g, p):.2f}".strip())
+        empty = "  (empty prediction)" if not p.any() else ""
+        titles.append(f"{caption}   IoU {frame_iou(g, p):.2f}{empty}".strip())
     return labelled_grid(rows, ["frame", "ground truth", "prediction"], titles)
 
 
@@ -184,7 +185,7 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.set_yscale("log")
     ax.set(xlabel="optimizer step", ylabel="loss (unweighted terms; total is weighted)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")  # "best" scans every point: slow on a long run
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -210,7 +211,7 @@ def plot_eval(rows: list[dict], path: Path, title: str) -> Path | None:
                 ax.plot(steps, values, style, markersize=3, label=f"{split} {key}")
     ax.set(xlabel="optimizer step", ylabel="score", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -239,11 +240,15 @@ def plot_audio_gap(per_class: dict[str, float], path, title: str = "audio gap pe
     plt = _pyplot()
     names = list(per_class)
     values = [per_class[n] if per_class[n] is not None else float("nan") for n in names]
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * max(len(names), 2)), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * max(len(names), 3)), dpi=100)
     ax.barh(names, values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
     for y, v in enumerate(values):
-        if math.isfinite(v):
-            ax.text(v, y, f" {v:+.3f}", va="center", ha="left" if v >= 0 else "right", fontsize=8)
+        label = f" {v:+.3f} " if math.isfinite(v) else " n/a (no partner) "
+        v = v if math.isfinite(v) else 0.0
+        ax.text(v, y, label, va="center", ha="left" if v >= 0 else "right", fontsize=8)
+    finite = [v for v in values if math.isfinite(v)] + [0.0]
+    span = max(max(finite) - min(finite), 0.05)
+    ax.set_xlim(min(finite) - 0.2 * span, max(finite) + 0.2 * span)  # room for the value labels
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
     ax.set(xlabel="mIoU(own audio) - mIoU(another class's audio)", title=title)

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
     """`lock_held`: the caller (avs-dist train, in this process) owns the run directory."""
     from avs_dist.config import ConfigError
     from avs_dist.data.shards import ShardError
+    from avs_dist.errors import UserError
 
     p = argparse.ArgumentParser(prog="python -m avs_dist.launch.rank", parents=[run_parser()],
                                 description="one rank of a training run (torchrun sets the environment)")
@@ -38,10 +39,12 @@ def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
     except (ConfigError, ShardError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'shard'} error: {e}", file=sys.stderr)
         distributed.hard_exit(2)
+    except UserError as e:  # e.g. --resume naming a folder that is not there
+        print(f"error: {e}", file=sys.stderr)
+        distributed.hard_exit(2)
 
-    from avs_dist.train.checkpoint import CheckpointSaveError
+    from avs_dist.train.checkpoint import CheckpointSaveError, NonFiniteError
     from avs_dist.train.loop import train
-    from avs_dist.train.checkpoint import NonFiniteError
     from avs_dist.train.runlock import RunDirBusy
     from avs_dist.train.session import Session
     from avs_dist.train.stop import LAUNCHER_ENV, StopRequest, stop_file
@@ -49,8 +52,6 @@ def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
     stop = StopRequest(stop_file(args.run_dir))
     install_stop_signals(stop)
     watch_launcher(stop)
-    from avs_dist.errors import UserError
-
     # under `avs-dist train` the launcher owns the run directory; otherwise rank 0 takes it
     lock_wait_s = None if lock_held or LAUNCHER_ENV in os.environ else 0.0
     rc = 0
