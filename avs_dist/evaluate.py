@@ -29,6 +29,7 @@ import torch.distributed as dist
 from avs_dist.fileio import write_json
 from avs_dist.metrics import StreamingEvaluator
 from avs_dist.precision import PRECISIONS, autocast
+from avs_dist.provenance import checkpoint_source
 
 _BATCH_TENSORS = ("frames", "audio", "masks", "mask_valid", "crops")
 
@@ -63,7 +64,15 @@ def _from_state_dict(build_model, cfg, state: dict):
 
 def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
                        config_overrides: list[str] | None = None):
-    """-> (model in eval mode on `device`, Config) from our checkpoint or an AVSBench .pth.
+    """-> (model in eval mode on `device`, Config): `load_with_source` without the source."""
+    model, cfg, _ = load_with_source(path, device, vggish_weights, config_overrides)
+    return model, cfg
+
+
+def load_with_source(path, device="cpu", vggish_weights: str | None = None,
+                     config_overrides: list[str] | None = None):
+    """-> (model in eval mode on `device`, Config, source) from our checkpoint or an AVSBench .pth;
+    source: which checkpoint it is (provenance.py: kind best/last/step/reference, step).
 
     `path` is a checkpoint folder (or a run / checkpoints folder: best/, else the newest
     valid step; train/checkpoint.py model_file), its model.pt, or an AVSBench reference state
@@ -117,7 +126,7 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
                          f"nor an AVSBench reference state dict; found {keys}")
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, checkpoint_source(file, obj)
 
 
 def _reference_config(sd: dict, file, vggish_weights, config_overrides):
@@ -320,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     from avs_dist import distributed
     from avs_dist.data.loader import eval_loader
     from avs_dist.data.shards import ShardError, check_shards
+    from avs_dist.provenance import describe
 
     try:  # before any model is built or process group joined
         check_shards(args.shards, [args.split], sha256=args.check_sha256)
@@ -335,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank = d.rank if d else 0
     try:
-        model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
+        model, cfg, source = load_with_source(args.checkpoint, device, args.vggish_weights, args.overrides)
         batch_videos = args.batch_videos or cfg.data.eval_batch_videos
         if batch_videos < 1:
             raise ValueError(f"--batch-videos must be >= 1 (got {batch_videos})")
@@ -348,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         # an empty split has no figures: null in JSON rather than the non-standard NaN
         result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
         result.update(split=args.split, checkpoint=str(Path(args.checkpoint).resolve()),
-                      shards=str(Path(args.shards).resolve()), world_size=world)
+                      shards=str(Path(args.shards).resolve()), world_size=world, source=source)
         if rank == 0:
-            print_result(result, f"{args.split}: {args.checkpoint}")
+            print_result(result, f"{args.split}: {describe(source)}, {source['checkpoint']}")
             if args.out:
                 write_json(args.out, result)
     finally:
