@@ -140,3 +140,20 @@ def test_final_test_line_names_its_weights(tmp_path, capsys):
     assert "eval test of the last model (step 3, end of training): miou_avsbench 0.7587" in out
     test_line = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[1])
     assert test_line["source"] == {"kind": "last", "step": 3, "epoch": 0, "checkpoint": None}
+
+
+def test_train_reports_a_completed_run_unless_asked_to_redo_it(tmp_path, capsys):
+    from argparse import Namespace
+
+    from avs_dist.config import config_from_dict
+    from avs_dist.launch.local import report_completed
+
+    run, cfg = _run_dir(tmp_path)
+    args = Namespace(run_dir=str(run), resume="auto", reevaluate=False)
+    assert report_completed(args, config_from_dict(cfg))
+    out = capsys.readouterr().out
+    assert f"already completed at step 300 of 300; results in {run / 'RESULTS.md'}" in out
+    assert (run / "RESULTS.md").is_file()  # a run from before RESULTS.md gets one
+    assert not report_completed(Namespace(run_dir=str(run), resume="auto", reevaluate=True), config_from_dict(cfg))
+    assert not report_completed(Namespace(run_dir=str(run), resume="never", reevaluate=False),
+                                config_from_dict(cfg))
