@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         result.update(split=args.split, checkpoint=str(Path(args.checkpoint).resolve()),
                       shards=str(Path(args.shards).resolve()), world_size=world, source=source)
         if rank == 0:
-            print_result(result, f"{args.split}: {describe(source)}, {source['checkpoint']}")
+            # the source on its own line: a table title is wrapped to the table's narrow width
+            print(f"{args.split}, {describe(source)}: {source['checkpoint']}", flush=True)
+            print_result(result, args.split)
             if args.out:
                 write_json(args.out, result)
     finally:

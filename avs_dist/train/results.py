@@ -77,7 +77,7 @@ def results_text(run_dir) -> str:
     cfg, status = _read_json(run_dir / "config.json"), _read_json(run_dir / "status.json")
     final = _read_json(run_dir / "final_metrics.json") if status.get("status") == "completed" else {}
     best = best_checkpoint(run_dir)
-    lines = [f"# Results: {run_dir.name}", "",
+    lines = [f"# Results: {run_dir}", "",
              f"- **Run:** {_what_ran(cfg, final)}",
              f"- **Status:** {_progress(status, final)}"]
     if best is not None:
