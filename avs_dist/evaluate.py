@@ -31,6 +31,7 @@ from avs_dist.fileio import write_json
 from avs_dist.helpformat import HelpFormatter
 from avs_dist.metrics import StreamingEvaluator
 from avs_dist.precision import PRECISIONS, autocast
+from avs_dist.provenance import checkpoint_source
 
 _BATCH_TENSORS = ("frames", "audio", "masks", "mask_valid", "crops")
 
@@ -77,7 +78,15 @@ def _refuse_nonfinite(file: Path, obj) -> None:
 
 def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
                        config_overrides: list[str] | None = None):
-    """-> (model in eval mode on `device`, Config) from our checkpoint or an AVSBench .pth.
+    """-> (model in eval mode on `device`, Config): `load_with_source` without the source."""
+    model, cfg, _ = load_with_source(path, device, vggish_weights, config_overrides)
+    return model, cfg
+
+
+def load_with_source(path, device="cpu", vggish_weights: str | None = None,
+                     config_overrides: list[str] | None = None):
+    """-> (model in eval mode on `device`, Config, source) from our checkpoint or an AVSBench .pth;
+    source: which checkpoint it is (provenance.py: kind best/last/step/reference, step).
 
     `path` is a checkpoint folder (or a run / checkpoints folder: best/, else the newest
     valid step; train/checkpoint.py model_file), its model.pt, or an AVSBench reference state
@@ -138,7 +147,7 @@ def load_for_inference(path, device="cpu", vggish_weights: str | None = None,
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise BadFileError(f"{file}: neither an avs-dist checkpoint (a dict with 'model' and 'config') "
                          f"nor an AVSBench reference state dict; found {keys}")
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, checkpoint_source(file, obj)
 
 
 def _reference_config(sd: dict, file, vggish_weights, config_overrides):
@@ -371,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     from avs_dist import distributed
     from avs_dist.data.loader import eval_loader
     from avs_dist.data.shards import ShardError, check_shards
+    from avs_dist.provenance import describe
 
     try:  # before any model is built or process group joined
         check_shards(args.shards, [args.split], sha256=args.check_sha256)
@@ -387,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = d.rank if d else 0
     try:
         try:
-            model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights, args.overrides)
+            model, cfg, source = load_with_source(args.checkpoint, device, args.vggish_weights, args.overrides)
         except (OSError, ValueError) as e:  # a checkpoint that cannot be evaluated: one line (WeightsError too)
             print(f"avs-dist eval: error: {e}", file=sys.stderr)
             return 2
@@ -403,9 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         # an empty split has no figures: null in JSON rather than the non-standard NaN
         result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
         result.update(split=args.split, checkpoint=str(Path(args.checkpoint).resolve()),
-                      shards=str(Path(args.shards).resolve()), world_size=world)
+                      shards=str(Path(args.shards).resolve()), world_size=world, source=source)
         if rank == 0:
-            print_result(result, f"{args.split}: {args.checkpoint}")
+            # the source on its own line: a table title is wrapped to the table's narrow width
+            print(f"{args.split}, {describe(source)}: {source['checkpoint']}", flush=True)
+            print_result(result, args.split)
             if args.out:
                 write_json(args.out, result)
             _gap_chart(result.get("audio_gap_per_class"), args)

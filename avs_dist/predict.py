@@ -7,6 +7,8 @@ computes it), or a folder of such video folders. For each video `name` it writes
     {out}/{name}/{name}_{i}_mask.png      0 / 255, i = 1..5 like the AVSBench frame names
     {out}/{name}/{name}_{i}_overlay.png   the frame, the predicted mask lightly tinted and outlined
                                           in a colour that stands out there (plots.overlay)
+    {out}/predictions.json                which checkpoint (provenance.py source: best/last/step,
+                                          step), the input, and each video's foreground fraction
 
 Frames are resized to the model's image size for the model; masks and overlays come back
 at the size of the input frames (logits upsampled bilinearly, then sigmoid > 0.5 as in
@@ -29,6 +31,8 @@ from avs_dist.errors import UserError
 from avs_dist.helpformat import HelpFormatter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    {out}/predictions.json                which checkpoint (provenance.py source: best/last/step,
+                                          step), the input, and each video's foreground fraction
 
 
 class PredictInputError(UserError, ValueError):
@@ -145,23 +149,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = p.parse_args(argv)
 
-    from avs_dist.evaluate import load_for_inference
+    from avs_dist.evaluate import load_with_source
+    from avs_dist.fileio import write_json
+    from avs_dist.provenance import describe
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg = load_for_inference(args.checkpoint, device, args.vggish_weights)
+    model, cfg, source = load_with_source(args.checkpoint, device, args.vggish_weights)
+    print(f"predicting with the {describe(source)}: {source['checkpoint']}", flush=True)
     out = Path(args.out)
-    count = 0
+    videos = {}
     for name, frames, audio in iter_inputs(Path(args.input), args.split):
         masks = predict_masks(model, frames, audio, cfg.data.image_size, device, args.precision)
         write_video(out, name, frames, masks)
-        count += 1
+        videos[name] = {"foreground_frac": float(masks.mean())}
         print(f"{name}: foreground {masks.mean():.1%} of pixels", flush=True)
-        if args.limit and count >= args.limit:
+        if args.limit and len(videos) >= args.limit:
             break
-    if count == 0:
+    if not videos:
         print(f"no videos found in {args.input} (split {args.split})", file=sys.stderr)
         return 1
-    print(f"wrote masks and overlays of {count} video(s) to {out}")
+    # what the masks come from, beside them (PREDICTIONS_FILE)
+    write_json(out / PREDICTIONS_FILE, {"source": source, "checkpoint": source["checkpoint"],
+                                        "input": str(Path(args.input).resolve()), "split": args.split,
+                                        "image_size": cfg.data.image_size, "videos": videos})
+    print(f"wrote masks and overlays of {len(videos)} video(s) to {out} ({describe(source)}; {PREDICTIONS_FILE})")
     return 0
 
 

@@ -234,6 +234,9 @@ def test_eval_cli_writes_json(s4_shards, tiny_checkpoint, tmp_path):
                 "batch_videos", "checkpoint"):
         assert key in res, key
     assert res["batch_videos"] == 2 and res["videos"] >= 1 and res["frames"] == 5 * res["videos"]
+    # issue 18: the figures say which weights they are of
+    assert res["source"] == {"kind": "step", "step": 0, "epoch": 0,
+                             "checkpoint": str((tiny_checkpoint / "model.pt").resolve())}
     assert 0.0 <= res["miou"] <= 1.0 and 0.0 <= res["f"] <= 1.0
     # the per-class audio gap: in the JSON, and drawn beside it (test videos of >= 1 class)
     gaps = res["audio_gap_per_class"]

@@ -1,4 +1,5 @@
 """`avs-dist predict` on a shard set and on a folder of frames + wav."""
+import json
 import shutil
 
 import numpy as np
@@ -54,8 +55,11 @@ def test_predict_shard_set(s4_shards, checkpoint, tmp_path):
     first = next(iter_videos(s4_shards, "test"))
     assert main(["--checkpoint", str(checkpoint), "--input", str(s4_shards), "--out", str(tmp_path),
                  "--split", "test", "--limit", "1", "--device", "cpu"]) == 0
-    assert [p.name for p in tmp_path.iterdir()] == [first["name"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first["name"], "predictions.json"])
     _check_outputs(tmp_path, first["name"], first["frames"].shape[1:3])
+    meta = json.loads((tmp_path / "predictions.json").read_text())  # which weights made these masks
+    assert meta["source"] == {"kind": "step", "step": 0, "epoch": 0, "checkpoint": str(checkpoint / "model.pt")}
+    assert list(meta["videos"]) == [first["name"]] and meta["split"] == "test"
 
 
 def test_predict_folder_from_synth(synth_root, checkpoint, tmp_path):

@@ -176,6 +176,36 @@ def test_single_process_entry_point(s4_shards, tmp_path):
     assert {"miou", "f", "audio_gap", "miou_mismatched"} <= set(final["test"])
     assert "miou" in final["val"]
     assert list((run_dir / "tb").iterdir())
+    # issue 18: the figures say which weights they are of, and the run has one results page
+    best = ckpt.read_complete(run_dir / "checkpoints" / "best")
+    assert final["test_source"] == {"kind": "last", "step": 3, "epoch": final["epoch"],
+                                    "checkpoint": str((run_dir / "checkpoints" / "step_00000003").resolve())}
+    assert final["best_val_step"] == best["step"] and final["steps_per_epoch"] >= 1
+    results = (run_dir / "RESULTS.md").read_text()
+    assert "config `tiny` (s4), resnet18 + crop branch, ddp on 1 rank(s)" in results
+    assert "completed at step 3 of 3" in results
+    assert f"**Best val mIoU:** {final['best_val_miou']:.4f} at step {best['step']}" in results
+    assert f"**Test**, last model (step 3, end of training): miou_avsbench {final['test']['miou_avsbench']:.4f}" \
+        in results
+    assert "eval test of the last model (step 3, end of training): miou_avsbench" in out
+    assert out.count("run summary") == 1 and "last eval" not in out and "find_unused" not in out
+
+    # issue 18: the same command again reports the completed run instead of evaluating it again
+    before = (run_dir / "final_metrics.json").stat().st_mtime_ns
+    again = [sys.executable, "-m", "avs_dist.cli", "train", *cmd[3:]]
+    rc, out = run_session(again, timeout=240, env=env)
+    assert rc == 0, out
+    assert f"already completed at step 3 of 3; results in {run_dir / 'RESULTS.md'}" in out, out
+    assert "eval test" not in out and (run_dir / "final_metrics.json").stat().st_mtime_ns == before
+
+    # issue 18: `avs-dist eval` of the run folder names the checkpoint it took (best/, its step)
+    from avs_dist.evaluate import main as eval_main
+
+    assert eval_main(["--checkpoint", str(run_dir), "--shards", str(s4_shards), "--no-audio-gap",
+                      "--out", str(tmp_path / "eval.json"), "--device", "cpu", "data.num_workers=0"]) == 0
+    source = json.loads((tmp_path / "eval.json").read_text())["source"]
+    assert (source["kind"], source["step"], source["selected_by"]) == ("best", best["step"], "val miou")
+    assert source["value"] == pytest.approx(final["best_val_miou"])
 
 
 @pytest.mark.parametrize("impl", ["foreach", "fused"])

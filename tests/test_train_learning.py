@@ -71,3 +71,11 @@ def test_demo_learns_to_segment_the_sounding_object(tmp_path):
     test = json.loads((out / "eval_test.json").read_text())  # the best checkpoint, as the demo prints it
     report = assert_learned(final, test, shards)
     assert final["step"] == 300, report
+    # issue 18: the two test results each name their weights; the output says each thing once
+    best = json.loads((out / "run" / "checkpoints" / "best" / "COMPLETE.json").read_text())
+    assert "test, last model (step 300, end of training), evaluated by the training:" in log
+    assert f"test, best checkpoint (val miou {final['best_val_miou']:.4f} at step {best['step']}), " \
+           "evaluated by `avs-dist eval`:" in log, log[-3000:]
+    assert f"results: {out / 'run' / 'RESULTS.md'}" in log
+    assert "Setting OMP_NUM_THREADS" not in log and "find_unused_parameters" not in log
+    assert log.count("run summary") == 1 and "last eval" not in log

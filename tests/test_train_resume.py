@@ -59,11 +59,23 @@ def assert_same_weights(run_a, run_b, step):
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_quiet_summary(out: str, run_dir, ranks: int) -> None:
+    """Issue 18: what a 2-rank `avs-dist train` prints is said once and is true: the launcher's
+    one line on OMP_NUM_THREADS instead of torchrun's banner, no DDP find_unused_parameters
+    warning from each rank (expected on gloo), one short summary naming the results file."""
+    assert "Setting OMP_NUM_THREADS" not in out and out.count("OMP_NUM_THREADS=") == 1, out
+    assert f"cores / {ranks} ranks" in out
+    assert "find_unused_parameters" not in out, out
+    assert out.count("run summary") == 1 and "last eval" not in out and "final val/" not in out
+    assert str(Path(run_dir) / "RESULTS.md") in out and (Path(run_dir) / "RESULTS.md").is_file()
+
+
 def test_ddp_resume_is_bit_identical(s4_shards, tmp_path):
     n, k = 6, 3
     full, part = tmp_path / "full", tmp_path / "part"
     rc, out = train(s4_shards, full, f"train.max_steps={n}", "train.eval_every_epochs=1")
     assert rc == 0, out
+    assert_quiet_summary(out, full, ranks=2)
     rc, out = train(s4_shards, part, f"train.max_steps={k}", "train.eval_every_epochs=1")
     assert rc == 0, out
     assert [r["step"] for r in steps(part)] == list(range(1, k + 1))

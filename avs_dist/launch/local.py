@@ -17,6 +17,9 @@ entry (launch/rank.py) and supervises the run:
 - a rank signalled: all ranks agree to stop at the next step boundary.
 - this process killed (SIGKILL): the ranks notice within seconds and stop.
 
+The same command on a run directory that holds this run, completed, says so and where its
+RESULTS.md is, and exits 0 (`--reevaluate` evaluates it on test again instead).
+
 Exit code 0 when the run completed or stopped after its checkpoint (the last line says
 which; status.json too), 1 when it failed, 2 for a bad command line, config or shard set.
 """
@@ -51,7 +54,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="local ranks (processes) to start")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun restarts of all ranks after a failure (each resumes from the last checkpoint)")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="on a run directory that already holds this run, completed: evaluate its last model "
+                        "on test again and rewrite its results (without it the run is reported, not redone)")
     return p
+
+
+def report_completed(args, cfg) -> bool:
+    """True (after saying so) when --run-dir already holds this run, completed, and nothing asks
+    to redo it: the same command again reports where its results are instead of evaluating again."""
+    from avs_dist.config import to_dict
+    from avs_dist.train.results import RESULTS_FILE, completed_run, write_results
+
+    if args.reevaluate or args.resume != "auto":
+        return False
+    status = completed_run(args.run_dir, to_dict(cfg))
+    if status is None:
+        return False
+    results = Path(args.run_dir) / RESULTS_FILE
+    if not results.is_file():  # a run from before RESULTS.md existed
+        write_results(args.run_dir)
+    print(f"avs-dist train: {args.run_dir} holds this run, already completed at step {status['step']} of "
+          f"{status['total_steps']}; results in {results} (--reevaluate evaluates it on test again, "
+          "--resume never trains it again from scratch)", flush=True)
+    return True
 
 
 def torchrun_command(nproc: int, max_restarts: int, args: list[str]) -> list[str]:
@@ -96,14 +122,27 @@ def run_processes(launcher_pid: int) -> list[int]:
     return found
 
 
-def supervise(cmd: list[str], run_dir: Path, keep_fds: tuple[int, ...] = ()) -> int:
+def rank_threads(nproc: int) -> dict:
+    """{"OMP_NUM_THREADS": cores // nproc} unless the environment sets it (then {}), and one line
+    saying so: torchrun would otherwise pick 1 and print a five-line banner about it."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // nproc)
+    print(f"avs-dist train: OMP_NUM_THREADS={threads} per rank ({cores} cores / {nproc} ranks; "
+          "set OMP_NUM_THREADS to choose)", flush=True)
+    return {"OMP_NUM_THREADS": str(threads)}
+
+
+def supervise(cmd: list[str], run_dir: Path, env_extra: dict | None = None, keep_fds: tuple[int, ...] = ()) -> int:
     """Run `cmd` (torchrun) to the end, turning signals into the run's stop file (module docstring).
-    `keep_fds`: descriptors torchrun inherits (the run directory's lock: it then outlives us)."""
+    `env_extra`: environment variables for torchrun and the ranks (rank_threads); `keep_fds`:
+    descriptors torchrun inherits (the run directory's lock: it then outlives us)."""
     from avs_dist.fileio import write_text_atomic
     from avs_dist.train.stop import stop_file
 
     _become_subreaper()
-    env = {**TORCHRUN_ENV, **os.environ, LAUNCHER_ENV: str(os.getpid())}
+    env = {**TORCHRUN_ENV, **os.environ, **(env_extra or {}), LAUNCHER_ENV: str(os.getpid())}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=keep_fds)
     seen: list[str] = []
 
@@ -133,7 +172,8 @@ def _outcome(rc: int, run_dir: Path) -> int:
     status = json.loads(path.read_text()) if path.is_file() else {}
     state = status.get("status")
     if state == "completed":
-        print(f"avs-dist train: run completed: {status['step']} steps, results in {run_dir}", flush=True)
+        print(f"avs-dist train: run completed: {status['step']} steps, results in {run_dir / 'RESULTS.md'}",
+              flush=True)
         return 0
     if state == "stopped":
         print(f"avs-dist train: run stopped at step {status['step']}/{status['total_steps']} with a checkpoint in "
@@ -168,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     from avs_dist.train.runlock import RunDirBusy, RunLock
     from avs_dist.train.stop import stop_file
 
+    if report_completed(args, cfg):
+        return 0
     run_dir = Path(args.run_dir)
     try:  # before anything in the folder is touched: it may be another live run's
         lock = RunLock.acquire(run_dir, "avs-dist train", warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
@@ -182,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return rank_main(rank_args(args), lock_held=True)  # this process is the rank
     try:
         return supervise(torchrun_command(args.nproc, args.max_restarts, rank_args(args)), run_dir,
-                         keep_fds=() if lock is None else (lock.fd,))
+                         rank_threads(args.nproc), keep_fds=() if lock is None else (lock.fd,))
     finally:
         if lock is not None:
             lock.release()

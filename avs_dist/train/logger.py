@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from avs_dist.train.sinks import (STEP_KEYS, JsonlSink, TensorBoardSink, TerminalSink, flatten, fmt, is_number,
+from avs_dist.train.sinks import (STEP_KEYS, JsonlSink, TensorBoardSink, TerminalSink, flatten, is_number,
                                   json_value, overlay_grid)
+from avs_dist.train.summary import final_numbers, summary_rows
 
 
 def _scalar(value):
@@ -81,7 +82,8 @@ class RunLogger:
         self._t0 = time.time()
         self._warned_nonfinite = self._closed = False
         self._pending: list = []
-        self._last_step, self._last_terms, self._last_eval = self.start_step, {}, {}
+        self._last_step, self._last_terms = self.start_step, {}
+        self.steps_per_epoch = int(steps_per_epoch)
         self._fps: list[float] = []
         self._wait: list[float] = []
         self._peak_mem = 0
@@ -187,14 +189,15 @@ class RunLogger:
             sink.step(record, show)
 
     # ---------------------------------------------------------------- evaluation, images, end
-    def log_eval(self, step, metrics: dict, split: str = "val") -> None:
+    def log_eval(self, step, metrics: dict, split: str = "val", source: dict | None = None) -> None:
+        """An evaluation's figures. `source` (provenance.py): which weights they are of, when
+        not the live model at `step` (the final test: the last model); eval.jsonl keeps it."""
         if self.rank != 0:
             return
         values = json_value({k: _scalar(v) if not isinstance(v, (dict, list, str)) else v for k, v in metrics.items()})
         numbers = {k: v for k, v in flatten(values, sep="/").items() if is_number(v)}
-        self._last_eval.update({f"{split}/{k}": v for k, v in numbers.items()})
         for sink in self.sinks:
-            sink.eval(int(step), split, values if isinstance(sink, JsonlSink) else numbers)
+            sink.eval(int(step), split, values if isinstance(sink, JsonlSink) else numbers, source)
 
     def log_images(self, step, frames, masks, logits, captions: list[str] | None = None) -> None:
         if self.rank != 0:
@@ -203,25 +206,20 @@ class RunLogger:
         for sink in self.sinks:
             sink.images(int(step), grid)
 
-    def finish(self, final_metrics: dict, hparams: dict) -> None:
-        """Summary table, and the config beside the final metrics for TensorBoard's HParams."""
+    def finish(self, result: dict, hparams: dict) -> None:
+        """Summary table (summary_rows), and the config beside the final metrics for
+        TensorBoard's HParams. `result`: train/session.py Session.finish's dict."""
         if self.rank != 0:
             return
         self.flush()
-        final = dict(flatten(json_value(dict(final_metrics)), sep="/"))
-        elapsed = time.time() - self._t0
-        rows = [("steps", f"{self._last_step}/{self.total_steps}"),
-                ("wall time", time.strftime("%H:%M:%S", time.gmtime(elapsed))),
-                ("frames/s (median)", fmt(statistics.median(self._fps), ".1f") if self._fps else "-"),
-                ("data wait (mean)", f"{100 * statistics.fmean(self._wait):.1f}%" if self._wait else "-"),
-                ("peak memory", f"{self._peak_mem / 2**30:.2f} GiB")]
-        rows += [(f"last {k}", fmt(v)) for k, v in self._last_terms.items()]
-        rows += [(f"last eval {k}", fmt(v)) for k, v in self._last_eval.items()]
-        rows += [(f"final {k}", fmt(v) if is_number(v) else v) for k, v in final.items()]
+        perf = {"wall_s": time.time() - self._t0, "fps": statistics.median(self._fps) if self._fps else None,
+                "wait": statistics.fmean(self._wait) if self._wait else None, "peak_mem": self._peak_mem,
+                "loss": self._last_terms}
+        rows = summary_rows(result, perf, self.total_steps, self.steps_per_epoch, self.run_dir)
+        if not self.kept:  # a temporary run folder (bench train): no pointers into it
+            rows = [row for row in rows if row[0] not in ("results", "tensorboard")]
         for sink in self.sinks:
-            sink.finish(rows, final, dict(hparams or self.cfg_dict), self._last_step)
-        if self.kept:
-            self.info(f"logs: {self.run_dir / 'metrics.jsonl'}, tensorboard --logdir {self.run_dir / 'tb'}")
+            sink.finish(rows, final_numbers(result), dict(hparams or self.cfg_dict), self._last_step)
 
     def close(self) -> None:
         if self._closed:

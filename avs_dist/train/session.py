@@ -6,8 +6,9 @@
 `open` joins the process group (distributed.setup) and `close` leaves it. Files of the run
 directory: config.json / config.toml (the resolved config), pids/rank<r>.pid,
 metrics.jsonl, eval.jsonl, tb/, checkpoints/ (train/checkpoint.py), final_metrics.json
-(completed runs), status.json ({"status": "completed" | "stopped", "step", "total_steps",
-"time"}, written last by rank 0).
+(completed runs; with "test_source", which weights the test figures are of, and
+"best_val_step"), status.json ({"status": "completed" | "stopped", "step", "total_steps",
+"time"}, written last by rank 0), and RESULTS.md from them (train/results.py).
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ from avs_dist.data.layout import FRAMES_PER_VIDEO
 from avs_dist.data.loader import TrainStream
 from avs_dist.fileio import write_json
 from avs_dist.precision import resolve_precision
+from avs_dist.provenance import final_source
 from avs_dist.train import checkpoint as ckpt
 from avs_dist.train.logger import RunLogger
 from avs_dist.train.optim import build_optimizer, build_scheduler, hyperparameters, reapply
 from avs_dist.train.runlock import RunDirBusy, RunLock
+from avs_dist.train.results import best_checkpoint, write_results
 from avs_dist.train.state import RankState, TrainState, seed_everything
 from avs_dist.train.stop import LAUNCHER_ENV, stop_file
 from avs_dist.train.strategy import build_strategy
@@ -83,14 +86,6 @@ def _own_run_dir(d, run_dir: Path, wait_s: float, held: list) -> None:
     busy = distributed.broadcast_object(d, busy)
     if busy is not None:
         raise RunDirBusy(busy)
-
-
-def _flat_final(result: dict) -> dict:
-    out = {f"{split}/{k}": v for split in ("val", "test") for k, v in (result.get(split) or {}).items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if result.get("best_val_miou") is not None:
-        out["best_val_miou"] = result["best_val_miou"]
-    return out
 
 
 @dataclass
@@ -190,7 +185,8 @@ class Session:
                   "best_val_miou": state.best, "val": state.last_val}
         if status == "completed":
             result.update(self.validator.final(state.step))
-            self.log.finish(_flat_final(result), to_dict(self.cfg))
+            result.update(self._provenance(result))
+            self.log.finish(result, to_dict(self.cfg))
         if d.is_main:
             if status == "completed":
                 write_json(self.run_dir / "final_metrics.json", result)
@@ -198,6 +194,7 @@ class Session:
                 stop.consume()
             write_json(self.run_dir / "status.json", {"status": status, "step": state.step,
                                                       "total_steps": self.total_steps, "time": time.time()})
+            write_results(self.run_dir)  # RESULTS.md, from the files just written
             self._plot()
         distributed.barrier(d)
         return result
@@ -221,6 +218,17 @@ class Session:
         if self.d.is_main:
             write_json(self.run_dir / "status.json", {"status": "failed", "reason": reason, "step": self.state.step,
                                                       "total_steps": self.total_steps, "time": time.time()})
+
+    def _provenance(self, result: dict) -> dict:
+        """Where the final figures come from: the test of the weights after the last step (also
+        checkpoints/step_<last>), and the step of checkpoints/best (rank 0 reads it)."""
+        out = {"steps_per_epoch": self.data.steps_per_epoch}
+        if "test" in result:
+            out["test_source"] = final_source(self.state.step, self.data.last_epoch,
+                                              ckpt.ckpt_root(self.run_dir) / ckpt.step_name(self.state.step))
+        best = best_checkpoint(self.run_dir) if self.d.is_main else None
+        out["best_val_step"] = best["step"] if best else None
+        return out
 
     def close(self) -> None:
         self.log.close()

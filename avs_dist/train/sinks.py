@@ -3,9 +3,10 @@
 Each sink takes host values that RunLogger (train/logger.py) already decided to write:
 `step(record, show)` with record = {"step", "epoch", <loss terms>, "lr", "grad_norm",
 "frames_per_s", "data_wait_frac", "peak_mem_bytes", "time", "skipped" (None, "nonfinite" or
-"fp16_overflow"), "nonfinite_steps"} (`show`: a terminal line is due
-for this step), `eval(step, split, metrics)` with numbers only,
-`images(step, grid)`, `finish(summary_rows, final, hparams, last_step)` and `close()`.
+"fp16_overflow"), "nonfinite_steps"} (`show`: a terminal line is due for this step),
+`eval(step, split, metrics, source)` with numbers only (source: provenance.py, which weights,
+or None for the live model at `step`), `images(step, grid)`,
+`finish(summary_rows, final, hparams, last_step)` and `close()`.
 Only rank 0 has sinks.
 
 Resuming after optimizer step ``start_step`` drops every record of a later step (the
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from avs_dist.data.transforms import denormalize
+from avs_dist.provenance import describe
 
 MAX_IMAGE_SAMPLES = 8  # rows in one overlay grid; more would make TensorBoard images huge
 
@@ -160,8 +162,10 @@ class JsonlSink:
         self._metrics.write(json.dumps(json_value(record)) + "\n")
         self._metrics.flush()
 
-    def eval(self, step: int, split: str, metrics: dict) -> None:
-        self._eval.write(json.dumps({"step": step, "split": split, **json_value(metrics), "time": time.time()}) + "\n")
+    def eval(self, step: int, split: str, metrics: dict, source: dict | None = None) -> None:
+        extra = {"source": source} if source else {}
+        self._eval.write(json.dumps({"step": step, "split": split, **json_value(metrics), **extra,
+                                     "time": time.time()}) + "\n")
         self._eval.flush()
 
     def images(self, step, grid) -> None:
@@ -198,7 +202,7 @@ class TensorBoardSink:
             if value is not None:
                 self.writer.add_scalar(tag, value, r["step"], walltime=r["time"])
 
-    def eval(self, step: int, split: str, metrics: dict) -> None:
+    def eval(self, step: int, split: str, metrics: dict, source: dict | None = None) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(f"{split}/{key}", value, step)
         self.writer.flush()
@@ -221,9 +225,27 @@ class TensorBoardSink:
 # would silently overwrite it.
 STEP_KEYS = ("step", "epoch", "lr", "grad_norm", "frames_per_s", "data_wait_frac", "peak_mem_bytes", "time",
              "skipped", "nonfinite_steps")
+ETA_MIN_STEPS = 3  # steps after the first before a rate is worth showing
+# Counts of an evaluation's set (metrics.py), not figures of the model.
+EVAL_COUNTS = ("videos", "frames", "empty_frames", "batch_videos")
 
 
 # ----------------------------------------------------------------------------- terminal
+def config_rows(cfg_dict: dict, total_steps: int, steps_per_epoch: int) -> list[tuple]:
+    """(key, value) of every config field, where the value says what the run will do:
+    train.max_steps overrides train.epochs, so the table shows the plan instead of a number
+    the run never follows."""
+    rows = {k: hparam_value(v) for k, v in flatten(cfg_dict).items()}
+    if rows.get("train.max_steps") and steps_per_epoch > 0:
+        epochs = -(-total_steps // steps_per_epoch)
+        rows["train.max_steps"] = f"{rows['train.max_steps']} (= {epochs} epochs of {steps_per_epoch} steps)"
+        if "train.epochs" in rows:
+            rows["train.epochs"] = f"{rows['train.epochs']} (not used: max_steps)"
+    elif "train.epochs" in rows and steps_per_epoch > 0:
+        rows["train.epochs"] = f"{rows['train.epochs']} (= {total_steps} steps of {steps_per_epoch} per epoch)"
+    return list(rows.items())
+
+
 class TerminalSink:
     """rich progress bars on a TTY; otherwise (Slurm log files) plain lines without escape
     codes, at the steps RunLogger marks `show`. Config table at the start, summary at the end."""
@@ -232,9 +254,9 @@ class TerminalSink:
                  tty: bool):
         self.tty, self.total_steps, self.steps_per_epoch = tty, total_steps, steps_per_epoch
         self.start_step = start_step
-        self._first_step_time = None  # the ETA counts from the first step: no start-up cost
+        self._eta_origin = None  # (step, time) of the first step: its start-up cost is not in the rate
         self._progress = None
-        rows = [(k, hparam_value(v)) for k, v in flatten(cfg_dict).items()]
+        rows = config_rows(cfg_dict, total_steps, steps_per_epoch)
         half = (len(rows) + 1) // 2  # two key/value column pairs: half as many lines
         left, right = rows[:half], rows[half:] + [("", "")] * (2 * half - len(rows))
         self._print(self._table(title, [(*a, *b) for a, b in zip(left, right)], headers=("key", "value") * 2))
@@ -292,17 +314,20 @@ class TerminalSink:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def _eta(self, step) -> str:
-        done = step - self.start_step
-        if self._first_step_time is None or done <= 1:
-            return "?"
-        rate = (done - 1) / max(time.time() - self._first_step_time, 1e-9)
-        left = (self.total_steps - step) / rate if rate > 0 else 0
+    def _eta(self, step: int, ended: float) -> str | None:
+        """Time left after `step`, which ended at `ended` (time.time()), from the rate since the
+        first step; None until ETA_MIN_STEPS steps are behind it. Records arrive in batches of
+        log_every (one host sync), so the rate comes from each step's own end time, not from now."""
+        first, t_first = self._eta_origin
+        if step - first < ETA_MIN_STEPS or ended <= t_first:
+            return None
+        rate = (step - first) / (ended - t_first)
+        left = max((self.total_steps - step) / rate - (time.time() - ended), 0.0)
         return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f}d"
 
     def step(self, r: dict, show: bool) -> None:
-        if self._first_step_time is None:
-            self._first_step_time = time.time()
+        if self._eta_origin is None:
+            self._eta_origin = (r["step"], r["time"])
         terms = {k: v for k, v in r.items() if k not in STEP_KEYS}
         if self._progress is not None:
             loss = terms.get("total", next(iter(terms.values()), None))
@@ -316,7 +341,9 @@ class TerminalSink:
             parts += [f"{k} {fmt(v)}" for k, v in terms.items() if k != "total"]
             parts += [f"lr {fmt(r['lr'], '.1e')}", f"gnorm {fmt(r['grad_norm'], '.3g')}",
                       f"fps {fmt(r['frames_per_s'], '.1f')}", f"wait {fmt(None if wait is None else 100 * wait, '.0f')}%",
-                      f"mem {r['peak_mem_bytes'] / 2**30:.2f}GiB", f"eta {self._eta(r['step'])}"]
+                      f"mem {r['peak_mem_bytes'] / 2**30:.2f}GiB"]
+            eta = self._eta(r["step"], r["time"])
+            parts += [f"eta {eta}"] if eta else []
             self.info(" ".join(parts))
 
     def _update_progress(self, step, epoch, stats: str) -> None:
@@ -331,8 +358,11 @@ class TerminalSink:
             self._epoch_shown = epoch
         p.update(self._task_epoch, completed=(step - 1) % self.steps_per_epoch + 1)
 
-    def eval(self, step: int, split: str, metrics: dict) -> None:
-        self.info(f"eval {split} step {step}: " + " ".join(f"{k} {fmt(v)}" for k, v in metrics.items()))
+    def eval(self, step: int, split: str, metrics: dict, source: dict | None = None) -> None:
+        # the figures only: the set sizes are the same at every evaluation (the summary has them once)
+        of = f" of the {describe(source)}" if source else f" step {step}"
+        self.info(f"eval {split}{of}: " + " ".join(f"{k} {fmt(v)}" for k, v in metrics.items()
+                                                               if k not in EVAL_COUNTS))
 
     def images(self, step, grid) -> None:
         pass

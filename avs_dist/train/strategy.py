@@ -53,6 +53,7 @@ import torch.nn as nn
 from avs_dist import distributed
 from avs_dist.config import Config
 from avs_dist.precision import PRECISION_DTYPES, autocast, floatify
+from avs_dist.train.cpp_warnings import DDP_ALL_USED, drop_stderr_lines
 
 # 1x1 convolutions get gradients whose strides differ from DDP's bucket views on CPU; a
 # performance note about a layout autograd chooses, repeated by every rank.
@@ -114,6 +115,10 @@ class DDPStrategy:
         self.scaler = torch.amp.GradScaler(d.device.type) if precision == "fp16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.skipped: str | None = None
+        # On gloo the flag is on for the bucket order (_find_unused), not for unused parameters:
+        # DDP's C++ warning that every parameter was used (once per rank, at the first synced
+        # forward) is then expected, so it is dropped there (cpp_warnings.py).
+        self._quiet_forward = d.backend == "gloo"
 
     def autocast(self):
         return autocast(self.d.device, self.precision)
@@ -122,6 +127,10 @@ class DDPStrategy:
         # What DDP's no_sync() toggles, read at forward time: the backward of a forward made
         # with it off accumulates locally instead of all-reducing.
         self.engine.require_backward_grad_sync = sync_grads
+        if self._quiet_forward and sync_grads and torch.is_grad_enabled():
+            self._quiet_forward = False
+            with drop_stderr_lines(DDP_ALL_USED):
+                return self.engine(*_inputs(batch, None))
         return self.engine(*_inputs(batch, None))
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ not change the training that follows.
 from __future__ import annotations
 
 from avs_dist import distributed
+from avs_dist.provenance import final_source
 from avs_dist.train.state import preserved_rng
 
 
@@ -66,5 +67,5 @@ class Validator:
             return {}
         with distributed.averaged_buffers(self.strategy.module, self.d):
             result = self.evaluate("test", audio_gap=self.cfg.train.audio_gap_eval)
-        self.log.log_eval(step, result, "test")
+        self.log.log_eval(step, result, "test", source=final_source(step, None))
         return {"test": result}
