@@ -31,8 +31,7 @@ from avs_dist.errors import UserError
 from avs_dist.helpformat import HelpFormatter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    {out}/predictions.json                which checkpoint (provenance.py source: best/last/step,
-                                          step), the input, and each video's foreground fraction
+PREDICTIONS_FILE = "predictions.json"
 
 
 class PredictInputError(UserError, ValueError):

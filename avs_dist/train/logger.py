@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from avs_dist.train.sinks import (STEP_KEYS, JsonlSink, TensorBoardSink, TerminalSink, flatten, is_number,
+from avs_dist.train.sinks import (STEP_KEYS, JsonlSink, TensorBoardSink, TerminalSink, flatten, fmt, is_number,
                                   json_value, overlay_grid)
 from avs_dist.train.summary import final_numbers, summary_rows
 
