@@ -69,7 +69,7 @@ def setup(strategy: str = "ddp", timeout_s: float = 600.0, rendezvous_timeout_s:
     RendezvousError when the wait fails."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-            raise RuntimeError("WORLD_SIZE > 1 needs RANK too (start ranks with torchrun or `avs-dist train --nproc N`)")
+            raise RendezvousError("WORLD_SIZE > 1 needs RANK too (start ranks with torchrun or `avs-dist train --nproc N`)")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     rank, world, local = env_rank()
     if world == 1:

@@ -65,14 +65,15 @@ def _from_state_dict(build_model, cfg, state: dict):
 
 
 def _refuse_nonfinite(file: Path, obj) -> None:
-    """ValueError naming `file` when its weights hold NaN/inf: their scores would mean nothing
+    """BadFileError naming `file` when its weights hold NaN/inf: their scores would mean nothing
     (a NaN model scores mIoU 0, not an error)."""
     from avs_dist.train.checkpoint import describe_nonfinite, nonfinite_tensors
 
-    state = obj.get("model", obj) if isinstance(obj, dict) else {}
+    # ours hold the weights under "model", AVSBench's .pth under "state_dict" or at the top level
+    state = (obj["model"] if "model" in obj else obj.get("state_dict", obj)) if isinstance(obj, dict) else {}
     bad = nonfinite_tensors(state) if isinstance(state, dict) else []
     if bad:
-        raise ValueError(f"{file}: {describe_nonfinite(bad, len(state))}; a non-finite model cannot be evaluated "
+        raise BadFileError(f"{file}: {describe_nonfinite(bad, len(state))}; a non-finite model cannot be evaluated "
                          "(take an earlier checkpoint)")
 
 
@@ -344,8 +345,11 @@ def _gap_chart(per_class: dict | None, args) -> None:
     path = args.plot or (str(Path(args.out).with_name(Path(args.out).stem + "_audio_gap.png")) if args.out else None)
     if path is None:
         return
-    from avs_dist.plots import plot_audio_gap
-
+    try:
+        from avs_dist.plots import plot_audio_gap
+    except ImportError as e:  # matplotlib is optional where only training runs (the GPU machine's image)
+        print(f"WARNING: no audio gap chart: {e} (pip install matplotlib)", file=sys.stderr)
+        return
     plot_audio_gap(per_class, path, f"audio gap per class: {args.split} of {args.checkpoint}")
     print(f"wrote {path}")
 

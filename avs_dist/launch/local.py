@@ -196,33 +196,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"avs-dist train: --nproc must be >= 1 and --max-restarts >= 0 "
               f"(got {args.nproc}, {args.max_restarts})", file=sys.stderr)
         return 2
+    from avs_dist.errors import UserError
+    from avs_dist.train.runlock import RunDirBusy, RunLock
+
+    run_dir = Path(args.run_dir)
+    lock = None
     try:
+        if run_dir.is_dir():  # it may be a live run's: refused before its checkpoints are read
+            lock = RunLock.acquire(run_dir, "avs-dist train", warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
         import torch
 
         cfg = resolve_config(args)
         check_run(cfg, args.nproc, torch.cuda.is_available(), sha256=args.check_sha256, run_dir=args.run_dir,
                   resume=args.resume)
-    except (ConfigError, ShardError) as e:
+        if report_completed(args, cfg):
+            if lock is not None:
+                lock.release()
+            return 0
+        if lock is None:  # a new folder: made only once the checks passed
+            lock = RunLock.acquire(run_dir, "avs-dist train", warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
+    except (ConfigError, ShardError, RunDirBusy, OSError) as e:
+        if lock is not None:
+            lock.release()
+        if isinstance(e, UserError) and not isinstance(e, (ConfigError, ShardError)):
+            raise  # cli.main prints it as `avs-dist train: error: ...`
         print(f"avs-dist train: {e}", file=sys.stderr)
         return 2
-    from avs_dist.train.runlock import RunDirBusy, RunLock
+    return _start(args, run_dir, lock)
+
+
+def _start(args, run_dir: Path, lock) -> int:
+    """Run the checked, locked run: in this process (one rank), else torchrun under supervise."""
     from avs_dist.train.stop import stop_file
 
-    if report_completed(args, cfg):
-        return 0
-    run_dir = Path(args.run_dir)
-    try:  # before anything in the folder is touched: it may be another live run's
-        lock = RunLock.acquire(run_dir, "avs-dist train", warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
-    except (RunDirBusy, OSError) as e:
-        print(f"avs-dist train: {e}", file=sys.stderr)
-        return 2
     stop_file(run_dir).unlink(missing_ok=True)  # a request left from an earlier run is not for this one
     (run_dir / "status.json").unlink(missing_ok=True)
-    if args.nproc == 1 and args.max_restarts == 0:
-        from avs_dist.launch.rank import main as rank_main
-
-        return rank_main(rank_args(args), lock_held=True)  # this process is the rank
     try:
+        if args.nproc == 1 and args.max_restarts == 0:
+            from avs_dist.launch.rank import main as rank_main
+
+            return rank_main(rank_args(args), lock_held=True)  # this process is the rank
         return supervise(torchrun_command(args.nproc, args.max_restarts, rank_args(args)), run_dir,
                          rank_threads(args.nproc), keep_fds=() if lock is None else (lock.fd,))
     finally:

@@ -58,10 +58,15 @@ def main(argv: list[str] | None = None, lock_held: bool = False) -> int:
     try:
         with Session.open(cfg, args.run_dir, resume, lock_wait_s=lock_wait_s, stop=stop) as session:
             session.finish(train(session, stop), stop)
-    except RunDirBusy as e:
-        print(f"error: {e}", file=sys.stderr)
+    except RunDirBusy as e:  # every rank raises rank 0's message
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
         rc = 2
-    except (distributed.RendezvousError, NonFiniteError) as e:
+    except NonFiniteError as e:  # likewise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        rc = 1
+    except distributed.RendezvousError as e:  # each rank's own: the ranks it saw differ
         print(f"error: {e}", file=sys.stderr)
         rc = 1
     except CheckpointSaveError as e:  # every rank raises it; the message says it all

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from avs_dist.config import ConfigError, is_config_path, load_config
-from avs_dist.launch.args import check_run, run_parser
+from avs_dist.launch.args import check_run, check_shards_fit, run_parser, stored_frame_size
 
 DEFAULT_TIME_MIN = 60
 DEFAULT_SIGNAL_DELAY_S = 120
@@ -368,12 +368,17 @@ def check_request(args, config: str, base: list[str]) -> list[list[str]]:
         if value < 1:
             raise ConfigError(f"{name} must be positive")
     specs = read_array_specs(args.array) if args.array else [[]]
-    checked: set[str] = set()
+    checked: dict[str, dict] = {}  # shard set -> its manifest, read and checked once
     for spec, run_dir in zip(specs, job_run_dirs(args, specs)):
         cfg = load_config(config, [*base, *spec])
-        check_run(cfg, args.nodes * tasks_per_node(args), args.gpus_per_node > 0, sha256=args.check_sha256,
-                  shards=not args.dry_run and cfg.data.shards not in checked, run_dir=run_dir, resume=args.resume)
-        checked.add(cfg.data.shards)
+        seen = checked.get(cfg.data.shards)
+        manifest = check_run(cfg, args.nodes * tasks_per_node(args), args.gpus_per_node > 0,
+                             sha256=args.check_sha256, shards=not args.dry_run and seen is None, run_dir=run_dir,
+                             resume=args.resume)
+        if seen is not None:  # the files were checked for an earlier job; this job's config still must fit them
+            check_shards_fit(cfg, seen, stored_frame_size(cfg.data.shards, seen))
+        elif not args.dry_run:
+            checked[cfg.data.shards] = manifest
     return specs
 
 

@@ -359,7 +359,11 @@ def saved_config(folder: Path, record: dict) -> dict:
     """The config a checkpoint was trained with: COMPLETE.json's, or (older checkpoints) model.pt's."""
     if "config" in record:
         return record["config"]
-    return torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=False, mmap=True)["config"]
+    try:
+        return torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=False, mmap=True)["config"]
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise BadFileError(f"{Path(folder) / 'model.pt'}: unreadable ({type(e).__name__}: {e}); resume another "
+                           "checkpoint (--resume DIR), or start a new --run-dir") from None
 
 
 def resume_changes(folder: Path, record: dict, cfg, world_size: int, manifest: dict) -> list:
@@ -385,16 +389,16 @@ def resume_changes(folder: Path, record: dict, cfg, world_size: int, manifest: d
 def restore(folder: Path, strategy, states: dict, rank_state, d, warn) -> dict:
     """Load checkpoint `folder` into the components (all ranks); returns its trainer.pt.
 
-    ValueError naming the folder when it is not of this format, was written by another
+    BadFileError (a ValueError) naming the folder when it is not of this format, was written by another
     strategy, or does not fit the components (another global batch, another model...)."""
     trainer = load_torch(folder / "trainer.pt")
     if not isinstance(trainer, dict) or trainer.get("format") != FORMAT_VERSION:
         found = trainer.get("format") if isinstance(trainer, dict) else type(trainer).__name__
-        raise ValueError(f"{folder}: written by an older avs-dist (trainer.pt format {found!r}, expected "
+        raise BadFileError(f"{folder}: written by an older avs-dist (trainer.pt format {found!r}, expected "
                          f"{FORMAT_VERSION}); it cannot be resumed, but model.init_from={folder} starts a new run "
                          "from its weights")
     if trainer["strategy"].startswith("zero") != strategy.__class__.__name__.startswith("Zero"):
-        raise ValueError(f"{folder}: written with train.strategy={trainer['strategy']}; resume it with that "
+        raise BadFileError(f"{folder}: written with train.strategy={trainer['strategy']}; resume it with that "
                          "strategy (DDP and ZeRO checkpoints are not interchangeable)")
     model = functools.cache(lambda: load_torch(folder / "model.pt")["model"])  # read only if needed
     same_world = trainer["world_size"] == d.world_size
@@ -408,7 +412,8 @@ def restore(folder: Path, strategy, states: dict, rank_state, d, warn) -> dict:
         else:
             rank_state.reseed(trainer["train"]["step"], model())
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{folder}: cannot be resumed by this run: {type(e).__name__}: {e}") from None
+        raise BadFileError(f"{folder}: cannot be resumed by this run: {type(e).__name__}: {e}; resume it with the "
+                           "config it was written with, or start a new --run-dir") from None
     if not same_world:
         warn(f"{folder} was written by {trainer['world_size']} ranks, this run has {d.world_size}: same data "
              "order from here on; RNG streams reseeded and every rank starts from the rank-averaged BatchNorm "

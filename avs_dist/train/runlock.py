@@ -5,8 +5,9 @@ checkpoint folders and truncate each other's metrics. So the process that owns a
 an exclusive `fcntl.flock` on `run_dir/owner.lock`:
 
 - `avs-dist train` (launch/local.py): the launcher itself, before it touches the folder; its
-  torchrun inherits the lock's descriptor, so the lock lives until the last process of the
-  run is gone even when the launcher is killed;
+  torchrun inherits the lock's descriptor, so the lock lives while the launcher or its
+  torchrun does (the ranks do not inherit it: torchrun closes descriptors for its workers;
+  ranks whose launcher and torchrun both died notice within seconds and end, launch/signals.py);
 - plain torchrun (`-m avs_dist.launch.rank`) and Slurm (launch/slurm.py): rank 0, in
   Session.open, before it touches the folder; the other ranks fail with it.
 

@@ -194,8 +194,11 @@ class Session:
                 stop.consume()
             write_json(self.run_dir / "status.json", {"status": status, "step": state.step,
                                                       "total_steps": self.total_steps, "time": time.time()})
-            write_results(self.run_dir)  # RESULTS.md, from the files just written
-            self._plot()
+            try:  # the run itself is done and saved: a failure here must not leave ranks waiting
+                write_results(self.run_dir)  # RESULTS.md, from the files just written
+                self._plot()
+            except Exception as e:  # noqa: BLE001
+                self.log.warn(f"RESULTS.md / plots not written: {type(e).__name__}: {e}")
         distributed.barrier(d)
         return result
 
