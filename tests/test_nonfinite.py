@@ -94,3 +94,44 @@ def test_nan_init_stops_past_the_limit_without_a_checkpoint(s4_shards, tmp_path,
     assert [(r["step"], r["skipped"], r["nonfinite_steps"], r["total"]) for r in lines] == [
         (1, "nonfinite", 1, None), (2, "nonfinite", 2, None)]
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+class _SkippingStrategy:
+    """The strategy interface train_step uses, around one BatchNorm; skips like DDPStrategy does
+    when the gradient norm is not finite."""
+
+    def __init__(self):
+        import contextlib
+
+        self.module = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+        self.skipped = None
+        self.autocast = contextlib.nullcontext
+
+    def forward(self, batch, sync_grads):
+        return self.module(batch["x"])
+
+    def backward(self, loss):
+        loss.backward()
+
+    def optimizer_step(self):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.module.parameters()]))
+        self.skipped = None if torch.isfinite(norm) else "nonfinite"
+        for p in self.module.parameters():
+            p.grad = None
+        return norm, 0.1
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(monkeypatch):
+    from avs_dist.train import step as step_mod
+
+    monkeypatch.setattr(step_mod, "compute_losses", lambda out, batch, cfg: (out.sum(), {"bce": out.sum()}))
+    s = _SkippingStrategy()
+    bn = s.module[0]
+    step_mod.train_step(s, [{"x": torch.randn(8, 3)}], None)  # a finite step moves the statistics
+    assert s.skipped is None and not torch.equal(bn.running_mean, torch.zeros(3))
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    x = torch.randn(8, 3)
+    x[0, 1] = float("nan")
+    out = step_mod.train_step(s, [{"x": x}], None)
+    assert out.skipped == "nonfinite"
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
