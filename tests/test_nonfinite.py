@@ -85,8 +85,8 @@ def test_nan_init_stops_past_the_limit_without_a_checkpoint(s4_shards, tmp_path,
                            "train.max_nonfinite_steps=1", f"model.init_from={init}"], 600)
     assert rc == 1, out
     reason = ("step 2: non-finite loss total=nan, bce=nan; 2 steps in a row skipped, more than "
-              "train.max_nonfinite_steps=1: the run stops. No finite checkpoint to resume from (were the "
-              "starting weights, model.init_from, finite?)")
+              f"train.max_nonfinite_steps=1: the run stops. {run_dir} has no checkpoint to resume from (the same "
+              "command starts the run over); were the starting weights (model.init_from) finite?")
     assert f"error: {reason}" in out and "Traceback" not in out
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["status"], status["reason"], status["step"]) == ("failed", reason, 2)

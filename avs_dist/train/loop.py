@@ -17,7 +17,7 @@ import math
 import time
 
 from avs_dist import distributed
-from avs_dist.train.checkpoint import NonFiniteError, resume_hint
+from avs_dist.train.checkpoint import NonFiniteError, latest_valid, resume_hint
 from avs_dist.train.step import train_step
 from avs_dist.train.strategy import NONFINITE
 
@@ -77,6 +77,14 @@ def _fail_nonfinite(s, out, in_a_row: int) -> None:
                 f"gradient (grad norm {float(out.grad_norm):g}; every loss term finite on rank 0)")
         return (f"step {s.state.step}: non-finite {what}; {in_a_row} steps in a row skipped, more than "
                 f"train.max_nonfinite_steps={s.cfg.train.max_nonfinite_steps}: the run stops. "
-                f"{resume_hint(s.run_dir).capitalize()}")
+                f"{_resume_line(s.run_dir)}")
 
     raise NonFiniteError(distributed.on_main(s.d, message))
+
+
+def _resume_line(run_dir) -> str:
+    """checkpoint.resume_hint as a sentence; without a finite checkpoint the start may be the cause."""
+    hint = resume_hint(run_dir)
+    if latest_valid(run_dir, lambda msg: None) is None:
+        hint += "; were the starting weights (model.init_from) finite?"
+    return hint[:1].upper() + hint[1:]  # not str.capitalize: it would lower-case the path
