@@ -185,3 +185,23 @@ def test_checkpoint_state_excludes_frozen_vggish():
     m2.load_state_dict(sd)  # strict: VGGish is not reported missing
     with pytest.raises(RuntimeError, match="Missing key"):
         m2.load_state_dict({k: v for k, v in sd.items() if not k.startswith("avs.output_conv")})
+
+
+def test_vggish_memo_equals_computing_each_video():
+    """On CPU each video's embeddings are computed once, on their own, and looked up after: the
+    same values whatever batch a video first came in, none kept across new weights, and none
+    when ZeRO-3 partitions the weights (a hit on one rank would leave the others in a gather)."""
+    torch.manual_seed(0)
+    v = VGGish()
+    audio = torch.randn(3, 5, 1, 96, 64)
+    alone = torch.stack([v(a) for a in audio])
+    assert torch.equal(v.embed_videos(audio[1:]), alone[1:])  # two videos computed and kept
+    assert len(v._memo) == 2
+    assert torch.equal(v.embed_videos(audio), alone) and len(v._memo) == 3  # one more computed
+    audio[0, 2, 0, 5, 5] += 1.0  # other bytes: another key, computed
+    assert torch.equal(v.embed_videos(audio)[0], v(audio[0])) and len(v._memo) == 4
+    v.load_state_dict(v.state_dict())  # new weights: nothing kept
+    assert len(v._memo) == 0
+    next(v.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    v.embed_videos(audio)
+    assert len(v._memo) == 0

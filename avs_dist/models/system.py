@@ -61,8 +61,7 @@ class AVSSystem(nn.Module):
             return audio
         if audio.dim() != 5 or tuple(audio.shape[2:]) != (1, 96, 64):
             raise ValueError(f"audio_input='logmel' expects [B, T, 1, 96, 64], got {tuple(audio.shape)}")
-        emb = self.vggish(audio.reshape(-1, 1, 96, 64))
-        return emb.reshape(audio.shape[0], audio.shape[1], EMBED_DIM)
+        return self.vggish.embed_videos(audio)
 
     def forward(self, frames: torch.Tensor, audio: torch.Tensor | None, crops: torch.Tensor | None = None) -> dict:
         if frames.dim() != 5 or frames.shape[2] != 3:

@@ -7,6 +7,8 @@ which is channels-last. No PCA postprocessing: AVSBench feeds the raw 128-d outp
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 
@@ -50,6 +52,9 @@ class VGGish(nn.Module):
         self.reset_parameters()
         self.requires_grad_(False)
         self.eval()
+        # Embeddings already computed, by the bytes of one video's log-mel (embed_videos).
+        self._memo: dict[tuple, torch.Tensor] = {}
+        self.register_load_state_dict_pre_hook(lambda *args, **kwargs: self._memo.clear())
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = RANDOM_INIT_SEED) -> None:
@@ -74,3 +79,35 @@ class VGGish(nn.Module):
         x = self.features(logmel)  # [N, 512, 6, 4]
         x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # (H, W, C) order
         return self.embeddings(x)
+
+    # A bound on the memo: AVSBench has ~5k (S4) to ~12k (AVSS) videos, 2.5 KB each in fp32.
+    MEMO_MAX_VIDEOS = 100_000
+
+    @torch.no_grad()
+    def embed_videos(self, audio: torch.Tensor) -> torch.Tensor:
+        """log-mel [B, T, 1, 96, 64] -> embeddings [B, T, 128], the same dtype and device.
+
+        VGGish is frozen and deterministic, and each video's audio is the same every epoch, so
+        on CPU, where VGGish is ~45% of a `tiny` training step (2 cores, measured), each
+        video's embeddings are computed once and looked up by the bytes of its log-mel after
+        that. Each video is computed on its own ([T, 1, 96, 64]): a convolution's low bits depend
+        on the batch it runs in, and a memo filled in one batch order must equal what a resumed
+        run, in another order, would compute. Off on CUDA (hashing would copy the audio to the
+        host, and VGGish is a small part of a GPU step) and when ZeRO-3 partitions the weights
+        (its gathers are collectives every rank must enter: a memo hit on one rank would leave
+        the others waiting).
+        """
+        b, t = audio.shape[:2]
+        if audio.device.type != "cpu" or any(hasattr(p, "ds_id") for p in self.parameters()):
+            return self(audio.reshape(b * t, *audio.shape[2:])).reshape(b, t, EMBED_DIM)
+        keys = [(a.dtype, tuple(a.shape), hashlib.blake2b(a.contiguous().view(torch.uint8).numpy(),
+                                                           digest_size=16).digest()) for a in audio]
+        out = []
+        for key, a in zip(keys, audio):
+            emb = self._memo.get(key)
+            if emb is None:
+                emb = self(a)
+                if len(self._memo) < self.MEMO_MAX_VIDEOS:
+                    self._memo[key] = emb
+            out.append(emb)
+        return torch.stack(out)
