@@ -16,6 +16,7 @@ COMMANDS = {
     "submit": ("avs_dist.launch.submit:main", "submit a training run to Slurm with submitit"),
     "demo": ("avs_dist.demo:main", "synth -> pack -> 2-process training -> eval, on CPU"),
     "plot": ("avs_dist.plots:main", "write a run folder's loss and evaluation curves as PNGs"),
+    "study": ("avs_dist.study.cli:main", "arms x seeds on this machine or one Slurm array, and their report"),
 }
 BENCH = {
     "data": ("avs_dist.data.bench:main", "shard loader vs per-file loader, videos/s per core"),

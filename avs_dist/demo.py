@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=3,
                    help="sound classes in the synthetic set (the tiny preset learns 3 in its 300 steps)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DDP over gloo on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="override the tiny preset's 300 training steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override the training steps (tiny: 300; the --study runs: 150)")
+    p.add_argument("--study", action="store_true",
+                   help="instead of one run: the tiny_demo study (2 arms x 2 seeds, avs_dist/studies) and its report")
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                "--boxes", str(data / "boxes" / "Single-source"), "--crop-size", "32",
                                "--workers", "2", "--overwrite"])
     _step("inspect the shards", ["inspect", str(shards)])
+    if args.study:
+        return _study(out, shards, args.nproc, overrides)
     _step(f"train tiny, {args.nproc} processes", ["train", "--config", "tiny", "--shards", str(shards),
                                                   "--run-dir", str(run), "--nproc", str(args.nproc),
                                                   "--resume", "never", *overrides])
@@ -76,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {run / 'RESULTS.md'}")
     print(f"TensorBoard: tensorboard --logdir {run / 'tb'}")
     return 0
+
+
+def _study(out: Path, shards: Path, nproc: int, overrides: list[str]) -> int:
+    """`avs-dist study run tiny_demo`: without and with the crop losses, two seeds each; it
+    prints its report. Run again, it continues where it stopped."""
+    study = out / "study"
+    rc = subprocess.call([sys.executable, "-m", "avs_dist", "study", "run", "tiny_demo", "--shards", str(shards),
+                          "--out", str(study), "--nproc", str(nproc), *overrides])
+    print(f"\n=== demo study {'finished' if rc == 0 else f'ended with exit code {rc}'}: {study / 'report.md'}")
+    return rc
 
 
 if __name__ == "__main__":

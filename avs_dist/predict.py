@@ -47,7 +47,7 @@ def prepare_frames(frames: np.ndarray, size: int) -> torch.Tensor:
 @torch.no_grad()
 def predict_masks(model, frames: np.ndarray, audio: np.ndarray, size: int, device, precision="auto") -> np.ndarray:
     """One video: uint8 frames [T,H,W,3] + log-mel [T,(1,)96,64] -> bool masks [T,H,W] at frame size."""
-    from avs_dist.evaluate import segment
+    from avs_dist.evaluation import segment
     from avs_dist.precision import autocast
 
     device = torch.device(device)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = p.parse_args(argv)
 
-    from avs_dist.evaluate import load_with_source
+    from avs_dist.evaluation import load_with_source
     from avs_dist.fileio import write_json
     from avs_dist.provenance import describe
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from avs_dist.evaluate import AudioBank, evaluate, load_for_inference
+from avs_dist.evaluation import AudioBank, evaluate, load_for_inference
 
 T, S = 5, 8  # frames per video, pixels per side
 

@@ -53,7 +53,7 @@ def test_resume_auto_passes_over_a_nonfinite_checkpoint_by_name(tmp_path, states
 
 
 def test_eval_refuses_a_nonfinite_checkpoint(tmp_path, states):
-    from avs_dist.evaluate import load_for_inference
+    from avs_dist.evaluation import load_for_inference
 
     nan = _checkpoint(tmp_path, 8, states[1])
     with pytest.raises(ValueError) as e:

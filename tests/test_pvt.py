@@ -259,7 +259,7 @@ def test_reference_checkpoint_recognised_without_flags(tmp_path):
     model = build_model(small_cfg(init_from=str(path)))
     assert torch.equal(model.avs.output_conv[0].weight, sd["output_conv.0.weight"])
     # evaluation: load_for_inference builds the PVT model from the keys alone
-    from avs_dist.evaluate import load_for_inference
+    from avs_dist.evaluation import load_for_inference
 
     loaded, cfg = load_for_inference(path, config_overrides=["data.image_size=64"])
     assert cfg.name == "s4_pvt" and cfg.model.backbone == "pvt_v2_b0" and cfg.model.decoder_channels == C
@@ -348,7 +348,7 @@ def test_pvt_matmul_upsample_same_logits():
 
 
 def test_our_pvt_checkpoint_loads_for_inference(tmp_path):
-    from avs_dist.evaluate import load_for_inference
+    from avs_dist.evaluation import load_for_inference
 
     cfg = load_config("tiny_pvt")
     torch.manual_seed(0)

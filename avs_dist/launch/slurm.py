@@ -22,6 +22,7 @@ failure: Slurm's SLURM_RESTART_COUNT): past `max_requeues` the job ends with
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import signal
 import sys
@@ -206,6 +207,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # The trainer already wrote the model checkpoint (all ranks, before this is called);
         # the resubmitted callable only needs to know it is a continuation.
-        nxt = TrainJob(self.config, list(self.overrides), self.run_dir, self.max_requeues, resume="auto",
-                       requeues=self.attempts_so_far() + 1)
+        # (dataclasses.replace: a subclass, e.g. the study's StudyJob, stays itself)
+        nxt = dataclasses.replace(self, overrides=list(self.overrides), resume="auto",
+                                  requeues=self.attempts_so_far() + 1)
         return submitit.helpers.DelayedSubmission(nxt)

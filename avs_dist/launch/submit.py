@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avs-dist submit", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter, parents=[run_parser()],
                                 epilog="presets (--config): " + ", ".join(preset_names()))
+    s = slurm_arguments(p)
+    s.add_argument("--array", nargs="+", default=None, metavar="SPEC",
+                   help="sweep: one job per SPEC ('k=v k2=v2' or @FILE with one SPEC per line)")
+    s.add_argument("--array-parallelism", type=int, default=256, help="array tasks running at once")
+    r = p.add_argument_group("behaviour")
+    r.add_argument("--wait", action="store_true", help="block until the job(s) end; exit 0 iff all completed")
+    r.add_argument("--dry-run", action="store_true", help="print the sbatch parameters and script, submit nothing")
+    return p
+
+
+def slurm_arguments(p: argparse.ArgumentParser):
+    """The Slurm resource flags of `avs-dist submit` (also `avs-dist study submit`); returns the group."""
     s = p.add_argument_group("Slurm resources")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--tasks-per-node", type=int, default=None,
@@ -63,13 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="any other sbatch option, repeatable (e.g. exclusive, mail-type=END)")
     s.add_argument("--job-name", default=None, help="Slurm job name (default: avs-<config name>)")
     s.add_argument("--log-folder", default=None, help="submitit's scripts and logs (default RUN_DIR/slurm)")
-    s.add_argument("--array", nargs="+", default=None, metavar="SPEC",
-                   help="sweep: one job per SPEC ('k=v k2=v2' or @FILE with one SPEC per line)")
-    s.add_argument("--array-parallelism", type=int, default=256, help="array tasks running at once")
-    r = p.add_argument_group("behaviour")
-    r.add_argument("--wait", action="store_true", help="block until the job(s) end; exit 0 iff all completed")
-    r.add_argument("--dry-run", action="store_true", help="print the sbatch parameters and script, submit nothing")
-    return p
+    return s
 
 
 # ----------------------------------------------------------------------------- sweep specs
@@ -358,15 +364,20 @@ def _abs_config(config: str) -> str:
     return str(Path(config).resolve()) if is_config_path(config) else config
 
 
+def check_resources(args) -> None:
+    """ConfigError for a Slurm resource flag that cannot be right."""
+    for name, value in (("--nodes", args.nodes), ("--time", args.time), ("--max-requeues", args.max_requeues + 1),
+                        ("--tasks-per-node", args.tasks_per_node or 1), ("--signal-delay", args.signal_delay)):
+        if value < 1:
+            raise ConfigError(f"{name} must be positive")
+
+
 def check_request(args, config: str, base: list[str]) -> list[list[str]]:
     """Every check before anything is submitted; returns the override list of each job.
 
     Every job's config, and once each shard set (not with --dry-run), are checked for a world of
     --nodes x --tasks-per-node ranks (launch/args.py check_run). ConfigError / ShardError / OSError."""
-    for name, value in (("--nodes", args.nodes), ("--time", args.time), ("--max-requeues", args.max_requeues + 1),
-                        ("--tasks-per-node", args.tasks_per_node or 1), ("--signal-delay", args.signal_delay)):
-        if value < 1:
-            raise ConfigError(f"{name} must be positive")
+    check_resources(args)
     specs = read_array_specs(args.array) if args.array else [[]]
     checked: dict[str, dict] = {}  # shard set -> its manifest, read and checked once
     for spec, run_dir in zip(specs, job_run_dirs(args, specs)):

@@ -2,7 +2,7 @@
 
 Every rank evaluates its share of the split (data/loader.py eval_loader) with the
 rank-averaged BatchNorm statistics; the metrics are gathered, so every rank gets the same
-result (evaluate.py). Evaluation runs under preserved_rng: when and how often it runs does
+result (evaluation.py). Evaluation runs under preserved_rng: when and how often it runs does
 not change the training that follows.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Validator:
 
     def evaluate(self, split: str, audio_gap: bool) -> dict:
         from avs_dist.data.loader import eval_loader
-        from avs_dist.evaluate import evaluate
+        from avs_dist.evaluation import evaluate
         from avs_dist.precision import resolve_precision
 
         cfg, d = self.cfg, self.d
