@@ -136,6 +136,10 @@ class TrainConfig:
     # one more stops the run ("failed"), naming the step, the term and the checkpoint to resume
     # from. fp16's loss-scale overflows are its own rule and do not count (train/strategy.py).
     max_nonfinite_steps: int = 10
+    # The run's config and final figures as a TensorBoard HParams session (tb/hparams). A study
+    # turns it off and writes one per run with its own keys (arm, seed, what the arms change),
+    # so that every session of the study's HParams tab has the same columns.
+    tb_hparams: bool = True
 
 
 @dataclass

@@ -140,7 +140,8 @@ def make_plan(study: dict, shards, extra: list[str] | None = None, seeds: list[i
     runs = []
     for seed in seeds or study["seeds"]:
         for arm in study["arms"]:
-            overrides = [*common, *arm["overrides"], f"train.seed={seed}"]
+            # the study writes each run's HParams session itself (the same keys in every run)
+            overrides = [*common, *arm["overrides"], "train.tb_hparams=false", f"train.seed={seed}"]
             preset = str(Path(arm["preset"]).resolve()) if is_config_path(arm["preset"]) else arm["preset"]
             try:
                 load_config(preset, [*overrides, f"data.shards={json.dumps(shards)}"])

@@ -212,6 +212,8 @@ class TensorBoardSink:
 
     def finish(self, rows, final: dict, hparams: dict, last_step: int) -> None:
         """The run's config beside its final metrics for TensorBoard's HParams dashboard."""
+        if not hparams.get("train", {}).get("tb_hparams", True):
+            return  # a study's run: the study writes its session (study/report.py)
         metric_dict = {f"final/{k}": float(v) for k, v in final.items() if is_number(v)}
         hp = {k: hparam_value(v) for k, v in flatten(hparams).items()}
         self.writer.add_hparams(hp, metric_dict, run_name="hparams", global_step=last_step)
