@@ -96,9 +96,27 @@ def make_study(tmp_path):
     return tmp_path
 
 
+def _training_hparams(run_dir):
+    """What every training leaves besides: tb/hparams, a session with its own experiment record."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(run_dir / "tb")) as writer:
+        writer.add_hparams({"model.backbone": "resnet50", "optim.lr": 0.1}, {"final/miou": 0.5},
+                           run_name="hparams", global_step=40)
+
+
 @pytest.fixture
 def study(tmp_path):
     return make_study(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """(study folder, summary) after write_report, once for the tests that only read them."""
+    folder = make_study(tmp_path_factory.mktemp("study"))
+    for seed in (1, 2):
+        _training_hparams(folder / f"runs/avsbench/seed{seed}")
+    return folder, report.write_report(folder)
 
 
 def _own_figures(study, arm):
@@ -114,8 +132,8 @@ def _own_figures(study, arm):
     return out
 
 
-def test_report_figures_equal_those_recomputed_from_the_runs_files(study):
-    summary = report.write_report(study)
+def test_report_figures_equal_those_recomputed_from_the_runs_files(written):
+    study, summary = written
     arms = {a["name"]: a for a in summary["arms"]}
     for name in ("avsbench", "all_three", "crop_ce"):
         own = _own_figures(study, name)
@@ -137,8 +155,8 @@ def test_report_figures_equal_those_recomputed_from_the_runs_files(study):
     assert "| all_three | `s4_seed` `loss.crop_ce=true` `optim.lr=0.0002` | 4 / 5 |" in md
 
 
-def test_paired_interval_and_p_value_are_scipys(study):
-    summary = report.write_report(study)
+def test_paired_interval_and_p_value_are_scipys(written):
+    study, summary = written
     base, arm = _own_figures(study, "avsbench"), _own_figures(study, "all_three")
     seeds = sorted(set(base) & set(arm))
     assert seeds == [1, 3, 4]
@@ -170,8 +188,8 @@ def test_paired_comparison_needs_two_pairs():
     assert c["mean_diff"] == 0 and c["pvalue"] is None and "no seed-to-seed spread" in c["words"]
 
 
-def test_runs_that_did_not_finish_are_shown_with_why(study):
-    summary = report.write_report(study)
+def test_runs_that_did_not_finish_are_shown_with_why(written):
+    study, summary = written
     md = (study / "report.md").read_text()
     assert f"failed at step 3 of 40: {ERROR}" in md
     assert "stopped at step 20 of 40; `avs-dist study run` resumes it" in md
@@ -208,8 +226,8 @@ def test_not_a_study_folder_is_one_clear_error(tmp_path):
         report.write_report(tmp_path)
 
 
-def test_plots_are_readable_pngs(study):
-    summary = report.write_report(study)
+def test_plots_are_readable_pngs(written):
+    study, summary = written
     for name in ("plots/test_metrics.png", "plots/val_miou.png"):
         path = study / name
         assert summary["files"][name] == str(path)
@@ -235,9 +253,9 @@ def _hparam_sessions(study):
     return sessions
 
 
-def test_tensorboard_hparams_read_back_and_a_rewrite_adds_no_session(study):
-    report.write_report(study)
-    report.write_report(study)  # the same sessions, not twice as many
+def test_tensorboard_hparams_read_back_and_a_rewrite_adds_no_session(written):
+    study, _ = written
+    report.write_report(study)  # the same sessions again, not twice as many
     sessions = _hparam_sessions(study)
     assert len(sessions) == 11 and not (study / "runs/all_three/seed2/tb/study").exists()
     keys = {"arm", "seed", "preset", "loss.crop_ce", "loss.crop_pair", "optim.lr", "train.max_steps"}
@@ -252,3 +270,30 @@ def test_tensorboard_hparams_read_back_and_a_rewrite_adds_no_session(study):
         assert scalars["study/best_val_miou"] == [(40, pytest.approx(own["best_val_miou"]))]
         assert len(list((study / run_dir / "tb" / "study").glob("events.out.tfevents.*"))) <= 2
     assert len(list(study.glob(f"events.out.tfevents.*{EVENT_SUFFIX}"))) == 1
+
+
+def test_hparams_tab_columns_are_the_studys(written):
+    """TensorBoard's own HParams backend over `tensorboard --logdir STUDY_DIR`: the columns are
+    the study's keys and figures, not those of a training's own tb/hparams session."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    study, summary = written
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(study))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(study))
+    ctx = backend_context.Context(base_plugin.TBContext(logdir=str(study), multiplexer=mux, data_provider=provider))
+    request = context.RequestContext()
+    metadata = ctx.hparams_metadata(request, "")
+    # TensorBoard takes the first experiment record of the runs in the order it found them: the
+    # folder's top (".") first, then as the walk goes; here a training's tb/hparams before any tb/study
+    metadata = {run: metadata[run] for run in sorted(metadata, key=lambda r: (r != ".", not r.endswith("tb/hparams")))}
+    experiment = ctx.experiment_from_metadata(request, "", True, metadata, {})
+    assert {h.name for h in experiment.hparam_infos} == set(summary["tensorboard"]["hparams"])
+    assert {m.name.tag for m in experiment.metric_infos} == set(summary["tensorboard"]["metrics"])
+    assert "study/test_miou_avsbench" in summary["tensorboard"]["metrics"]
+    assert list(mux.Runs())[0] == "."  # the walk finds the folder's top first
+    assert summary["tensorboard"]["command"] == f"tensorboard --logdir {study.resolve()}"

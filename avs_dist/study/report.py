@@ -263,6 +263,11 @@ def summarize(records: list[dict], plan: dict) -> dict:
     "comparisons": [per non-baseline arm and metric: "arm", "baseline", "metric" +
     paired_comparison], "runs": records without their val curves, "sources", "notes"}."""
     base = plan["baseline"]
+    position = {arm["name"]: i for i, arm in enumerate(plan["arms"])}
+
+    def order(r: dict) -> tuple:  # the runs listed by arm, then seed
+        return position.get(r["arm"], len(position)), r["seed"]
+
     arms = [_arm_summary(arm, [r for r in records if r["arm"] == arm["name"]]) for arm in plan["arms"]]
     by_name = {a["name"]: a for a in arms}
     comparisons = []
@@ -278,7 +283,7 @@ def summarize(records: list[dict], plan: dict) -> dict:
     return {"study": plan.get("study"), "source": plan.get("source"), "baseline": base, "select": plan.get("select"),
             "seeds": plan.get("seeds"), "planned": len(records),
             "finished": sum(r["state"] == "finished" for r in records), "arms": arms, "comparisons": comparisons,
-            "runs": [{k: v for k, v in r.items() if k != "val_curve"} for r in records],
+            "runs": [{k: v for k, v in r.items() if k != "val_curve"} for r in sorted(records, key=order)],
             "sources": SOURCE_WORDS, "notes": notes + _source_notes(records)}
 
 
@@ -301,11 +306,15 @@ def _arm_setting(arm: dict) -> str:
     return f"`{arm['preset']}`" + "".join(f" `{o}`" for o in arm["overrides"])
 
 
-def _comparison_line(c: dict) -> str:
-    head = f"{LABELS[c['metric']]}: {c['arm']} - {c['baseline']}"
-    if c["pvalue"] is None and c["mean_diff"] is None:
-        return f"{head}: {c['words']}"
-    return f"{head} = {c['mean_diff']:+.4f} over seeds {', '.join(map(str, c['seeds']))}: {c['words']}"
+def _comparison_lines(comparisons: list[dict]) -> list[str]:
+    """Terminal lines: per arm the seeds paired, then one line per figure."""
+    lines, width = [], max(len(label) for _, label in METRICS)
+    for arm in dict.fromkeys(c["arm"] for c in comparisons):
+        rows = [c for c in comparisons if c["arm"] == arm]
+        seeds = sorted({s for c in rows for s in c["seeds"]})
+        lines.append(f"  {arm} - {rows[0]['baseline']} (seeds finished in both: {', '.join(map(str, seeds)) or 'none'})")
+        lines += [f"    {LABELS[c['metric']]:{width}} {_fig(c['mean_diff'], True):>8}  {c['words']}" for c in rows]
+    return lines
 
 
 def format_markdown(summary: dict) -> str:
@@ -329,7 +338,7 @@ def format_markdown(summary: dict) -> str:
     lines += ["", f"## Against the baseline `{summary['baseline']}`, paired by seed", "",
               f"Mean difference (arm - baseline), {CONFIDENCE:.0%} confidence interval and p-value of a paired "
               "t-test (scipy.stats.ttest_rel) over the seeds finished in both arms.", ""]
-    lines += [f"- {_comparison_line(c)}" for c in summary["comparisons"]] or ["- no other arm"]
+    lines += _md_comparisons(summary["comparisons"]) or ["No other arm."]
     lines += ["", "## Runs", "", "| arm | seed | state | " + " | ".join(LABELS[k] for k, _ in METRICS)
               + " | test figures from | folder |", "|" + "---|" * (len(METRICS) + 5)]
     for r in summary["runs"]:
@@ -339,6 +348,22 @@ def format_markdown(summary: dict) -> str:
     lines += ["", "## Files", ""] + [f"- `{name}`" for name in summary.get("files", {})]
     lines += ["", "![test figures per arm](plots/test_metrics.png)", "", "![val mIoU per arm](plots/val_miou.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _md_comparisons(comparisons: list[dict]) -> list[str]:
+    """Per arm: the seeds paired, then a row per figure (difference, interval, p, in words)."""
+    lines = []
+    for arm in dict.fromkeys(c["arm"] for c in comparisons):
+        rows = [c for c in comparisons if c["arm"] == arm]
+        seeds = sorted({s for c in rows for s in c["seeds"]})
+        lines += [f"### {arm} - {rows[0]['baseline']} (seeds finished in both: {', '.join(map(str, seeds)) or 'none'})",
+                  "", f"| figure | mean difference | {CONFIDENCE:.0%} CI | p | n | in words |", "|---|---|---|---|---|---|"]
+        for c in rows:
+            ci = f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" if c["ci_low"] is not None else "-"
+            p = f"{c['pvalue']:.3g}" if c["pvalue"] is not None else "-"
+            lines.append(f"| {LABELS[c['metric']]} | {_fig(c['mean_diff'], True)} | {ci} | {p} | {c['n']} | {c['words']} |")
+        lines.append("")
+    return lines
 
 
 def tensorboard_command(summary: dict) -> str:
@@ -362,7 +387,7 @@ def format_text(summary: dict) -> str:
         lines += [f"  not finished: {words}" for words in arm["not_finished"]]
     if summary["comparisons"]:
         lines += ["", f"against {summary['baseline']}, paired by seed (scipy.stats.ttest_rel):"]
-        lines += [f"  {_comparison_line(c)}" for c in summary["comparisons"]]
+        lines += _comparison_lines(summary["comparisons"])
     lines += [f"note: {note}" for note in summary["notes"]]
     if summary.get("files"):
         lines += ["", "wrote " + ", ".join(str(p) for p in summary["files"].values())]

@@ -38,7 +38,8 @@ def _save(fig, path: Path) -> Path:
 def _seed_style(seeds: list) -> dict:
     """seed -> (colour, x offset within a bar): the same for a seed in every arm and panel."""
     seeds = sorted(set(seeds))
-    offsets = np.linspace(-0.25, 0.25, len(seeds)) if len(seeds) > 1 else [0.0]
+    # an even count of slots has none at the centre, where the error bar is drawn
+    offsets = np.linspace(-0.28, 0.28, len(seeds) + len(seeds) % 2)
     return {s: (SEED_COLOURS[i % len(SEED_COLOURS)], float(offsets[i])) for i, s in enumerate(seeds)}
 
 
