@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from avs_dist.errors import MissingFileError
+from avs_dist.errors import BadFileError, MissingFileError
 from avs_dist.study import report
 from avs_dist.study.report_tb import EVENT_SUFFIX
 
@@ -297,3 +297,24 @@ def test_hparams_tab_columns_are_the_studys(written):
     assert "study/test_miou_avsbench" in summary["tensorboard"]["metrics"]
     assert list(mux.Runs())[0] == "."  # the walk finds the folder's top first
     assert summary["tensorboard"]["command"] == f"tensorboard --logdir {study.resolve()}"
+
+
+def test_a_study_with_no_finished_run_reports_it(study):
+    report.write_report(study)  # plots and sessions of an earlier report: gone once untrue
+    for folder in study.glob("runs/*/seed*"):
+        (folder / "selected_test.json").unlink(missing_ok=True)  # trained, test evaluation missing
+    (study / "runs/avsbench/seed1/status.json").unlink()  # checkpoints but no status: killed
+    summary = report.write_report(study)
+    assert summary["finished"] == 0 and not (study / "plots/test_metrics.png").exists()
+    assert all(c["words"].startswith("needs 2+ paired seeds") for c in summary["comparisons"])
+    md = (study / "report.md").read_text()
+    assert "**Runs finished / planned:** 0 / 15" in md and "plots/" not in md
+    assert "trained at step 40 of 40, but its selected checkpoint is not evaluated on test" in md
+    assert "stopped (no status.json: still running, or killed)" in md
+    assert not list(study.glob("runs/*/seed*/tb/study")) and not list(study.glob("events.out.tfevents.*"))
+
+
+def test_a_plan_without_its_runs_is_one_clear_error(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"baseline": "a", "arms": [], "runs": [{"arm": "a"}]}))
+    with pytest.raises(BadFileError, match=r"plan.json: runs\[0\] has no 'seed', 'run_dir'"):
+        report.collect(tmp_path)

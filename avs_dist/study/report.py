@@ -84,6 +84,11 @@ def read_plan(study_dir) -> dict:
     missing = [k for k in ("baseline", "arms", "runs") if not isinstance(plan, dict) or k not in plan]
     if missing:
         raise BadFileError(f"{path}: no {', '.join(repr(k) for k in missing)}: not a plan written by `avs-dist study`")
+    for i, run in enumerate(plan["runs"]):
+        lacks = [k for k in ("arm", "seed", "run_dir") if not isinstance(run, dict) or k not in run]
+        if lacks:
+            raise BadFileError(f"{path}: runs[{i}] has no {', '.join(repr(k) for k in lacks)}: "
+                               "not a plan written by `avs-dist study`")
     return plan
 
 
@@ -346,7 +351,9 @@ def format_markdown(summary: dict) -> str:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['words']} | {figs} | {r['test_source_words'] or '-'} "
                      f"| `{r['run_dir']}` |")
     lines += ["", "## Files", ""] + [f"- `{name}`" for name in summary.get("files", {})]
-    lines += ["", "![test figures per arm](plots/test_metrics.png)", "", "![val mIoU per arm](plots/val_miou.png)"]
+    for name, caption in (("plots/test_metrics.png", "test figures per arm"), ("plots/val_miou.png", "val mIoU per arm")):
+        if name in summary.get("files", {}):
+            lines += ["", f"![{caption}]({name})"]
     return "\n".join(lines) + "\n"
 
 
@@ -433,6 +440,8 @@ def write_report(study_dir) -> dict:
                        ("plots/val_miou.png", plot_val_curves(summary, records, study_dir / "plots" / "val_miou.png"))):
         if path is not None:
             files[name] = path
+        else:  # nothing to draw now: a picture from an earlier report would show what is no longer so
+            (study_dir / name).unlink(missing_ok=True)
     summary["tensorboard"] = write_hparams(study_dir, plan, records)
     summary["files"] = {name: str(path) for name, path in files.items()}
     write_text_atomic(files["runs.csv"], runs_csv(summary))

@@ -64,8 +64,6 @@ def _write_experiment(study_dir: Path, hp: dict, metric_names: list[str]) -> Non
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    for old in study_dir.glob(f"events.out.tfevents.*{EVENT_SUFFIX}"):
-        old.unlink()
     experiment, _, _ = hparams(hp, {name: 0.0 for name in metric_names})
     with SummaryWriter(log_dir=str(study_dir), filename_suffix=EVENT_SUFFIX) as writer:
         writer.file_writer.add_summary(experiment)
@@ -82,6 +80,8 @@ def write_hparams(study_dir, plan: dict, records: list[dict]) -> dict:
     keys = hparam_keys(plan)
     presets = {a["name"]: a.get("preset") for a in plan["arms"]}
     sessions, metric_names, example = [], set(), None
+    for old in study_dir.glob(f"events.out.tfevents.*{EVENT_SUFFIX}"):  # the experiment record of a previous report
+        old.unlink()
     for rec in records:
         folder = study_dir / rec["run_dir"] / STUDY_TB
         shutil.rmtree(folder, ignore_errors=True)
