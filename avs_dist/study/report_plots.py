@@ -91,7 +91,7 @@ def plot_test_metrics(summary: dict, path) -> Path | None:
     style = _seed_style([s for a in arms for m in a["metrics"].values() for s in m["seeds"]])
     cols = 3
     rows = -(-len(METRICS) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(11, 2.2 * cols * len(arms)), 4.2 * rows), dpi=100,
+    fig, axes = plt.subplots(rows, cols, figsize=(max(11, cols * (1.0 * len(arms) + 1.0)), 4.2 * rows), dpi=100,
                              squeeze=False)
     for ax, (key, _) in zip(axes.flat, METRICS):
         _metric_panel(ax, arms, key, style)
