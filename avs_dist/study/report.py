@@ -207,8 +207,9 @@ def paired_comparison(arm: dict, base: dict) -> dict:
     diffs = a - b
     out.update(mean_diff=float(diffs.mean()), std_diff=float(diffs.std(ddof=1)))
     if np.ptp(diffs) <= 1e-12 * max(1.0, float(np.abs(diffs).max())):
-        return {**out, "words": f"all {n} paired differences are {out['mean_diff']:+.4f}: no seed-to-seed spread, "
-                                "so the t-test is undefined (no p-value or interval)"}
+        same = ("the two arms give the same figure at every paired seed" if out["mean_diff"] == 0
+                else f"all {n} paired differences are {out['mean_diff']:+.4f}")
+        return {**out, "words": f"{same}: no seed-to-seed spread, so the t-test is undefined (no p-value or interval)"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # near-equal differences: scipy's precision note
         result = stats.ttest_rel(a, b)

@@ -50,7 +50,8 @@ def _ylim(ax, points: list[float], signed: bool) -> None:
         return
     lo, hi = min(points + ([0.0] if signed else [])), max(points + ([0.0] if signed else []))
     span = max(hi - lo, 0.02)
-    ax.set_ylim(lo - 0.15 * span, hi + 0.2 * span)
+    bottom = lo - 0.15 * span if signed else max(lo - 0.15 * span, -0.03 * span)  # mIoU / F: no room below 0
+    ax.set_ylim(bottom, hi + 0.2 * span)
 
 
 def _metric_panel(ax, arms: list[dict], key: str, style: dict) -> None:
@@ -97,8 +98,8 @@ def plot_test_metrics(summary: dict, path) -> Path | None:
         _metric_panel(ax, arms, key, style)
     for ax in list(axes.flat)[len(METRICS):]:
         ax.axis("off")
-    fig.suptitle(f"study {summary['study']}: bar = mean over finished runs, error bar = sample std, "
-                 "dot = one seed (s<seed>); test figures from each run's best val mIoU checkpoint", fontsize=11)
+    fig.suptitle(f"study {summary['study']}: bar = mean over finished runs, error bar = sample std, dot = one seed "
+                 "(s<seed>)\ntest figures from each run's best val mIoU checkpoint", fontsize=11)
     fig.tight_layout()
     try:
         return _save(fig, Path(path))
