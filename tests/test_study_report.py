@@ -54,6 +54,7 @@ def _finished_run(folder, arm, seed):
     lines.insert(2, {"step": 20, "split": "val", "miou": 0.05})  # crashed after step 20; the resumed run's wins
     lines[1], lines[2] = lines[2], lines[1]
     lines.append({"step": 40, "split": "test", "miou": 0.99})  # the last model's test: not a val point
+    lines.append({"split": "val", "miou": 0.98})  # no step: not a point either
     _write(folder / "eval.jsonl", "\n".join(json.dumps(row) for row in lines) + "\n{\"step\": 5")
     best_step = EVAL_STEPS[int(np.argmax(val))]
     _write(folder / "status.json", {"status": "completed", "step": 40, "total_steps": 40, "time": 1.0})

@@ -106,8 +106,9 @@ def val_curve(run_dir) -> list[list[float]]:
             row = json.loads(line)
         except ValueError:  # a line cut by a crash
             continue
-        if isinstance(row, dict) and row.get("split") == "val" and _number(row.get("miou")) is not None:
-            points[int(row["step"])] = float(row["miou"])
+        if (isinstance(row, dict) and row.get("split") == "val" and isinstance(row.get("step"), int)
+                and _number(row.get("miou")) is not None):
+            points[row["step"]] = float(row["miou"])
     return [[step, points[step]] for step in sorted(points)]
 
 
