@@ -18,7 +18,8 @@ import torch
 from procs import run_session
 
 from avs_dist.study import plan as study_plan
-from avs_dist.study.run import run_state
+from avs_dist.study.plan import run_dir
+from avs_dist.study.state import run_state
 
 # Three steps, one val evaluation (the best checkpoint) at the last; every step logged, so the
 # test can stop a study once a run has begun.
@@ -72,7 +73,7 @@ def test_seed_ablation_arms_are_the_seed_losses_one_at_a_time():
 
 @pytest.mark.parametrize("edit, message", [
     ('nope = 1\n', "unknown key(s) ['nope']"),
-    ('select = "last"\n', "the one selection available is 'best val miou'"),
+    ('select = "last"\n', "select = 'last': the one selection available is 'best val miou'"),
 ])
 def test_bad_study_files_are_one_line_errors(tmp_path, s4_shards, edit, message):
     path = write_study(tmp_path / "s.toml", {"a": NO_CROP, "b": []}, extra=edit)
@@ -158,7 +159,7 @@ def test_local_study_stops_continues_reports_and_shows_a_failed_arm(tmp_path, s4
     assert "[1/6] a seed 1: resuming" in second and "[1/6] a seed 1: finished" in second, second
     assert "nan seed 1: failed: step 1: non-finite" in second, second
     plan = json.loads((out / "plan.json").read_text())
-    states = {(r["arm"], r["seed"]): run_state(out, r) for r in plan["runs"]}
+    states = {(r["arm"], r["seed"]): run_state(run_dir(out, r)) for r in plan["runs"]}
     assert {k: s["state"] for k, s in states.items()} == {
         ("a", 1): "finished", ("b", 1): "finished", ("nan", 1): "failed",
         ("a", 2): "finished", ("b", 2): "finished", ("nan", 2): "failed"}
@@ -177,17 +178,18 @@ def _check_report(out: Path, plan: dict) -> None:
     import numpy as np
 
     report = json.loads((out / "report.json").read_text())
+    arms = {a["name"]: a for a in report["arms"]}
     for arm in ("a", "b"):
         runs = [r for r in plan["runs"] if r["arm"] == arm]
         tests = [json.loads((out / r["run_dir"] / "selected_test.json").read_text()) for r in runs]
         finals = [json.loads((out / r["run_dir"] / "final_metrics.json").read_text()) for r in runs]
-        stats = report["arms"][arm]
+        stats = arms[arm]
         assert (stats["finished"], stats["planned"]) == (2, 2)
         assert stats["metrics"]["miou"]["mean"] == pytest.approx(np.mean([t["miou"] for t in tests]), abs=1e-12)
         assert stats["metrics"]["best_val_miou"]["mean"] == pytest.approx(
             np.mean([f["best_val_miou"] for f in finals]), abs=1e-12)
         assert all(t["source"]["kind"] == "best" for t in tests)
-    assert (report["arms"]["nan"]["finished"], report["arms"]["nan"]["planned"]) == (0, 2)
+    assert (arms["nan"]["finished"], arms["nan"]["planned"]) == (0, 2)
     failed = [r for r in report["runs"] if r["arm"] == "nan"]
     assert all(r["state"] == "failed" and "non-finite" in r["error"] for r in failed), failed
     rows = (out / "runs.csv").read_text().splitlines()
@@ -211,8 +213,8 @@ def test_study_as_one_slurm_array(tmp_path, s4_shards):
     jobs = json.loads((out / "jobs.json").read_text())
     assert len({j["job_id"].split("_")[0] for j in jobs}) == 1 and len(jobs) == 4
     plan = json.loads((out / "plan.json").read_text())
-    assert all(run_state(out, r)["state"] == "finished" for r in plan["runs"]), text
+    assert all(run_state(run_dir(out, r))["state"] == "finished" for r in plan["runs"]), text
     report = json.loads((out / "report.json").read_text())
-    assert all(report["arms"][a]["finished"] == 2 for a in ("a", "b"))
+    assert [(a["name"], a["finished"]) for a in report["arms"]] == [("a", 2), ("b", 2)]
     rc, again = run_session(cmd, 300)
     assert rc == 0 and "nothing to submit" in again, again

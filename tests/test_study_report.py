@@ -12,6 +12,7 @@ from scipy import stats
 
 from avs_dist.errors import BadFileError, MissingFileError
 from avs_dist.study import report
+from avs_dist.study.state import ERROR_FILE
 from avs_dist.study.report_tb import EVENT_SUFFIX
 
 SEEDS = [1, 2, 3, 4, 5]
@@ -88,7 +89,7 @@ def make_study(tmp_path):
                 _finished_run(folder, arm, seed)
             elif state == "failed":
                 _write(folder / "status.json", {"status": "failed", "step": 3, "total_steps": 40, "reason": "boom"})
-                _write(folder / report.ERROR_FILE, ERROR + "\n")
+                _write(folder / ERROR_FILE, ERROR + "\n")
             else:
                 _write(folder / "status.json", {"status": "stopped", "step": 20, "total_steps": 40, "time": 1.0})
     _write(tmp_path / "plan.json", {"study": "seed_ablation", "source": "/x/seed_ablation.toml",

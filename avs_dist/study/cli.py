@@ -114,13 +114,13 @@ def _run(args) -> int:
 def _submit(args) -> int:
     from avs_dist.launch.submit import check_resources, make_executor, slurm_parameters, tasks_per_node, wait_for
     from avs_dist.study.plan import run_dir
-    from avs_dist.study.run import ERROR_FILE, run_state
+    from avs_dist.study.state import ERROR_FILE, run_state
     from avs_dist.study.slurm_job import StudyJob
 
     check_resources(args)
     plan = _plan(args, args.nodes * tasks_per_node(args), args.gpus_per_node > 0)
     out = Path(args.out).resolve()
-    todo = [r for r in plan["runs"] if run_state(out, r)["state"] not in
+    todo = [r for r in plan["runs"] if run_state(run_dir(out, r))["state"] not in
             ("finished", *(() if args.retry_failed else ("failed",)))]
     if not todo:
         print(f"study {plan['study']}: nothing to submit (every run finished or failed; --retry-failed)")
@@ -148,7 +148,7 @@ def _submit(args) -> int:
         return 0
     rc = wait_for(jobs, [Path(j.run_dir) for j in jobs_fn])
     for run, job in zip(todo, jobs):
-        state = run_state(out, run)["state"]
+        state = run_state(run_dir(out, run))["state"]
         if state not in ("finished", "failed"):  # killed or cancelled: nothing wrote an error
             error = run_dir(out, run) / ERROR_FILE
             error.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from avs_dist.config import ConfigError, is_config_path, load_config
-from avs_dist.errors import UserError
+from avs_dist.errors import BadFileError, MissingFileError, UserError
 from avs_dist.fileio import write_json
 
 STUDY_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -176,10 +176,25 @@ def save_plan(study_dir, plan: dict) -> None:
 
 
 def read_plan(study_dir) -> dict:
+    """STUDY_DIR/plan.json. MissingFileError / BadFileError (one line, naming the file) when
+    it is absent or not a study plan."""
     path = Path(study_dir) / PLAN_FILE
     if not path.is_file():
-        raise StudyError(f"{study_dir} is not a study folder (no {PLAN_FILE}; `avs-dist study run` makes one)")
-    return json.loads(path.read_text())
+        raise MissingFileError(f"{path}: no such file: {study_dir} is not a study folder "
+                               "(`avs-dist study run STUDY --out DIR` makes one)")
+    try:
+        plan = json.loads(path.read_text())
+    except ValueError as e:
+        raise BadFileError(f"{path}: not valid JSON ({e}); run the study again to rewrite it") from None
+    missing = [k for k in ("baseline", "arms", "runs") if not isinstance(plan, dict) or k not in plan]
+    if missing:
+        raise BadFileError(f"{path}: no {', '.join(repr(k) for k in missing)}: not a plan written by `avs-dist study`")
+    for i, run in enumerate(plan["runs"]):
+        lacks = [k for k in ("arm", "seed", "run_dir") if not isinstance(run, dict) or k not in run]
+        if lacks:
+            raise BadFileError(f"{path}: runs[{i}] has no {', '.join(repr(k) for k in lacks)}: "
+                               "not a plan written by `avs-dist study`")
+    return plan
 
 
 def run_dir(study_dir, run: dict) -> Path:

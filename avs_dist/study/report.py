@@ -35,13 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from avs_dist.errors import BadFileError, MissingFileError
 from avs_dist.fileio import write_json, write_text_atomic
 from avs_dist.provenance import describe
+from avs_dist.study.plan import read_plan
+from avs_dist.study.state import SELECTED_FILE, read_json, run_state
 
-PLAN_FILE = "plan.json"
-ERROR_FILE = "study_error.txt"  # the names the study runner writes (study/run.py)
-SELECTED_FILE = "selected_test.json"
 # (key, words): the selected checkpoint's test figures, then the run's best val mIoU
 TEST_METRICS = (("miou_avsbench", "test mIoU (AVSBench)"), ("f_avsbench", "test F (AVSBench)"),
                 ("miou", "test mIoU (batch-free)"), ("f", "test F (batch-free)"),
@@ -55,41 +53,11 @@ STATE_ORDER = ("finished", "trained", "stopped", "failed", "not started")
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _number(value) -> float | None:
     """A finite figure as float, else None (null, NaN, a string, a bool)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
-
-
-def read_plan(study_dir) -> dict:
-    """STUDY_DIR/plan.json. MissingFileError / BadFileError (one line, naming the file) when
-    it is absent or not a study plan."""
-    path = Path(study_dir) / PLAN_FILE
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such file: {study_dir} is not a study folder "
-                               "(`avs-dist study run STUDY --out DIR` makes one)")
-    try:
-        plan = json.loads(path.read_text())
-    except ValueError as e:
-        raise BadFileError(f"{path}: not valid JSON ({e}); run the study again to rewrite it") from None
-    missing = [k for k in ("baseline", "arms", "runs") if not isinstance(plan, dict) or k not in plan]
-    if missing:
-        raise BadFileError(f"{path}: no {', '.join(repr(k) for k in missing)}: not a plan written by `avs-dist study`")
-    for i, run in enumerate(plan["runs"]):
-        lacks = [k for k in ("arm", "seed", "run_dir") if not isinstance(run, dict) or k not in run]
-        if lacks:
-            raise BadFileError(f"{path}: runs[{i}] has no {', '.join(repr(k) for k in lacks)}: "
-                               "not a plan written by `avs-dist study`")
-    return plan
 
 
 def val_curve(run_dir) -> list[list[float]]:
@@ -110,28 +78,6 @@ def val_curve(run_dir) -> list[list[float]]:
                 and _number(row.get("miou")) is not None):
             points[row["step"]] = float(row["miou"])
     return [[step, points[step]] for step in sorted(points)]
-
-
-def run_state(run_dir) -> dict:
-    """{"state", "error", "step", "total_steps"} of one run folder (see the module docstring):
-    study_error.txt or status "failed" -> failed (with the error), "completed" -> finished or
-    trained (selected_test.json missing), "stopped" or a folder with checkpoints but no status
-    (still running, or killed) -> stopped, else not started."""
-    folder = Path(run_dir)
-    status = _read_json(folder / "status.json")
-    out = {"state": "not started", "error": None, "step": status.get("step"), "total_steps": status.get("total_steps")}
-    try:
-        error = (folder / ERROR_FILE).read_text().strip().splitlines()
-    except OSError:
-        error = None
-    if error is not None or status.get("status") == "failed":
-        reason = (error or [None])[0] or status.get("reason")
-        out.update(state="failed", error=reason or "failed (no error recorded)")
-    elif status.get("status") == "completed":
-        out["state"] = "finished" if (folder / SELECTED_FILE).is_file() else "trained"
-    elif status.get("status") == "stopped" or (folder / "checkpoints").is_dir():
-        out["state"] = "stopped"
-    return out
 
 
 def state_words(rec: dict) -> str:
@@ -157,7 +103,7 @@ def _record(study_dir: Path, run: dict) -> dict:
            "figures": {key: None for key, _ in METRICS}, "best_val_step": None, "test_source": None,
            "val_curve": val_curve(folder)}
     if rec["state"] == "finished":
-        selected, final = _read_json(folder / SELECTED_FILE), _read_json(folder / "final_metrics.json")
+        selected, final = read_json(folder / SELECTED_FILE), read_json(folder / "final_metrics.json")
         if not selected:
             rec.update(state="trained", error=f"{SELECTED_FILE} is unreadable")
         else:

@@ -17,7 +17,6 @@ further run starts. A second signal is passed on too: the trainings then abort.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -28,43 +27,13 @@ import time
 from pathlib import Path
 
 from avs_dist.study.plan import run_dir
+from avs_dist.study.state import ERROR_FILE, SELECTED_FILE, read_json, run_state
 
-ERROR_FILE = "study_error.txt"
-SELECTED_FILE = "selected_test.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _fig(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
-
-
-def run_state(study_dir, run: dict) -> dict:
-    """{"state", "step", "total_steps", "error"} of one planned run, from its folder:
-    finished (completed and evaluated), trained (completed, test evaluation missing), failed
-    (study_error.txt, or status.json "failed"), stopped (a checkpoint or a stop to resume from),
-    or not started."""
-    folder = run_dir(study_dir, run)
-    status = _read_json(folder / "status.json")
-    out = {"state": "not started", "step": status.get("step"), "total_steps": status.get("total_steps"),
-           "error": None}
-    error = folder / ERROR_FILE
-    if error.is_file():
-        out.update(state="failed", error=error.read_text().strip() or "failed (no message)")
-    elif status.get("status") == "completed":
-        out["state"] = "finished" if (folder / SELECTED_FILE).is_file() else "trained"
-    elif status.get("status") == "failed":
-        out.update(state="failed", error=status.get("reason") or "failed")
-    elif status or (folder / "checkpoints").is_dir():
-        out["state"] = "stopped"
-    return out
 
 
 def slot_envs(nproc: int, gpus: list[str] | None, parallel: int) -> list[dict]:
@@ -121,7 +90,7 @@ class LocalStudy:
         """The runs to work on, in plan order, saying once what is skipped and why."""
         out = []
         for run in self.plan["runs"]:
-            state = run_state(self.dir, run)
+            state = run_state(run_dir(self.dir, run))
             if state["state"] == "finished":
                 self.say(f"  {run['arm']} seed {run['seed']}: finished earlier")
             elif state["state"] == "failed" and not self.retry_failed:
@@ -147,7 +116,7 @@ class LocalStudy:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        states = [run_state(self.dir, r)["state"] for r in self.plan["runs"]]
+        states = [run_state(run_dir(self.dir, r))["state"] for r in self.plan["runs"]]
         if self.signals:
             self.say(f"study stopped ({self.signals[0]}): the same command continues it")
             return 0
@@ -194,12 +163,12 @@ class LocalStudy:
         folder = run_dir(self.dir, run)
         log = self.dir / "logs" / f"{run['arm']}_seed{run['seed']}.log"
         (folder / ERROR_FILE).unlink(missing_ok=True)  # retried, or resumed: its old error is not this attempt's
-        state = run_state(self.dir, run)["state"]
+        state = run_state(run_dir(self.dir, run))["state"]
         t0 = time.time()
         if state != "trained":
             self.say(f"{title}: {'resuming' if state == 'stopped' else 'training'} (log: {log})")
             rc = self._exec(slot, train_command(self.dir, run, self.plan["shards"], self.nproc), log)
-            status = _read_json(folder / "status.json")
+            status = read_json(folder / "status.json")
             if status.get("status") != "completed":
                 if rc == 0 or self.signals:  # stopped with a checkpoint: the same command resumes it
                     self.say(f"{title}: stopped at step {status.get('step')}")
@@ -211,7 +180,7 @@ class LocalStudy:
             if not self.signals:
                 self._fail(folder, title, "test evaluation of the selected checkpoint failed: " + error_line(log, {}))
             return
-        test, final = _read_json(folder / SELECTED_FILE), _read_json(folder / "final_metrics.json")
+        test, final = read_json(folder / SELECTED_FILE), read_json(folder / "final_metrics.json")
         self.say(f"{title}: finished in {time.time() - t0:.0f} s: best val miou {_fig(final.get('best_val_miou'))} "
                  f"(step {final.get('best_val_step')}), test miou {_fig(test.get('miou'))} of that checkpoint")
 

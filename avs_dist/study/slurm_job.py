@@ -11,7 +11,7 @@ import submitit
 
 from avs_dist.fileio import write_json, write_text_atomic
 from avs_dist.launch.slurm import TrainJob
-from avs_dist.study.run import ERROR_FILE, SELECTED_FILE
+from avs_dist.study.state import ERROR_FILE, SELECTED_FILE
 
 
 @dataclass
