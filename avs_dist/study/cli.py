@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parsers = _parsers()
     if not argv or argv[0] not in parsers:
-        print(_usage(), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        asked = not argv or argv[0] in ("-h", "--help")
+        print(_usage(), file=sys.stdout if asked else sys.stderr)
+        raise SystemExit(0 if asked else 2)  # like argparse's --help, for every command alike
     args = parsers[argv[0]].parse_intermixed_args(argv[1:])
     if argv[0] == "report":
         from avs_dist.study.plan import read_plan
