@@ -16,12 +16,21 @@ COMMANDS = {
     "submit": ("avs_dist.launch.submit:main", "submit a training run to Slurm with submitit"),
     "demo": ("avs_dist.demo:main", "synth -> pack -> 2-process training -> eval, on CPU"),
     "plot": ("avs_dist.plots:main", "write a run folder's loss and evaluation curves as PNGs"),
-    "study": ("avs_dist.study.cli:main", "arms x seeds on this machine or one Slurm array, and their report"),
 }
 BENCH = {
     "data": ("avs_dist.data.bench:main", "shard loader vs per-file loader, videos/s per core"),
     "model": ("avs_dist.bench_model:main", "training-step throughput, memory and FLOPs of model variants"),
     "train": ("avs_dist.bench_train:main", "end-to-end trainer throughput from shards vs synthetic input"),
+}
+STUDY = {
+    "run": ("avs_dist.study.cli:run_main", "train a study's unfinished runs on this machine, then report"),
+    "submit": ("avs_dist.study.cli:submit_main", "submit a study's unfinished runs as one Slurm job array"),
+    "report": ("avs_dist.study.cli:report_main", "write and print a study folder's report"),
+}
+# Commands made of subcommands: name -> (their table, one-line help).
+GROUPS = {
+    "bench": (BENCH, "benchmarks: " + ", ".join(BENCH)),
+    "study": (STUDY, "arms x seeds on this machine or one Slurm array, and their report"),
 }
 
 
@@ -61,7 +70,7 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    table = dict(COMMANDS, bench=("", "benchmarks: " + ", ".join(BENCH)))
+    table = {**COMMANDS, **{name: ("", help_) for name, (_, help_) in GROUPS.items()}}
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(table, "avs-dist"))
         return 0
@@ -69,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"avs-dist {version()}")
         return 0
     name, rest = argv[0], argv[1:]
-    if name == "bench":
-        if not rest or rest[0] in ("-h", "--help") or rest[0] not in BENCH:
-            print(_usage(BENCH, "avs-dist bench"))
-            return 0 if not rest or rest[0] in ("-h", "--help") else 2
-        return _run(BENCH[rest[0]][0], rest[1:], f"avs-dist bench {rest[0]}")
+    if name in GROUPS:
+        sub = GROUPS[name][0]
+        if not rest or rest[0] in ("-h", "--help") or rest[0] not in sub:
+            asked = not rest or rest[0] in ("-h", "--help")
+            print(_usage(sub, f"avs-dist {name}"), file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
+        return _run(sub[rest[0]][0], rest[1:], f"avs-dist {name} {rest[0]}")
     if name not in COMMANDS:
         print(f"avs-dist: unknown command {name!r}\n\n{_usage(table, 'avs-dist')}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@ import io
 
 import pytest
 
-from avs_dist.cli import BENCH, COMMANDS, main
+from avs_dist.cli import COMMANDS, GROUPS, main
 
 
 def _help(capsys, argv):
@@ -34,7 +34,7 @@ def test_help_shows_defaults(capsys, argv, shown):
         assert " ".join(s.split()) in text
 
 
-@pytest.mark.parametrize("argv", [[c] for c in COMMANDS] + [["bench", b] for b in BENCH])
+@pytest.mark.parametrize("argv", [[c] for c in COMMANDS] + [[g, s] for g, (sub, _) in GROUPS.items() for s in sub])
 def test_no_help_says_default_none(capsys, argv):
     text = _help(capsys, [*argv, "--help"])
     for bad in ("(default: None)", "(default: False)", "default: avs-<config name> (default"):

@@ -79,7 +79,7 @@ def test_bad_study_files_are_one_line_errors(tmp_path, s4_shards, edit, message)
     path = write_study(tmp_path / "s.toml", {"a": NO_CROP, "b": []}, extra=edit)
     rc, out = run_session(study_cmd("run", str(path), "--shards", str(s4_shards), "--out", str(tmp_path / "o")), 120)
     assert rc == 2 and "Traceback" not in out, out
-    assert f"avs-dist study: error: {path.resolve()}: {message}" in out, out
+    assert f"avs-dist study run: error: {path.resolve()}: {message}" in out, out
     assert not (tmp_path / "o").exists()  # nothing made before the checks pass
 
 

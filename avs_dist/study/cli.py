@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from avs_dist.helpformat import HelpFormatter
@@ -34,34 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every run (after the study's common)")
 
 
-def _parsers() -> dict[str, argparse.ArgumentParser]:
-    from avs_dist.launch.submit import slurm_arguments
-
-    def parser(cmd: str, description: str) -> argparse.ArgumentParser:
-        return argparse.ArgumentParser(prog=f"avs-dist study {cmd}", description=description,
-                                       formatter_class=HelpFormatter)
-
-    r = parser("run", "train the study's unfinished runs on this machine, then write and print the report")
-    _common(r)
-    r.add_argument("--nproc", type=int, default=1, help="ranks per run (avs-dist train --nproc)")
-    r.add_argument("--gpus", default=None,
-                   help="comma-separated GPU ids: runs go at once on disjoint sets of --nproc of them")
-    r.add_argument("--parallel", type=int, default=1, help="without --gpus: runs at once, sharing the CPU cores")
-    s = parser("submit", "submit the study's unfinished runs as one Slurm job array (one task per run)")
-    _common(s)
-    slurm_arguments(s)
-    s.add_argument("--array-parallelism", type=int, default=256, help="array tasks running at once")
-    s.add_argument("--wait", action="store_true", help="block until the jobs end, then report; exit 0 iff all finished")
-    rep = parser("report", "write (report.md, report.json, runs.csv, plots/) and print a study folder's report")
-    rep.add_argument("dir", help="the study folder (--out of study run / submit)")
-    return {"run": r, "submit": s, "report": rep}
-
-
-def _usage() -> str:
-    return ("usage: avs-dist study {run,submit,report} ...\n\n" + __doc__.split("\n\n")[0] + "\n\n"
-            "  run     train the study's runs on this machine, then report\n"
-            "  submit  submit the study's unfinished runs as one Slurm job array\n"
-            "  report  write and print the report of a study folder\n")
+def _parser(cmd: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"avs-dist study {cmd}", description=description, formatter_class=HelpFormatter)
 
 
 def _plan(args, world_size: int, cuda: bool) -> dict:
@@ -87,21 +60,28 @@ def report(study_dir) -> None:
     print(format_text(write_report(study_dir)), flush=True)
 
 
-def _run(args) -> int:
+def run_main(argv: list[str]) -> int:
+    """`avs-dist study run`: train the unfinished runs on this machine, then report."""
     import torch
 
+    from avs_dist.study.plan import StudyError
     from avs_dist.study.run import LocalStudy, slot_envs
 
+    p = _parser("run", "train the study's unfinished runs on this machine, then write and print the report")
+    _common(p)
+    p.add_argument("--nproc", type=int, default=1, help="ranks per run (avs-dist train --nproc)")
+    p.add_argument("--gpus", default=None,
+                   help="comma-separated GPU ids: runs go at once on disjoint sets of --nproc of them")
+    p.add_argument("--parallel", type=int, default=1, help="without --gpus: runs at once, sharing the CPU cores")
+    args = p.parse_intermixed_args(argv)
     if args.nproc < 1 or args.parallel < 1:
-        print("avs-dist study run: --nproc and --parallel must be >= 1", file=sys.stderr)
-        return 2
+        raise StudyError("--nproc and --parallel must be >= 1")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     plan = _plan(args, args.nproc, bool(gpus) or torch.cuda.is_available())
     try:
         slots = slot_envs(args.nproc, gpus, args.parallel)
     except ValueError as e:
-        print(f"avs-dist study run: {e}", file=sys.stderr)
-        return 2
+        raise StudyError(str(e)) from None
     out = Path(args.out).resolve()
     print(f"study {plan['study']}: {len(plan['arms'])} arms x {len(plan['seeds'])} seeds = {len(plan['runs'])} runs "
           f"in {out} ({len(slots)} at a time)", flush=True)
@@ -111,12 +91,20 @@ def _run(args) -> int:
     return rc
 
 
-def _submit(args) -> int:
-    from avs_dist.launch.submit import check_resources, make_executor, slurm_parameters, tasks_per_node, wait_for
+def submit_main(argv: list[str]) -> int:
+    """`avs-dist study submit`: the unfinished runs as one Slurm job array (one task per run)."""
+    from avs_dist.launch.submit import (check_resources, make_executor, slurm_arguments, slurm_parameters,
+                                        tasks_per_node, wait_for)
     from avs_dist.study.plan import run_dir
     from avs_dist.study.state import ERROR_FILE, run_state
     from avs_dist.study.slurm_job import StudyJob
 
+    p = _parser("submit", "submit the study's unfinished runs as one Slurm job array (one task per run)")
+    _common(p)
+    slurm_arguments(p)
+    p.add_argument("--array-parallelism", type=int, default=256, help="array tasks running at once")
+    p.add_argument("--wait", action="store_true", help="block until the jobs end, then report; exit 0 iff all finished")
+    args = p.parse_intermixed_args(argv)
     check_resources(args)
     plan = _plan(args, args.nodes * tasks_per_node(args), args.gpus_per_node > 0)
     out = Path(args.out).resolve()
@@ -158,22 +146,13 @@ def _submit(args) -> int:
     return rc
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parsers = _parsers()
-    if not argv or argv[0] not in parsers:
-        asked = not argv or argv[0] in ("-h", "--help")
-        print(_usage(), file=sys.stdout if asked else sys.stderr)
-        raise SystemExit(0 if asked else 2)  # like argparse's --help, for every command alike
-    args = parsers[argv[0]].parse_intermixed_args(argv[1:])
-    if argv[0] == "report":
-        from avs_dist.study.plan import read_plan
+def report_main(argv: list[str]) -> int:
+    """`avs-dist study report DIR`: write and print a study folder's report."""
+    from avs_dist.study.plan import read_plan
 
-        read_plan(args.dir)  # StudyError for a folder that is not a study's
-        report(Path(args.dir).resolve())
-        return 0
-    return _run(args) if argv[0] == "run" else _submit(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p = _parser("report", "write (report.md, report.json, runs.csv, plots/) and print a study folder's report")
+    p.add_argument("dir", help="the study folder (--out of study run / submit)")
+    args = p.parse_args(argv)
+    read_plan(args.dir)  # StudyError for a folder that is not a study's
+    report(Path(args.dir).resolve())
+    return 0
