@@ -30,6 +30,9 @@ MIN_PANEL = 160  # px: panels are enlarged (nearest neighbour, whole factors) to
 BACKGROUND = (24, 24, 24)
 TEXT = (240, 240, 240)
 FONT_PX = 13
+# plot_losses: smooth lines longer than this, over about this many logged steps
+SMOOTH_MIN_POINTS = 50
+SMOOTH_SPAN = 20
 
 
 def contrast_colour(pixels: np.ndarray) -> tuple[int, int, int]:
@@ -168,7 +171,14 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 
 
 def plot_losses(rows: list[dict], path: Path, title: str) -> Path | None:
-    """Each loss term of metrics.jsonl against the optimizer step (log scale when all > 0)."""
+    """Each loss term of metrics.jsonl against the optimizer step (log scale when all > 0).
+
+    Per-step losses of small batches jump by 10x from step to step; five such lines on one
+    axis hide each other. With more than SMOOTH_MIN_POINTS points each term is drawn faint as
+    logged and bold smoothed by pandas' exponentially weighted mean (span SMOOTH_SPAN, bias
+    corrected: TensorBoard's smoothing slider does the same)."""
+    import pandas as pd
+
     from avs_dist.losses import TERMS
 
     keys = [k for k in ("total", *TERMS) if any(k in r for r in rows)]
@@ -176,14 +186,20 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    positive = True
-    for key in keys:
+    positive, smoothed = True, False
+    for i, key in enumerate(keys):
         steps, values = _series(rows, key)
         positive = positive and all(v > 0 for v in values)
-        ax.plot(steps, values, label=key, linewidth=2.2 if key == "total" else 1.2)
+        colour, width = f"C{i}", 2.2 if key == "total" else 1.4
+        if len(values) > SMOOTH_MIN_POINTS:
+            smoothed = True
+            ax.plot(steps, values, color=colour, linewidth=0.6, alpha=0.25)
+            values = pd.Series(values).ewm(span=SMOOTH_SPAN).mean().tolist()
+        ax.plot(steps, values, color=colour, label=key, linewidth=width)
     if positive:
         ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="loss (unweighted terms; total is weighted)", title=title)
+    ax.set(xlabel="optimizer step", ylabel="loss (unweighted terms; total is weighted)",
+           title=f"{title} (bold: smoothed, faint: each step)" if smoothed else title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")  # "best" scans every point: slow on a long run
     fig.tight_layout()
@@ -193,22 +209,24 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 def plot_eval(rows: list[dict], path: Path, title: str) -> Path | None:
-    """val mIoU / F (and AVSBench mIoU) against the step; the test evaluations as points."""
+    """val mIoU / F (and AVSBench mIoU) against the step; the test evaluations as points in
+    the colour of the same metric's val line, labelled with the weights they scored."""
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    styles = {"miou": "-o", "miou_avsbench": "--", "f": "-s"}
-    for split, marker in (("val", None), ("test", "*")):
-        split_rows = [r for r in rows if r.get("split") == split]
-        for key, style in styles.items():
-            steps, values = _series(split_rows, key)
-            if not steps:
-                continue
-            if marker:
-                ax.plot(steps, values, marker, markersize=12, linestyle="none", label=f"{split} {key}")
-            else:
-                ax.plot(steps, values, style, markersize=3, label=f"{split} {key}")
+    styles = {"miou": ("-o", "*", 13), "miou_avsbench": ("--", "X", 9), "f": ("-s", "D", 7)}
+    for i, (key, (line, point, size)) in enumerate(styles.items()):
+        steps, values = _series([r for r in rows if r.get("split") == "val"], key)
+        if steps:
+            ax.plot(steps, values, line, color=f"C{i}", markersize=3, label=f"val {key}")
+        test = [r for r in rows if r.get("split") == "test"]
+        steps, values = _series(test, key)
+        if steps:
+            kinds = sorted({r.get("source", {}).get("kind", "") for r in test} - {""})
+            weights = f" ({', '.join(kinds)} model)" if kinds else ""
+            ax.plot(steps, values, point, color=f"C{i}", markersize=size, markeredgecolor="black",
+                    linestyle="none", label=f"test {key}{weights}")
     ax.set(xlabel="optimizer step", ylabel="score", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
