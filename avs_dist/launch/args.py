@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from avs_dist.config import Config, ConfigError, global_batch, load_config
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a Slurm or container share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from avs_dist.launch.args import check_run, rank_args, resolve_config, run_parser
+from avs_dist.launch.args import check_run, rank_args, resolve_config, run_parser, usable_cores
 from avs_dist.launch.signals import LAUNCHER_ENV, STOP_SIGNALS
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -127,7 +127,7 @@ def rank_threads(nproc: int) -> dict:
     saying so: torchrun would otherwise pick 1 and print a five-line banner about it."""
     if "OMP_NUM_THREADS" in os.environ:
         return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     threads = max(1, cores // nproc)
     print(f"avs-dist train: OMP_NUM_THREADS={threads} per rank ({cores} cores / {nproc} ranks; "
           "set OMP_NUM_THREADS to choose)", flush=True)

@@ -26,10 +26,10 @@ import threading
 import time
 from pathlib import Path
 
+from avs_dist.launch.args import usable_cores
+from avs_dist.launch.signals import STOP_SIGNALS
 from avs_dist.study.plan import run_dir
 from avs_dist.study.state import ERROR_FILE, SELECTED_FILE, read_json, run_state
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 
 
 def _fig(value) -> str:
@@ -43,8 +43,7 @@ def slot_envs(nproc: int, gpus: list[str] | None, parallel: int) -> list[dict]:
         if len(gpus) < nproc:
             raise ValueError(f"--gpus {','.join(gpus)}: fewer GPUs than --nproc {nproc}")
         return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i:i + nproc])} for i in range(0, len(gpus) - nproc + 1, nproc)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // (parallel * nproc))
+    threads = max(1, usable_cores() // (parallel * nproc))
     env = {"OMP_NUM_THREADS": str(threads)} if parallel > 1 and "OMP_NUM_THREADS" not in os.environ else {}
     return [dict(env) for _ in range(parallel)]
 
@@ -116,11 +115,10 @@ class LocalStudy:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        states = [run_state(run_dir(self.dir, r))["state"] for r in self.plan["runs"]]
         if self.signals:
             self.say(f"study stopped ({self.signals[0]}): the same command continues it")
             return 0
-        return 1 if "failed" in states else 0
+        return 1 if any(run_state(run_dir(self.dir, r))["state"] == "failed" for r in self.plan["runs"]) else 0
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.append(signal.Signals(signum).name)
@@ -163,7 +161,7 @@ class LocalStudy:
         folder = run_dir(self.dir, run)
         log = self.dir / "logs" / f"{run['arm']}_seed{run['seed']}.log"
         (folder / ERROR_FILE).unlink(missing_ok=True)  # retried, or resumed: its old error is not this attempt's
-        state = run_state(run_dir(self.dir, run))["state"]
+        state = run_state(folder)["state"]
         t0 = time.time()
         if state != "trained":
             self.say(f"{title}: {'resuming' if state == 'stopped' else 'training'} (log: {log})")
