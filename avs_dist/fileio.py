@@ -28,6 +28,16 @@ def write_json(path: str | Path, data, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(data, indent=indent, default=str) + "\n")
 
 
+def read_json_dict(path: str | Path) -> dict:
+    """The JSON object in `path`, or {} when the file is missing, unreadable, cut short or not
+    an object: for status and result files a run may not have written (yet)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text` all at once: a reader sees the old file or the whole new one.
     The temp name is `path` + ".tmp" (cleaners of half-written output look for it)."""

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from avs_dist.fileio import write_json, write_text_atomic
+from avs_dist.fileio import read_json_dict, write_json, write_text_atomic
 from avs_dist.provenance import describe
 from avs_dist.study.plan import read_plan
-from avs_dist.study.state import SELECTED_FILE, read_json, run_state
+from avs_dist.study.state import SELECTED_FILE, run_state
 
 # (key, words): the selected checkpoint's test figures, then the run's best val mIoU
 TEST_METRICS = (("miou_avsbench", "test mIoU (AVSBench)"), ("f_avsbench", "test F (AVSBench)"),
@@ -103,7 +103,7 @@ def _record(study_dir: Path, run: dict) -> dict:
            "figures": {key: None for key, _ in METRICS}, "best_val_step": None, "test_source": None,
            "val_curve": val_curve(folder)}
     if rec["state"] == "finished":
-        selected, final = read_json(folder / SELECTED_FILE), read_json(folder / "final_metrics.json")
+        selected, final = read_json_dict(folder / SELECTED_FILE), read_json_dict(folder / "final_metrics.json")
         if not selected:
             rec.update(state="trained", error=f"{SELECTED_FILE} is unreadable")
         else:

@@ -14,10 +14,10 @@ Rewriting the report replaces both (tb/study is deleted first), so no session ap
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
+from avs_dist.fileio import read_json_dict
 from avs_dist.study.report import TEST_METRICS
 
 STUDY_TB = Path("tb") / "study"
@@ -52,14 +52,6 @@ def run_metrics(rec: dict) -> dict:
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _write_experiment(study_dir: Path, hp: dict, metric_names: list[str]) -> None:
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
@@ -87,7 +79,7 @@ def write_hparams(study_dir, plan: dict, records: list[dict]) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         if rec["state"] != "finished":
             continue
-        hp = run_hparams(rec, presets.get(rec["arm"]), _read_config(study_dir / rec["run_dir"] / "config.json"), keys)
+        hp = run_hparams(rec, presets.get(rec["arm"]), read_json_dict(study_dir / rec["run_dir"] / "config.json"), keys)
         metrics = run_metrics(rec)
         # log_dir is the session folder and run_name "." keeps add_hparams's writer in it:
         # a run_name below another folder would leave an empty event file there on every rewrite

@@ -26,10 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+from avs_dist.fileio import read_json_dict
 from avs_dist.launch.args import usable_cores
 from avs_dist.launch.signals import STOP_SIGNALS
 from avs_dist.study.plan import run_dir
-from avs_dist.study.state import ERROR_FILE, SELECTED_FILE, read_json, run_state
+from avs_dist.study.state import ERROR_FILE, SELECTED_FILE, run_state
 
 
 def _fig(value) -> str:
@@ -166,7 +167,7 @@ class LocalStudy:
         if state != "trained":
             self.say(f"{title}: {'resuming' if state == 'stopped' else 'training'} (log: {log})")
             rc = self._exec(slot, train_command(self.dir, run, self.plan["shards"], self.nproc), log)
-            status = read_json(folder / "status.json")
+            status = read_json_dict(folder / "status.json")
             if status.get("status") != "completed":
                 if rc == 0 or self.signals:  # stopped with a checkpoint: the same command resumes it
                     self.say(f"{title}: stopped at step {status.get('step')}")
@@ -178,7 +179,7 @@ class LocalStudy:
             if not self.signals:
                 self._fail(folder, title, "test evaluation of the selected checkpoint failed: " + error_line(log, {}))
             return
-        test, final = read_json(folder / SELECTED_FILE), read_json(folder / "final_metrics.json")
+        test, final = read_json_dict(folder / SELECTED_FILE), read_json_dict(folder / "final_metrics.json")
         self.say(f"{title}: finished in {time.time() - t0:.0f} s: best val miou {_fig(final.get('best_val_miou'))} "
                  f"(step {final.get('best_val_step')}), test miou {_fig(test.get('miou'))} of that checkpoint")
 

@@ -7,19 +7,12 @@ the report agree on it here).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from avs_dist.fileio import read_json_dict
 
 ERROR_FILE = "study_error.txt"
 SELECTED_FILE = "selected_test.json"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def run_state(run_dir) -> dict:
@@ -28,7 +21,7 @@ def run_state(run_dir) -> dict:
     trained (selected_test.json missing), "stopped" or a folder with checkpoints but no status
     (still running, or killed) -> stopped, else not started."""
     folder = Path(run_dir)
-    status = read_json(folder / "status.json")
+    status = read_json_dict(folder / "status.json")
     out = {"state": "not started", "error": None, "step": status.get("step"), "total_steps": status.get("total_steps")}
     try:
         error = (folder / ERROR_FILE).read_text().strip().splitlines()

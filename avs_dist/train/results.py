@@ -17,25 +17,17 @@ import json
 import time
 from pathlib import Path
 
-from avs_dist.fileio import write_text_atomic
+from avs_dist.fileio import read_json_dict, write_text_atomic
 from avs_dist.provenance import describe
 
 RESULTS_FILE = "RESULTS.md"
 HEADLINE = ("miou_avsbench", "f_avsbench", "miou", "f", "audio_gap")  # the figures a person compares
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def best_checkpoint(run_dir) -> dict | None:
     """{"step", "epoch", "path"} of run_dir/checkpoints/best (its COMPLETE.json), or None."""
     best = Path(run_dir) / "checkpoints" / "best"
-    complete = _read_json(best / "COMPLETE.json")
+    complete = read_json_dict(best / "COMPLETE.json")
     if "step" not in complete:
         return None
     return {"step": complete["step"], "epoch": complete.get("epoch"), "path": str(best)}
@@ -74,8 +66,8 @@ def _progress(status: dict, final: dict) -> str:
 def results_text(run_dir) -> str:
     """The RESULTS.md page of `run_dir` (see the module docstring)."""
     run_dir = Path(run_dir).resolve()
-    cfg, status = _read_json(run_dir / "config.json"), _read_json(run_dir / "status.json")
-    final = _read_json(run_dir / "final_metrics.json") if status.get("status") == "completed" else {}
+    cfg, status = read_json_dict(run_dir / "config.json"), read_json_dict(run_dir / "status.json")
+    final = read_json_dict(run_dir / "final_metrics.json") if status.get("status") == "completed" else {}
     best = best_checkpoint(run_dir)
     lines = [f"# Results: {run_dir}", "",
              f"- **Run:** {_what_ran(cfg, final)}",
@@ -110,8 +102,8 @@ def completed_run(run_dir, cfg_dict: dict) -> dict | None:
     """status.json of `run_dir` when it says "completed" and the run's saved config.json is
     `cfg_dict` (the same run asked again), else None."""
     run_dir = Path(run_dir)
-    status = _read_json(run_dir / "status.json")
+    status = read_json_dict(run_dir / "status.json")
     if status.get("status") != "completed" or not (run_dir / "final_metrics.json").is_file():
         return None
-    saved = _read_json(run_dir / "config.json")
+    saved = read_json_dict(run_dir / "config.json")
     return status if saved == json.loads(json.dumps(cfg_dict)) else None
