@@ -93,13 +93,17 @@ class VGGish(nn.Module):
         that. Each video is computed on its own ([T, 1, 96, 64]): a convolution's low bits depend
         on the batch it runs in, and a memo filled in one batch order must equal what a resumed
         run, in another order, would compute. Off on CUDA (hashing would copy the audio to the
-        host, and VGGish is a small part of a GPU step) and when ZeRO-3 partitions the weights
-        (its gathers are collectives every rank must enter: a memo hit on one rank would leave
-        the others waiting).
+        host, and VGGish is a small part of a GPU step). When ZeRO-3 partitions the weights the
+        videos are still computed one by one (so ZeRO-3 gets the embeddings DDP gets) but not
+        memoized: its gathers are collectives every rank must enter, and a memo hit on one rank
+        would leave the others waiting (every rank's training micro-batch has the same number
+        of videos, config.global_batch, so each enters the same number of forwards).
         """
         b, t = audio.shape[:2]
-        if audio.device.type != "cpu" or any(hasattr(p, "ds_id") for p in self.parameters()):
+        if audio.device.type != "cpu":
             return self(audio.reshape(b * t, *audio.shape[2:])).reshape(b, t, EMBED_DIM)
+        if any(hasattr(p, "ds_id") for p in self.parameters()):
+            return torch.stack([self(a) for a in audio])
         keys = [(a.dtype, tuple(a.shape), hashlib.blake2b(a.contiguous().view(torch.uint8).numpy(),
                                                            digest_size=16).digest()) for a in audio]
         out = []
