@@ -8,6 +8,7 @@ import sys
 # `avs-dist synth` does not pay for torch.distributed, DeepSpeed or submitit.
 COMMANDS = {
     "synth": ("avs_dist.data.synth:main", "write a synthetic dataset in the AVSBench layout"),
+    "extract": ("avs_dist.extract:main", "AVSBench raw_videos/ -> frames, 16 kHz wav, log-mel, as the reference makes them"),
     "pack": ("avs_dist.data.pack:main", "pack an AVSBench download into WebDataset shards"),
     "inspect": ("avs_dist.data.inspect:main", "check a shard set against its manifest and show a sample"),
     "train": ("avs_dist.launch.local:main", "train (one process, or --nproc N local processes under torchrun)"),
