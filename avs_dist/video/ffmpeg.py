@@ -94,12 +94,19 @@ class VideoMeta:
 
 
 def parse_header(path: Path, header: str) -> VideoMeta:
+    import logging
+
     from imageio_ffmpeg._parsing import parse_ffmpeg_header  # the reference reader's own parser
 
+    # It logs a warning when rotation makes the frames' size differ from the source's: expected here.
+    log = logging.getLogger("imageio_ffmpeg")
+    was_disabled, log.disabled = log.disabled, True
     try:
         meta = parse_ffmpeg_header(header)
     except (IndexError, AttributeError, ValueError) as e:
         raise VideoError(f"{path}: cannot parse ffmpeg's description of the video ({type(e).__name__}: {e})") from None
+    finally:
+        log.disabled = was_disabled
     # moviepy 1.0.3 ffmpeg_parse_infos: the first "Duration: " line, HH:MM:SS.ss
     duration = None
     for line in header.splitlines():
