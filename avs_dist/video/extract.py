@@ -37,7 +37,7 @@ import numpy as np
 
 from avs_dist.data.layout import VideoRecord, raw_video_path, read_subset, subset_root
 from avs_dist.errors import UserError
-from avs_dist.video.ffmpeg import VideoError, VideoRun
+from avs_dist.video.ffmpeg import NoAudioError, VideoError, VideoRun, parse_header, probe
 from avs_dist.video.timing import CLIP_SECONDS, frame_indices, reference_fps, s4_clip_seconds
 
 REPORT = "extract_report.json"
@@ -61,40 +61,58 @@ class Clip:
     fps: float
     frames_decoded: int
     duration: float
+    runs: int = 1  # ffmpeg decodes (2: the reference's frame numbers were not the decoded ones)
 
 
 def extract_clip(video: str | Path, seconds: int, size: int = REFERENCE_SIZE, audio: bool = True) -> Clip:
-    """Decode one video once and return the reference's frames and wav samples.
+    """Decode one video and return the reference's frames and wav samples.
+
+    How, exactly and cheaply: `ffmpeg -i` gives the fps the reference indexes with, hence the
+    frame numbers k it keeps. One ffmpeg run then decodes the video once and (a) converts to
+    RGB only the decoded frames numbered k, (b) runs the reference's constant-rate stream to
+    learn which decoded frame each of its frames shows, (c) decodes moviepy's audio stream.
+    When (b) says the reference's frame k is decoded frame k (a constant-rate source: nearly
+    always), the frames of (a) are the reference's. Otherwise (a variable frame rate, a late
+    video start, a clip shorter than its last kept frame) a second run converts the decoded
+    frames (b) names. Either way the pixels are ffmpeg's rgb24 of the same decoded frames,
+    resized by cv2.resize: the reference's.
 
     Raises VideoError (file named): unreadable, no video stream, no audio stream (NoAudioError,
-    when `audio`), no frame rate, or fewer seconds of video than `seconds` (no decoded frame in
-    the last second the clip needs: the reference would silently repeat an earlier frame)."""
+    when `audio`), no frame rate, or fewer seconds of video than `seconds` (no frame in the
+    last second the clip needs: the reference would silently repeat an earlier frame)."""
     import cv2
 
     from avs_dist.video.audio import moviepy_wav_samples
 
     video = Path(video)
-    with VideoRun(video, audio=audio) as run:
-        fps = reference_fps(run.meta.fps)
-        if fps <= 0:
-            raise VideoError(f"{video}: ffmpeg reports no frame rate, so no frame can be matched to a second")
-        want = set(frame_indices(fps, seconds))
-        kept = {}
-        for i, frame in run.frames():
-            if i in want:
-                kept[i] = frame.copy()
+    head = parse_header(video, probe(video))
+    fps = reference_fps(head.fps)
+    if fps <= 0:
+        raise VideoError(f"{video}: ffmpeg reports no frame rate, so no frame can be matched to a second")
+    if audio and not head.has_audio:
+        raise NoAudioError(f"{video}: has no audio stream (the model needs the sound)")
+    wanted = frame_indices(fps, seconds)
+    with VideoRun(video, audio=audio, select=wanted, timing=True) as run:
+        kept = {i: frame.copy() for i, frame in run.frames()}
         stream = run.finish()
-        n = run.n_frames
-        if n == 0:
-            raise VideoError(f"{video}: no decodable video frame")
-        if n - 1 < (seconds - 1) * fps:
-            raise VideoError(f"{video}: {n} frames at {run.meta.fps:g} fps ({n / fps:.2f} s); the clip needs "
-                             f"{seconds} s (a frame in each second)")
-        last = run.last_frame()
-        frames = [cv2.resize(kept[i] if i in kept else last, (size, size))
-                  for i in frame_indices(fps, seconds, n)]
-        wav = moviepy_wav_samples(stream, run.meta.duration) if audio else np.zeros((0, 2), np.int16)
-        return Clip(frames=frames, wav=wav, fps=run.meta.fps, frames_decoded=n, duration=run.meta.duration)
+        meta, decoded_of = run.meta, run.decoded_of
+    n = len(decoded_of)  # frames of the reference's stream
+    if n == 0:
+        raise VideoError(f"{video}: no decodable video frame")
+    if n - 1 < (seconds - 1) * fps:
+        raise VideoError(f"{video}: {n} frames at {head.fps:g} fps ({n / fps:.2f} s); the clip needs "
+                         f"{seconds} s (a frame in each second)")
+    need = [decoded_of[k] for k in frame_indices(fps, seconds, n)]
+    runs = 1
+    if not all(d in kept for d in need):  # the reference's frame k is not decoded frame k
+        runs = 2
+        with VideoRun(video, audio=False, select=need) as again:
+            kept = {i: frame.copy() for i, frame in again.frames()}
+            again.finish()
+    frames = [cv2.resize(kept[d], (size, size)) for d in need]
+    wav = moviepy_wav_samples(stream, meta.duration) if audio else np.zeros((0, 2), np.int16)
+    return Clip(frames=frames, wav=wav, fps=head.fps, frames_decoded=n, duration=meta.duration,
+                runs=runs)
 
 
 # ----------------------------------------------------------------------------- one video

@@ -123,23 +123,74 @@ def parse_header(path: Path, header: str) -> VideoMeta:
                      duration=duration, has_audio=has_audio_stream(header), header=header)
 
 
+def probe(path: str | Path) -> str:
+    """ffmpeg's description of `path` (`ffmpeg -i path`, no output: what moviepy's probe runs).
+    Raises MissingFileError / VideoError (file named) when there is no readable video."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: video file not found")
+    proc = subprocess.run([ffmpeg_exe(), "-nostdin", "-i", str(path)], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    text = proc.stderr.decode("utf-8", "replace")
+    if "Input #0" not in text or not re.search(r"Stream #0:\d+.*: Video: ", _input_section(text)):
+        raise VideoError(_problem(path, text))
+    return text
+
+
+class _PipeReader(threading.Thread):
+    """Drains one pipe into memory (ffmpeg writes several outputs at once: none may block)."""
+
+    def __init__(self, fd: int):
+        super().__init__(daemon=True)
+        self.fd, self.chunks = fd, []
+        self.start()
+
+    def run(self) -> None:
+        with os.fdopen(self.fd, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 16):
+                self.chunks.append(chunk)
+
+    def data(self) -> bytes:
+        self.join()
+        return b"".join(self.chunks)
+
+
 class VideoRun:
     """A running `ffmpeg` decode of one video; use as a context manager.
 
-    `meta` (VideoMeta) is available after entering. `frames()` yields (index, frame) for every
-    frame of the reference's stream in order: frame is a uint8 [H, W, 3] RGB view into a reused
-    buffer, valid until the next frame (copy what you keep). `finish()` waits for ffmpeg and
-    returns the audio: int16 [n, 2] at 44.1 kHz (None when audio=False), raising VideoError if
-    ffmpeg failed. Leaving the block early kills ffmpeg.
+    Outputs, each with the reference's own options (module docstring):
+    - video: every frame of the reference's stream (select=None: imageio's rgb24 image2pipe,
+      constant frame rate), or only the decoded frames whose 0-based decode index is in
+      `select` (a `select` filter before the conversion to rgb24, no rate conversion: the
+      other frames are decoded but never converted or sent);
+    - timing (timing=True): the reference's constant-rate stream again, into ffmpeg's null
+      muxer, with `-stats_enc_pre` writing for each of its frames n the decoded frame it
+      shows (`ni`): `decoded_index()` maps the reference's frame numbers to decoded ones;
+    - audio (audio=True): moviepy's `-f s16le -ar 44100 -ac 2` stream.
+
+    `meta` (VideoMeta) is available after entering. `frames()` yields (index, frame): the
+    reference's frame number (select=None) or the decoded index (select given); frame is a
+    uint8 [H, W, 3] RGB view into a reused buffer, valid until the next frame. `finish()` waits
+    for ffmpeg and returns the audio int16 [n, 2] at 44.1 kHz (None when audio=False), raising
+    VideoError if ffmpeg failed. Leaving the block early kills ffmpeg.
     """
 
-    def __init__(self, path: str | Path, audio: bool = True):
+    def __init__(self, path: str | Path, audio: bool = True, select: list[int] | None = None,
+                 timing: bool = False):
         self.path = Path(path)
         self.audio = audio
+        self.select = sorted(set(select)) if select is not None else None
+        self.timing = timing
         self.proc = None
         self.meta: VideoMeta | None = None
         self.n_frames = 0
-        self._audio_chunks: list[bytes] = []
+        self._readers: dict[str, _PipeReader] = {}
+
+    def _pipe(self, name: str, fds: list[int]) -> str:
+        r, w = os.pipe()
+        fds.append(w)
+        self._readers[name] = r  # replaced by its reader once ffmpeg runs
+        return f"pipe:{w}"
 
     def __enter__(self) -> "VideoRun":
         from imageio_ffmpeg._parsing import LogCatcher  # imageio's reader waits for the header the same way
@@ -149,24 +200,29 @@ class VideoRun:
         # One decoder thread: decoding is bit-exact at any thread count, and one thread per video
         # spends the least CPU per video (parallelism comes from decoding several videos at once).
         cmd = [ffmpeg_exe(), "-nostdin", "-threads", "1", "-i", str(self.path)]
-        pass_fds: tuple[int, ...] = ()
-        self._audio_r = None
+        fds: list[int] = []
         if self.audio:
-            r, w = os.pipe()
-            self._audio_r, pass_fds = r, (w,)
             # moviepy's reader: '-i f -vn -loglevel error -f s16le -acodec pcm_s16le -ar 44100 -ac 2 -'
             # (the log level changes only what is printed)
             cmd += ["-vn", "-f", "s16le", "-acodec", "pcm_s16le", "-ar", str(AUDIO_RATE),
-                    "-ac", str(AUDIO_CHANNELS), f"pipe:{w}"]
+                    "-ac", str(AUDIO_CHANNELS), self._pipe("audio", fds)]
+        if self.timing:
+            # The constant-rate stream image2pipe makes (-fps_mode cfr is its default), its frames
+            # only wrapped, not converted; per frame: its number and the decoded frame it shows.
+            cmd += ["-an", "-fps_mode", "cfr", "-c:v", "wrapped_avframe",
+                    "-stats_enc_pre", self._pipe("timing", fds), "-stats_enc_pre_fmt", "{n} {ni}", "-f", "null", "-"]
+        if self.select is not None:
+            # filtergraph escaping: '\\,' is a comma inside the expression (no shell is involved)
+            expr = "+".join(f"eq(n\\,{i})" for i in self.select) or "0"
+            cmd += ["-vf", f"select={expr}", "-fps_mode", "passthrough"]
         # imageio-ffmpeg's read_frames: '-i f -pix_fmt rgb24 -vcodec rawvideo -f image2pipe -'
         cmd += ["-pix_fmt", "rgb24", "-vcodec", "rawvideo", "-f", "image2pipe", "-"]
         # A name starting with '-' is safe: it follows -i, and no shell is involved.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, pass_fds=pass_fds, bufsize=1 << 20)
-        if self.audio:
-            os.close(pass_fds[0])
-            self._audio_thread = threading.Thread(target=self._read_audio, daemon=True)
-            self._audio_thread.start()
+                                     stderr=subprocess.PIPE, pass_fds=tuple(fds), bufsize=1 << 20)
+        for w in fds:
+            os.close(w)
+        self._readers = {k: _PipeReader(r) for k, r in self._readers.items()}
         self._log = LogCatcher(self.proc.stderr)
         while not self._log.header and self._log.is_alive():
             self._log.join(0.002)
@@ -180,20 +236,15 @@ class VideoRun:
         self.meta = parse_header(self.path, self._log.header)
         return self
 
-    def _read_audio(self) -> None:
-        with os.fdopen(self._audio_r, "rb", buffering=0) as f:
-            while chunk := f.read(1 << 16):
-                self._audio_chunks.append(chunk)
-
     def frames(self):
         w, h = self.meta.size
         nbytes = w * h * 3
         # two buffers, so that the last complete frame survives a partial read at the end
         bufs = self._bufs = [bytearray(nbytes), bytearray(nbytes)]
         stdout = self.proc.stdout
-        index = 0
+        k = 0
         while True:
-            buf = bufs[index % 2]
+            buf = bufs[k % 2]
             view = memoryview(buf)
             got = 0
             while got < nbytes:
@@ -203,9 +254,10 @@ class VideoRun:
                 got += n
             if got < nbytes:  # EOF (a partial last frame is dropped, as imageio does not keep it)
                 break
-            self.n_frames = index + 1
+            self.n_frames = k + 1
+            index = k if self.select is None else self.select[k]
             yield index, np.frombuffer(buf, np.uint8).reshape(h, w, 3)
-            index += 1
+            k += 1
 
     def last_frame(self) -> np.ndarray | None:
         """The last complete frame read (after frames() is exhausted): a copy."""
@@ -219,29 +271,29 @@ class VideoRun:
         self.proc.stdout.read()
         rc = self.proc.wait()
         self._log.join(2.0)
-        if self.audio:
-            self._audio_thread.join()
+        raw = {k: r.data() for k, r in self._readers.items()}
         text = self._log.get_text(0.5)
         if rc != 0:
             if self.audio and not self.meta.has_audio:
                 raise NoAudioError(f"{self.path}: has no audio stream (the model needs the sound)")
             raise VideoError(_problem(self.path, text))
+        if self.timing:
+            pairs = [ln.split() for ln in raw["timing"].decode().splitlines() if ln.strip()]
+            self.decoded_of = [int(ni) for _, ni in pairs]
         if not self.audio:
             return None
-        raw = b"".join(self._audio_chunks)
-        raw = raw[: len(raw) - len(raw) % (2 * AUDIO_CHANNELS)]
-        return np.frombuffer(raw, "<i2").reshape(-1, AUDIO_CHANNELS)
+        audio = raw["audio"][: len(raw["audio"]) - len(raw["audio"]) % (2 * AUDIO_CHANNELS)]
+        return np.frombuffer(audio, "<i2").reshape(-1, AUDIO_CHANNELS)
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         if self.proc is not None:
             self.proc.wait()
-            for f in (self.proc.stdout,):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+            try:
+                self.proc.stdout.close()
+            except OSError:
+                pass
 
     def __exit__(self, *exc) -> None:
         self._stop()
