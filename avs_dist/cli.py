@@ -23,6 +23,7 @@ BENCH = {
     "data": ("avs_dist.data.bench:main", "shard loader vs per-file loader, videos/s per core"),
     "model": ("avs_dist.bench_model:main", "training-step throughput, memory and FLOPs of model variants"),
     "train": ("avs_dist.bench_train:main", "end-to-end trainer throughput from shards vs synthetic input"),
+    "extract": ("avs_dist.video.bench:main", "avs-dist extract vs the reference recipe on the same clips, same output"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Writing mp4 clips with imageio-ffmpeg's ffmpeg (H.264 + AAC): `synth --raw-videos` and the tests.
+"""Writing mp4 clips with imageio-ffmpeg's ffmpeg (H.264 + AAC): `synth --raw-videos`, the tests, the bench.
 
 `write_clip` shows one picture per second (picture l from second l until l+1, the last one
 until the end) at a constant frame rate, with a mono sound: the shape of an AVSBench clip
@@ -64,4 +64,38 @@ def write_clip(path: str | Path, pictures: np.ndarray, seconds: float, fps: str 
         tmp.unlink(missing_ok=True)
         if wav_tmp is not None:
             Path(wav_tmp).unlink(missing_ok=True)
+    return path
+
+
+def pattern_clip(path, seconds=5.5, fps="30000/1001", size=(96, 64), audio_rate=44100, channels=2,
+                 audio=True, vfr=False, rotate=None, audio_seconds=None, freq=440, hue=0,
+                 preset="ultrafast") -> Path:
+    """An mp4 (H.264 + AAC) of ffmpeg's moving test pattern `testsrc2` (colours turned by
+    `hue` degrees) and a `freq` Hz tone of `channels` channels at `audio_rate` Hz, encoded with
+    x264's `preset`. `vfr`: frames 40..69 are dropped with the others' timestamps kept (a
+    variable-frame-rate stream); `rotate`: display-matrix rotation (degrees), as a phone
+    writes it. For the tests and `avs-dist bench extract`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    cmd = [ffmpeg_exe(), "-nostdin", "-y", "-v", "error",
+           "-f", "lavfi", "-i", f"testsrc2=size={w}x{h}:rate={fps}:duration={seconds}"]
+    if audio:
+        layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
+        cmd += ["-f", "lavfi", "-i",
+                f"sine=frequency={freq}:sample_rate={audio_rate}:duration={audio_seconds or seconds}",
+                "-filter_complex", f"[1:a]aformat=channel_layouts={layout}[a]", "-map", "0:v", "-map", "[a]",
+                "-c:a", "aac", "-b:a", "64k"]
+    filters = [f"hue=h={hue}"] if hue else []
+    if vfr:
+        filters.append(r"select='not(between(n\,40\,69))'")
+    if filters:
+        cmd += ["-vf", ",".join(filters)] + (["-fps_mode", "vfr"] if vfr else [])
+    cmd += ["-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-f", "mp4"]
+    target = path.with_name(path.stem + ".unrotated.mp4") if rotate else path
+    subprocess.run(cmd + [str(target)], check=True)
+    if rotate:
+        subprocess.run([ffmpeg_exe(), "-nostdin", "-y", "-v", "error", "-display_rotation", str(rotate),
+                        "-i", str(target), "-c", "copy", str(path)], check=True)
+        target.unlink()
     return path
