@@ -37,7 +37,7 @@ import numpy as np
 
 from avs_dist.data.layout import VideoRecord, raw_video_path, read_subset, subset_root
 from avs_dist.errors import UserError
-from avs_dist.video.ffmpeg import NoAudioError, VideoError, VideoRun, parse_header, probe
+from avs_dist.video.ffmpeg import VideoError
 from avs_dist.video.timing import CLIP_SECONDS, frame_indices, reference_fps, s4_clip_seconds
 
 REPORT = "extract_report.json"
@@ -83,36 +83,28 @@ def extract_clip(video: str | Path, seconds: int, size: int = REFERENCE_SIZE, au
     import cv2
 
     from avs_dist.video.audio import moviepy_wav_samples
+    from avs_dist.video.sample import sample_frames
 
     video = Path(video)
-    head = parse_header(video, probe(video))
-    fps = reference_fps(head.fps)
-    if fps <= 0:
-        raise VideoError(f"{video}: ffmpeg reports no frame rate, so no frame can be matched to a second")
-    if audio and not head.has_audio:
-        raise NoAudioError(f"{video}: has no audio stream (the model needs the sound)")
-    wanted = frame_indices(fps, seconds)
-    with VideoRun(video, audio=audio, select=wanted, timing=True) as run:
-        kept = {i: frame.copy() for i, frame in run.frames()}
-        stream = run.finish()
-        meta, decoded_of = run.meta, run.decoded_of
-    n = len(decoded_of)  # frames of the reference's stream
-    if n == 0:
-        raise VideoError(f"{video}: no decodable video frame")
-    if n - 1 < (seconds - 1) * fps:
-        raise VideoError(f"{video}: {n} frames at {head.fps:g} fps ({n / fps:.2f} s); the clip needs "
-                         f"{seconds} s (a frame in each second)")
-    need = [decoded_of[k] for k in frame_indices(fps, seconds, n)]
-    runs = 1
-    if not all(d in kept for d in need):  # the reference's frame k is not decoded frame k
-        runs = 2
-        with VideoRun(video, audio=False, select=need) as again:
-            kept = {i: frame.copy() for i, frame in again.frames()}
-            again.finish()
-    frames = [cv2.resize(kept[d], (size, size)) for d in need]
-    wav = moviepy_wav_samples(stream, meta.duration) if audio else np.zeros((0, 2), np.int16)
-    return Clip(frames=frames, wav=wav, fps=head.fps, frames_decoded=n, duration=meta.duration,
-                runs=runs)
+    fps = 0
+
+    def guess(head) -> list[int]:
+        nonlocal fps
+        fps = reference_fps(head.fps)
+        if fps <= 0:
+            raise VideoError(f"{video}: ffmpeg reports no frame rate, so no frame can be matched to a second")
+        return frame_indices(fps, seconds)
+
+    def final(n: int, rate) -> list[int]:
+        if n - 1 < (seconds - 1) * fps:
+            raise VideoError(f"{video}: {n} frames at {float(rate):g} fps ({n / float(rate):.2f} s); the clip "
+                             f"needs {seconds} s (a frame in each second)")
+        return frame_indices(fps, seconds, n)
+
+    s = sample_frames(video, guess, final, audio=audio)
+    frames = [cv2.resize(s.frames[k], (size, size)) for k in frame_indices(fps, seconds, s.n)]
+    wav = moviepy_wav_samples(s.stream, s.meta.duration) if audio else np.zeros((0, 2), np.int16)
+    return Clip(frames=frames, wav=wav, fps=s.meta.fps, frames_decoded=s.n, duration=s.meta.duration, runs=s.runs)
 
 
 # ----------------------------------------------------------------------------- one video

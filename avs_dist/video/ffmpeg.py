@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import threading
+from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +166,8 @@ class VideoRun:
       other frames are decoded but never converted or sent);
     - timing (timing=True): the reference's constant-rate stream again, into ffmpeg's null
       muxer, with `-stats_enc_pre` writing for each of its frames n the decoded frame it
-      shows (`ni`): `decoded_index()` maps the reference's frame numbers to decoded ones;
+      shows (`ni`) and its time base: after finish(), `decoded_of[n]` maps the reference's
+      frame numbers to decoded ones and `rate` (a Fraction, frames/s) is that stream's rate;
     - audio (audio=True): moviepy's `-f s16le -ar 44100 -ac 2` stream.
 
     `meta` (VideoMeta) is available after entering. `frames()` yields (index, frame): the
@@ -210,7 +212,7 @@ class VideoRun:
             # The constant-rate stream image2pipe makes (-fps_mode cfr is its default), its frames
             # only wrapped, not converted; per frame: its number and the decoded frame it shows.
             cmd += ["-an", "-fps_mode", "cfr", "-c:v", "wrapped_avframe",
-                    "-stats_enc_pre", self._pipe("timing", fds), "-stats_enc_pre_fmt", "{n} {ni}", "-f", "null", "-"]
+                    "-stats_enc_pre", self._pipe("timing", fds), "-stats_enc_pre_fmt", "{n} {ni} {tb}", "-f", "null", "-"]
         if self.select is not None:
             # filtergraph escaping: '\\,' is a comma inside the expression (no shell is involved)
             expr = "+".join(f"eq(n\\,{i})" for i in self.select) or "0"
@@ -278,8 +280,10 @@ class VideoRun:
                 raise NoAudioError(f"{self.path}: has no audio stream (the model needs the sound)")
             raise VideoError(_problem(self.path, text))
         if self.timing:
-            pairs = [ln.split() for ln in raw["timing"].decode().splitlines() if ln.strip()]
-            self.decoded_of = [int(ni) for _, ni in pairs]
+            rows = [ln.split() for ln in raw["timing"].decode().splitlines() if ln.strip()]
+            self.decoded_of = [int(row[1]) for row in rows]
+            # the constant-rate stream's time base is 1 / its frame rate (e.g. 1001/30000)
+            self.rate = 1 / Fraction(rows[0][2]) if rows else None
         if not self.audio:
             return None
         audio = raw["audio"][: len(raw["audio"]) - len(raw["audio"]) % (2 * AUDIO_CHANNELS)]
