@@ -50,7 +50,8 @@ def test_predict_video_outputs(tmp_path, checkpoint):
     assert len(masks) == 7 and len(list((d / "overlays").iterdir())) == 7
     m = Image.open(masks[0])
     assert m.mode == "P" and set(np.unique(np.asarray(m))) <= {0, 255}
-    assert Image.open(d / "overlays" / "-my clip_1.png").size == (48, 64)
+    over = Image.open(d / "overlays" / "-my clip_1.png")  # enlarged x8 to 384 x 512, a text band above
+    assert over.size[0] == 48 * 8 and over.size[1] > 64 * 8
     rows = meta["frames_detail"]
     assert [r["frame"] for r in rows] == list(range(meta["frames"]))
     assert all(0 <= r["area_frac"] <= 1 for r in rows)
@@ -59,7 +60,7 @@ def test_predict_video_outputs(tmp_path, checkpoint):
     with VideoRun(d / "-my clip_overlay.mp4", audio=False) as run:
         n = sum(1 for _ in run.frames())
         run.finish()
-        assert run.meta.size == (48, 64) and n == meta["frames"]
+        assert run.meta.size == over.size and n == meta["frames"]
     assert not list((tmp_path / "out").glob(".*partial"))
 
 

@@ -25,11 +25,12 @@ Outputs in `{out}/{name}/` (name: the file's stem), written under `.{name}.parti
 when complete:
     masks/{name}_{s+1}.png            the reference's save_mask: sigmoid > 0.5, x 255, mode 'P',
                                       at the model's image size ({name}_{s+1}_{j+1}.png when F > 1)
-    overlays/{name}_{s+1}.png         the sampled frame at its own size, the mask tinted and
-                                      outlined (plots.overlay), labelled with second and window
+    overlays/{name}_{s+1}.png         the sampled frame (enlarged to >= 360 px when smaller), the
+                                      mask tinted and outlined (plots.overlay, visible on any
+                                      content), a band above: second, window, frame, time
     {name}_overlay.mp4                every frame at the source rate with the source audio,
-                                      mask drawn the same way, a label: second, window, the
-                                      sampled frame the mask comes from
+                                      mask drawn the same way, a band above it: time,
+                                      second, window, the sampled frame the mask is from
     {name}.json                       each output frame's mask area, each sample, the timing
 A video without an audio stream is an error (the model needs the sound) unless
 `allow_silence`: then the model is fed the log-mel of silence and every output says the model
@@ -127,21 +128,31 @@ def check_videos(paths: list[Path], allow_silence: bool) -> list[tuple[Path, Vid
     return ok
 
 
-def _label(img: np.ndarray, lines: list[str]) -> np.ndarray:
-    """The frame with a dark band at the top holding `lines` (white text, size from the frame height)."""
+MIN_SIDE = 360  # px: smaller videos are enlarged (whole factors, nearest) so that mask and text read
+
+
+def present(frame: np.ndarray, mask: np.ndarray, lines: list[str]) -> np.ndarray:
+    """uint8 RGB [H, W, 3] + bool mask [H, W] -> what a person looks at: the frame enlarged by
+    a whole factor to at least MIN_SIDE px on its shorter side (nearest neighbour), the mask
+    tinted and outlined in a colour that stands out there (plots.overlay), and `lines` of
+    text in a dark band added above the picture (never covering it). The output size depends
+    only on the frame size and the number of lines."""
     from PIL import Image, ImageDraw
 
-    from avs_dist.plots import font
+    from avs_dist.plots import font, overlay
 
-    h, w = img.shape[:2]
-    px = max(10, min(28, h // 24))
-    f = font(px)
-    band = len(lines) * (px + 4) + 4
-    out = Image.fromarray(img)
-    draw = ImageDraw.Draw(out, "RGBA")
-    draw.rectangle([0, 0, w, band], fill=(0, 0, 0, 170))
+    f = max(1, math.ceil(MIN_SIDE / min(frame.shape[:2])))
+    if f > 1:
+        frame = frame.repeat(f, 0).repeat(f, 1)
+        mask = mask.repeat(f, 0).repeat(f, 1)
+    h, w = frame.shape[:2]
+    px = int(np.clip(w // 45, 12, 32))
+    band = len(lines) * (px + 6) + 6
+    out = Image.new("RGB", (w, h + band), (16, 16, 16))
+    out.paste(Image.fromarray(overlay(frame, mask)), (0, band))
+    draw = ImageDraw.Draw(out)
     for i, text in enumerate(lines):
-        draw.text((4, 3 + i * (px + 4)), text, fill=(255, 255, 255), font=f)
+        draw.text((6, 4 + i * (px + 6)), text, fill=(255, 255, 255), font=font(px))
     return np.asarray(out)
 
 
@@ -194,7 +205,6 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
     from avs_dist.data.transforms import normalize_uint8, stack_images
     from avs_dist.evaluation import segment
     from avs_dist.fileio import write_json
-    from avs_dist.plots import overlay
     from avs_dist.precision import autocast
     from avs_dist.video.audio import moviepy_wav_samples
     from avs_dist.video.ffmpeg import VideoRun
@@ -269,9 +279,10 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
         h, w_ = frame.shape[:2]
         mask = cv2.resize(lg, (w_, h), interpolation=cv2.INTER_LINEAR) > 0
         w = s.second // WINDOW_SECONDS
-        text = [f"second {s.second + 1} of {seconds}, window {w + 1} of {windows} "
-                f"({w * WINDOW_SECONDS}-{min(seconds, (w + 1) * WINDOW_SECONDS)} s), frame {s.frame}"] + silence_note
-        Image.fromarray(_label(overlay(frame, mask), text)).save(work / "overlays" / f"{name}_{suffix(s)}.png")
+        text = [f"second {s.second + 1}/{seconds}  window {w + 1}/{windows} "
+                f"({w * WINDOW_SECONDS}-{min(seconds, (w + 1) * WINDOW_SECONDS)} s)",
+                f"frame {s.frame} ({_clock(s.frame / float(rate))})"] + silence_note
+        Image.fromarray(present(frame, mask, text)).save(work / "overlays" / f"{name}_{suffix(s)}.png")
         sample_rows.append({"second": s.second, "phase": s.phase, "window": w, "frame": s.frame,
                             "time_s": round(s.frame / float(rate), 4), "area_px": int(mask.sum()),
                             "area_frac": round(float(mask.mean()), 6),
@@ -286,7 +297,6 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
     cache: tuple | None = None
     try:
         with VideoRun(video, audio=False) as run:
-            encoder = _Encoder(video_path, run.meta.size, rate, video if listen else None)
             for i, frame in run.frames():
                 k = int(np.searchsorted(sample_frames_sorted, i))  # first sample at or after i
                 if k == len(order) or (k > 0 and i - sample_frames_sorted[k - 1] <= sample_frames_sorted[k] - i):
@@ -302,7 +312,10 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
                 w = second // WINDOW_SECONDS
                 text = [f"{_clock(t)}  second {second + 1}/{seconds}  window {w + 1}/{windows}",
                         f"mask from frame {src.frame} ({_clock(src.frame / float(rate))}, second {src.second + 1})"]
-                encoder.write(_label(overlay(frame, mask), text + silence_note))
+                picture = present(frame, mask, text + silence_note)
+                if encoder is None:
+                    encoder = _Encoder(video_path, picture.shape[1::-1], rate, video if listen else None)
+                encoder.write(picture)
                 frame_rows.append({"frame": i, "time_s": round(t, 4), "second": second, "window": w,
                                    "mask_from_frame": src.frame, "area_px": int(mask.sum()),
                                    "area_frac": round(float(mask.mean()), 6)})
