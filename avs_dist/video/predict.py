@@ -131,25 +131,26 @@ def check_videos(paths: list[Path], allow_silence: bool) -> list[tuple[Path, Vid
 MIN_SIDE = 360  # px: smaller videos are enlarged (whole factors, nearest) so that mask and text read
 
 
-def present(frame: np.ndarray, mask: np.ndarray, lines: list[str]) -> np.ndarray:
-    """uint8 RGB [H, W, 3] + bool mask [H, W] -> what a person looks at: the frame enlarged by
-    a whole factor to at least MIN_SIDE px on its shorter side (nearest neighbour), the mask
-    tinted and outlined in a colour that stands out there (plots.overlay), and `lines` of
-    text in a dark band added above the picture (never covering it). The output size depends
-    only on the frame size and the number of lines."""
+def present(frame: np.ndarray, mask: np.ndarray, lines: list[str], style: dict | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] + bool mask [H, W] -> what a person looks at: the mask tinted and
+    outlined in a colour that stands out there (plots.overlay; `style`: a plots.overlay_style
+    of this mask to reuse), the frame enlarged by a whole factor to at least MIN_SIDE px on its
+    shorter side (nearest neighbour), and `lines` of text in a dark band added above the
+    picture (never covering it). The output size depends only on the frame size and the
+    number of lines."""
     from PIL import Image, ImageDraw
 
     from avs_dist.plots import font, overlay
 
+    picture = overlay(frame, mask, style=style)
     f = max(1, math.ceil(MIN_SIDE / min(frame.shape[:2])))
     if f > 1:
-        frame = frame.repeat(f, 0).repeat(f, 1)
-        mask = mask.repeat(f, 0).repeat(f, 1)
-    h, w = frame.shape[:2]
+        picture = picture.repeat(f, 0).repeat(f, 1)
+    h, w = picture.shape[:2]
     px = int(np.clip(w // 45, 12, 32))
     band = len(lines) * (px + 6) + 6
     out = Image.new("RGB", (w, h + band), (16, 16, 16))
-    out.paste(Image.fromarray(overlay(frame, mask)), (0, band))
+    out.paste(Image.fromarray(picture), (0, band))
     draw = ImageDraw.Draw(out)
     for i, text in enumerate(lines):
         draw.text((6, 4 + i * (px + 6)), text, fill=(255, 255, 255), font=font(px))
@@ -205,6 +206,7 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
     from avs_dist.data.transforms import normalize_uint8, stack_images
     from avs_dist.evaluation import segment
     from avs_dist.fileio import write_json
+    from avs_dist.plots import overlay_style
     from avs_dist.precision import autocast
     from avs_dist.video.audio import moviepy_wav_samples
     from avs_dist.video.ffmpeg import VideoRun
@@ -305,14 +307,16 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
                 if cache is None or cache[0] != (src.second, src.phase):
                     h, w_ = frame.shape[:2]
                     lg = logits[(src.second, src.phase)]
-                    cache = ((src.second, src.phase), cv2.resize(lg, (w_, h), interpolation=cv2.INTER_LINEAR) > 0)
-                mask = cache[1]
+                    m = cv2.resize(lg, (w_, h), interpolation=cv2.INTER_LINEAR) > 0
+                    # rings and outline colour once per held mask (from its sampled frame: no flicker)
+                    cache = ((src.second, src.phase), m, overlay_style(sampled.frames[src.frame], m))
+                _, mask, style = cache
                 t = i / float(rate)
                 second = min(int(t), seconds - 1)
                 w = second // WINDOW_SECONDS
                 text = [f"{_clock(t)}  second {second + 1}/{seconds}  window {w + 1}/{windows}",
                         f"mask from frame {src.frame} ({_clock(src.frame / float(rate))}, second {src.second + 1})"]
-                picture = present(frame, mask, text + silence_note)
+                picture = present(frame, mask, text + silence_note, style)
                 if encoder is None:
                     encoder = _Encoder(video_path, picture.shape[1::-1], rate, video if listen else None)
                 encoder.write(picture)
