@@ -59,7 +59,7 @@ class Clip:
     frames: list
     wav: np.ndarray
     fps: float
-    frames_decoded: int
+    frames_decoded: int  # frames of the reference's stream read (up to the last kept one)
     duration: float
     runs: int = 1  # ffmpeg decodes (2: the reference's frame numbers were not the decoded ones)
 
@@ -101,7 +101,8 @@ def extract_clip(video: str | Path, seconds: int, size: int = REFERENCE_SIZE, au
                              f"needs {seconds} s (a frame in each second)")
         return frame_indices(fps, seconds, n)
 
-    s = sample_frames(video, guess, final, audio=audio)
+    # Nothing after the last kept frame matters (the reference decodes it all the same).
+    s = sample_frames(video, guess, final, audio=audio, stop_early=True)
     frames = [cv2.resize(s.frames[k], (size, size)) for k in frame_indices(fps, seconds, s.n)]
     wav = moviepy_wav_samples(s.stream, s.meta.duration) if audio else np.zeros((0, 2), np.int16)
     return Clip(frames=frames, wav=wav, fps=s.meta.fps, frames_decoded=s.n, duration=s.meta.duration, runs=s.runs)

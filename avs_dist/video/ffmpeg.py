@@ -178,15 +178,25 @@ class VideoRun:
     """
 
     def __init__(self, path: str | Path, audio: bool = True, select: list[int] | None = None,
-                 timing: bool = False):
+                 timing: bool = False, max_frames: int | None = None):
         self.path = Path(path)
         self.audio = audio
         self.select = sorted(set(select)) if select is not None else None
         self.timing = timing
+        # frames of the constant-rate stream after which both video outputs stop (ffmpeg then
+        # stops decoding video; the audio goes on to the end): None for all
+        self.max_frames = max_frames
         self.proc = None
         self.meta: VideoMeta | None = None
         self.n_frames = 0
         self._readers: dict[str, _PipeReader] = {}
+
+    def _limit(self, selected: bool) -> list[str]:
+        # -frames:v counts an output's frames: the constant-rate outputs stop at max_frames,
+        # the select output after its last selected frame.
+        if self.max_frames is None:
+            return []
+        return ["-frames:v", str(len(self.select) if selected else self.max_frames)]
 
     def _pipe(self, name: str, fds: list[int]) -> str:
         r, w = os.pipe()
@@ -211,14 +221,14 @@ class VideoRun:
         if self.timing:
             # The constant-rate stream image2pipe makes (-fps_mode cfr is its default), its frames
             # only wrapped, not converted; per frame: its number and the decoded frame it shows.
-            cmd += ["-an", "-fps_mode", "cfr", "-c:v", "wrapped_avframe",
+            cmd += ["-an", "-fps_mode", "cfr", "-c:v", "wrapped_avframe", *self._limit(False),
                     "-stats_enc_pre", self._pipe("timing", fds), "-stats_enc_pre_fmt", "{n} {ni} {tb}", "-f", "null", "-"]
         if self.select is not None:
             # filtergraph escaping: '\\,' is a comma inside the expression (no shell is involved)
             expr = "+".join(f"eq(n\\,{i})" for i in self.select) or "0"
             cmd += ["-vf", f"select={expr}", "-fps_mode", "passthrough"]
         # imageio-ffmpeg's read_frames: '-i f -pix_fmt rgb24 -vcodec rawvideo -f image2pipe -'
-        cmd += ["-pix_fmt", "rgb24", "-vcodec", "rawvideo", "-f", "image2pipe", "-"]
+        cmd += [*self._limit(self.select is not None), "-pix_fmt", "rgb24", "-vcodec", "rawvideo", "-f", "image2pipe", "-"]
         # A name starting with '-' is safe: it follows -i, and no shell is involved.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, pass_fds=tuple(fds), bufsize=1 << 20)

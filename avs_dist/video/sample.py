@@ -36,15 +36,19 @@ class Sampled:
 
 
 def sample_frames(video: str | Path, guess: Callable[[VideoMeta], list[int]],
-                  final: Callable[[int, Fraction], list[int]], audio: bool = True) -> Sampled:
+                  final: Callable[[int, Fraction], list[int]], audio: bool = True, stop_early: bool = False) -> Sampled:
     """`guess(probe header)` -> the frame numbers to convert in the first run; `final(n, rate)`
     -> the frame numbers wanted (0 <= k < n; it may raise VideoError, e.g. for a clip too
-    short). Raises VideoError / NoAudioError (when `audio` and there is no audio stream)."""
+    short). `stop_early`: decode video only up to the last guessed frame (the audio to the
+    end); n is then at most that frame's number + 1, which is all `final` may rely on.
+    Raises VideoError / NoAudioError (when `audio` and there is no audio stream)."""
     video = Path(video)
     head = parse_header(video, probe(video))
     if audio and not head.has_audio:
         raise NoAudioError(f"{video}: has no audio stream (the model needs the sound)")
-    with VideoRun(video, audio=audio, select=guess(head), timing=True) as run:
+    first = guess(head)
+    with VideoRun(video, audio=audio, select=first, timing=True,
+                  max_frames=max(first) + 1 if stop_early and first else None) as run:
         kept = {i: frame.copy() for i, frame in run.frames()}
         stream = run.finish()
         meta, decoded_of, rate = run.meta, run.decoded_of, run.rate
