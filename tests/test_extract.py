@@ -143,3 +143,15 @@ def test_synth_raw_videos_extract_pack(tmp_path):
     manifest = pack(tmp_path / "data", "s4", tmp_path / "shards", progress=False, log=lambda *a: None)
     assert sum(s["videos"] for s in manifest["splits"].values()) == 4
     assert read_manifest(tmp_path / "shards")["subset"] == "s4"
+
+
+def test_bench_extract_json(tmp_path):
+    """`avs-dist bench extract` runs both recipes on the same clips and says whether the outputs are identical."""
+    from avs_dist.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "extract", "--videos", "1", "--clip-size", "64x48", "--clip-seconds", "5.1",
+                 "--rounds", "1", "--size", "32", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["same_output"] == {"frames_equal": 5, "frames": 5, "wavs_equal": 1, "wavs": 1, "identical": True}
+    assert set(r["methods"]) == {"reference", "extract"} and r["ratio"]["per_core"] > 0
