@@ -155,3 +155,18 @@ def test_bench_extract_json(tmp_path):
     r = json.loads(out.read_text())
     assert r["same_output"] == {"frames_equal": 5, "frames": 5, "wavs_equal": 1, "wavs": 1, "identical": True}
     assert set(r["methods"]) == {"reference", "extract"} and r["ratio"]["per_core"] > 0
+
+
+def test_extract_ms3_layout(tmp_path):
+    """MS3: raw_videos/{id}.mp4 (no split folder) -> visual_frames/{id}/{id}.mp4_{i}.png and the split's wav / pkl."""
+    from avs_dist.data.layout import read_ms3
+    from avs_dist.video.extract import extract
+
+    ms3 = tmp_path / "Multi-sources"
+    ms3.mkdir()
+    (ms3 / "ms3_meta_data.csv").write_text("video_id,split\n-x_y,train\n")
+    make_clip(ms3 / "ms3_data" / "raw_videos" / "-x_y.mp4", seconds=5.1, size=(48, 32))
+    assert extract(tmp_path, "ms3", size=24, progress=False, log=lambda *a: None)["done"] == 1
+    rec = read_ms3(tmp_path)[0]
+    assert [p.name for p in rec.frame_paths] == [f"-x_y.mp4_{i}.png" for i in range(1, 6)]
+    assert all(p.is_file() for p in rec.frame_paths) and rec.wav_path.is_file() and rec.logmel_path.is_file()

@@ -95,3 +95,13 @@ def test_predict_video_bad_input(tmp_path, checkpoint, capsys, kind):
     err = capsys.readouterr().err.strip()
     assert err.startswith("avs-dist predict: error: ") and expect in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / video.stem).exists() and not list((tmp_path / "out").glob(".*partial"))
+
+
+def test_predict_video_vfr_and_surround(tmp_path, checkpoint):
+    """A variable-frame-rate video with 48 kHz 5.1 sound: every frame of ffmpeg's constant-rate
+    stream gets a mask (the gap is filled as ffmpeg plays it)."""
+    video = make_clip(tmp_path / "vfr.mp4", seconds=5.5, size=(32, 32), vfr=True, audio_rate=48000, channels=6)
+    assert _run(checkpoint, tmp_path / "out", video) == 0
+    meta = json.loads((tmp_path / "out" / "vfr" / "vfr.json").read_text())
+    assert meta["frame_rate"] == "30000/1001" and meta["frames"] == 165 and meta["seconds"] == 6
+    assert len(meta["frames_detail"]) == 165 and meta["windows"] == 2

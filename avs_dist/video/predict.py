@@ -198,18 +198,19 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
                   allow_silence: bool = False, device="cpu", precision: str = "auto", batch_windows: int = 4,
                   source: dict | None = None, log=print) -> dict:
     """Masks, overlays, the overlay video and the JSON of one video into `out_dir/name`
-    (module docstring); returns the JSON's summary. Raises PredictVideoError / VideoError."""
+    (module docstring); returns the JSON's summary. `model`, `cfg`: from
+    evaluation.load_with_source (the model's input side is cfg.data.image_size); `source`: its
+    provenance record, copied into the JSON. Memory: every sampled frame is held at the
+    video's size until the outputs are written (W x H x 3 bytes x seconds x per_second).
+    Raises PredictVideoError (shorter than a second, bad --fps), NoAudioError (no sound and not
+    `allow_silence`), VideoError (unreadable; ffmpeg failed)."""
     import cv2
     import torch
-    from PIL import Image
 
     from avs_dist.data.transforms import normalize_uint8, stack_images
     from avs_dist.evaluation import segment
-    from avs_dist.fileio import write_json
-    from avs_dist.plots import overlay_style
     from avs_dist.precision import autocast
     from avs_dist.video.audio import moviepy_wav_samples
-    from avs_dist.video.ffmpeg import VideoRun
     from avs_dist.video.sample import sample_frames
 
     if per_second < 1:
@@ -270,6 +271,32 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
         shutil.rmtree(work)
     (work / "masks").mkdir(parents=True)
     (work / "overlays").mkdir()
+    try:
+        summary = _write_outputs(work, name, video, sampled, samples, logits, seconds, windows, per_second, listen,
+                                 head, rate, size, source)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(work, final_dir)
+    log(f"{video}: {sampled.n} frames, {seconds} s, {windows} windows -> {final_dir / f'{name}_overlay.mp4'}"
+        + ("" if listen else f" ({NO_AUDIO})"))
+    return summary
+
+
+def _write_outputs(work: Path, name: str, video: Path, sampled, samples: list[Sample], logits: dict, seconds: int,
+                   windows: int, per_second: int, listen: bool, head: VideoMeta, rate: Fraction, size: int,
+                   source: dict | None) -> dict:
+    """Masks, overlays, the overlay video and the JSON into `work` (predict_video's temp folder)."""
+    import cv2
+    from PIL import Image
+
+    from avs_dist.fileio import write_json
+    from avs_dist.plots import overlay_style
+    from avs_dist.video.ffmpeg import VideoRun
+
+    n = sampled.n
     suffix = (lambda s: f"{s.second + 1}") if per_second == 1 else (lambda s: f"{s.second + 1}_{s.phase + 1}")
     silence_note = [] if listen else ["NO AUDIO: silence fed, the model could not listen"]
     sample_rows = []
@@ -341,9 +368,4 @@ def predict_video(model, cfg, video: Path, out_dir: Path, name: str, *, per_seco
         "mean_area_frac": round(float(np.mean([r["area_frac"] for r in frame_rows])), 6) if frame_rows else 0.0,
     }
     write_json(work / f"{name}.json", summary)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(work, final_dir)
-    log(f"{video}: {n} frames, {seconds} s, {windows} windows -> {final_dir / f'{name}_overlay.mp4'}"
-        + ("" if listen else f" ({NO_AUDIO})"))
     return summary
