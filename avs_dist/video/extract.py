@@ -8,9 +8,13 @@ clip (S4: 5 seconds, or 10 - start when start > 5; MS3: 5) the decoded frame
 stereo: audio.py); the log-mel of that wav as `data/audio.py:logmel_from_wav` computes it
 ([5, 1, 96, 64] float32, the last example repeated), pickled as a torch tensor like the release.
 
-How it is faster than the reference: one ffmpeg process per video gives both the frames and
-the audio stream (ffmpeg.py), only the kept frames are copied out of the pipe and resized,
-and moviepy's sample picking runs on the decoded array (no probe, reader or writer process).
+How it is faster than the reference (`avs-dist bench extract`; the reference's imageio reader
+converts and pipes every frame and cv2 resizes each, and moviepy runs ffmpeg four more times):
+after a probe, one ffmpeg process per video decodes up to the last kept frame, converts only
+the kept frames to RGB, reports which decoded frame each frame of the reference's stream
+shows (the proof that the kept frames are the reference's; a second decode where they are
+not: sample.py), and decodes moviepy's audio stream, whose sample picking then runs on the
+array (audio.py). Videos are decoded in parallel threads (`workers`), one ffmpeg thread each.
 
 Bad videos do not stop the run: every one is collected with the file and the reason (not
 found, unreadable, no video or no audio stream, no frame rate, shorter than the clip, audio
