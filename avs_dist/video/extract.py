@@ -90,6 +90,8 @@ def extract_clip(video: str | Path, seconds: int, size: int = REFERENCE_SIZE, au
     from avs_dist.video.sample import sample_frames
 
     video = Path(video)
+    if seconds < 1:
+        raise VideoError(f"{video}: the clip has {seconds} seconds to extract (S4 start > 9?)")
     fps = 0
 
     def guess(head) -> list[int]:
