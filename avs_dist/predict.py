@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.input is None) == (args.video is None):
         p.error("give either --input or --video")
+    videos = None
+    if args.video is not None:  # every video's problem before the model is even loaded
+        from avs_dist.video.predict import check_videos
+
+        videos = check_videos([Path(v) for v in args.video], args.allow_silence)
 
     from avs_dist.evaluation import load_with_source
     from avs_dist.fileio import write_json
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg, source = load_with_source(args.checkpoint, device, args.vggish_weights)
     out = Path(args.out)
     if args.video is not None:
-        return _main_video(args, model, cfg, source, device, out)
+        return _main_video(args, videos, model, cfg, source, device, out)
     print(f"predicting with the {describe(source)}: {source['checkpoint']}", flush=True)
     videos = {}
     for name, frames, audio in iter_inputs(Path(args.input), args.split):
@@ -187,13 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _main_video(args, model, cfg, source, device, out: Path) -> int:
-    """--video: thin over avs_dist/video/predict.py."""
+def _main_video(args, videos, model, cfg, source, device, out: Path) -> int:
+    """--video: thin over avs_dist/video/predict.py; `videos` from its check_videos."""
     from avs_dist.fileio import write_json
     from avs_dist.provenance import describe
-    from avs_dist.video.predict import check_videos, predict_video
+    from avs_dist.video.predict import predict_video
 
-    videos = check_videos([Path(v) for v in args.video], args.allow_silence)  # every problem before any work
     print(f"predicting {len(videos)} video(s) with the {describe(source)}: {source['checkpoint']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     names, summaries = set(), {}
