@@ -13,6 +13,11 @@ computes it), or a folder of such video folders. For each video `name` it writes
 Frames are resized to the model's image size for the model; masks and overlays come back
 at the size of the input frames (logits upsampled bilinearly, then sigmoid > 0.5 as in
 AVSBench).
+
+`--video FILE ...` instead takes video files of any length (>= 1 s), rate, size, orientation
+and audio, and writes per video masks, overlays, an overlay video with the source audio and a
+JSON of each frame's mask area; `--fps`, `--allow-silence`. The timing and every output are
+described in avs_dist/video/predict.py.
 """
 from __future__ import annotations
 
