@@ -3,11 +3,13 @@
 AVSBench's preprocessing runs ffmpeg (imageio-ffmpeg's bundled binary) several times per clip:
 imageio's reader (`-i f -pix_fmt rgb24 -vcodec rawvideo -f image2pipe -`), then moviepy's
 `ffmpeg -i f` probe, its audio reader (`-i f -vn -f s16le -acodec pcm_s16le -ar 44100 -ac 2 -`)
-and its wav writer. `open_video` runs the same binary once with both outputs and each output's
-own options unchanged, so every output stream is chosen, decoded, rotated, frame-rate
-converted (image2pipe is a constant-frame-rate muxer: ffmpeg duplicates or drops frames of a
-variable-frame-rate source) and converted to rgb24 / s16le exactly as in those separate runs.
-The header ffmpeg prints is parsed by imageio-ffmpeg's own parser (fps, sizes, rotation).
+and its wav writer. `VideoRun` runs the same binary once with several outputs, each with the
+reference's own options, so every stream is chosen, decoded, rotated, frame-rate converted
+(image2pipe is a constant-frame-rate muxer: ffmpeg duplicates or drops frames of a
+variable-frame-rate source) and converted to rgb24 / s16le as in those separate runs; a
+`select` output converts only chosen decoded frames, and a frame-map output says which decoded
+frame each frame of the constant-rate stream shows (VideoRun's docstring). The header ffmpeg
+prints is parsed by imageio-ffmpeg's own parser (fps, sizes, rotation).
 
 Errors: `VideoError` (a BadFileError: exit 2 on the command line) names the file and what is
 wrong: not found, not a video ffmpeg can read, no video stream, no audio stream
@@ -19,8 +21,8 @@ import os
 import re
 import subprocess
 import threading
-from fractions import Fraction
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -251,13 +253,11 @@ class VideoRun:
     def frames(self):
         w, h = self.meta.size
         nbytes = w * h * 3
-        # two buffers, so that the last complete frame survives a partial read at the end
-        bufs = self._bufs = [bytearray(nbytes), bytearray(nbytes)]
+        buf = bytearray(nbytes)  # reused: the caller copies what it keeps
+        view = memoryview(buf)
         stdout = self.proc.stdout
         k = 0
         while True:
-            buf = bufs[k % 2]
-            view = memoryview(buf)
             got = 0
             while got < nbytes:
                 n = stdout.readinto(view[got:])
@@ -270,13 +270,6 @@ class VideoRun:
             index = k if self.select is None else self.select[k]
             yield index, np.frombuffer(buf, np.uint8).reshape(h, w, 3)
             k += 1
-
-    def last_frame(self) -> np.ndarray | None:
-        """The last complete frame read (after frames() is exhausted): a copy."""
-        if not self.n_frames:
-            return None
-        w, h = self.meta.size
-        return np.frombuffer(self._bufs[(self.n_frames - 1) % 2], np.uint8).reshape(h, w, 3).copy()
 
     def finish(self) -> np.ndarray | None:
         """Drain, wait for ffmpeg, return the audio int16 [n, 2] (44.1 kHz) or None."""
