@@ -8,6 +8,7 @@ import sys
 # `avs-dist synth` does not pay for torch.distributed, DeepSpeed or submitit.
 COMMANDS = {
     "synth": ("avs_dist.data.synth:main", "write a synthetic dataset in the AVSBench layout"),
+    "extract": ("avs_dist.extract:main", "AVSBench raw_videos/ -> frames, 16 kHz wav, log-mel, as the reference makes them"),
     "pack": ("avs_dist.data.pack:main", "pack an AVSBench download into WebDataset shards"),
     "inspect": ("avs_dist.data.inspect:main", "check a shard set against its manifest and show a sample"),
     "train": ("avs_dist.launch.local:main", "train (one process, or --nproc N local processes under torchrun)"),
@@ -21,6 +22,7 @@ BENCH = {
     "data": ("avs_dist.data.bench:main", "shard loader vs per-file loader, videos/s per core"),
     "model": ("avs_dist.bench_model:main", "training-step throughput, memory and FLOPs of model variants"),
     "train": ("avs_dist.bench_train:main", "end-to-end trainer throughput from shards vs synthetic input"),
+    "extract": ("avs_dist.video.bench:main", "avs-dist extract vs the reference recipe on the same clips, same output"),
 }
 STUDY = {
     "run": ("avs_dist.study.cli:run_main", "train a study's unfinished runs on this machine, then report"),

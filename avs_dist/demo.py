@@ -3,7 +3,8 @@
 synth (AVSBench layout) -> pack (WebDataset shards) -> 2-process DDP training of the `tiny`
 preset -> eval of its best checkpoint on test with the audio gap -> both test results (the
 training's own, of its last model, and eval's, of the best checkpoint), each naming its
-weights -> where RESULTS.md and the TensorBoard logs are.
+weights -> `predict --video` on one synthetic test clip (synth also writes the clips as mp4 with
+their sound) -> where RESULTS.md, the TensorBoard logs and that clip's overlay video are.
 
 Each step runs the real command line in a subprocess, exactly as a user would type it.
 """
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step("synthetic AVSBench data", ["synth", "--out", str(data), "--videos", str(args.videos),
                                       "--size", "64", "--subset", "s4", "--seed", "0",
-                                      "--classes", str(args.classes), "--force"])  # the demo's own folder
+                                      "--classes", str(args.classes), "--raw-videos", "--force"])  # the demo's own folder
     _step("pack into shards", ["pack", "--data-root", str(data), "--subset", "s4", "--out", str(shards),
                                "--boxes", str(data / "boxes" / "Single-source"), "--crop-size", "32",
                                "--workers", "2", "--overwrite"])
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     _step("evaluate the best checkpoint on test, with the audio gap",
           ["eval", "--checkpoint", str(run), "--shards", str(shards), "--split", "test",
            "--out", str(out / "eval_test.json")])
+    clip = _test_clip(data)
+    _step("predict a synthetic test clip from its video, with an overlay video",
+          ["predict", "--checkpoint", str(run), "--video", str(clip), "--out", str(out / "predict_video")])
+    overlay_video = out / "predict_video" / clip.stem / f"{clip.stem}_overlay.mp4"
     print("\n=== demo finished")
     final = json.loads((run / "final_metrics.json").read_text())
     best = json.loads((out / "eval_test.json").read_text())
@@ -80,7 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     print("audio_gap: test mIoU minus the mIoU of the same frames with the audio of another class's video")
     print(f"results: {run / 'RESULTS.md'}")
     print(f"TensorBoard: tensorboard --logdir {run / 'tb'}")
+    print(f"overlay video of test clip {clip.stem}: {overlay_video}")
     return 0
+
+
+def _test_clip(data: Path) -> Path:
+    """The raw mp4 of the first test video of the synthetic S4 set (CSV order)."""
+    from avs_dist.data.layout import raw_video_path, read_s4
+
+    rec = next(r for r in read_s4(data) if r.split == "test")
+    return raw_video_path(data, rec)
 
 
 def _study(out: Path, shards: Path, nproc: int, overrides: list[str]) -> int:

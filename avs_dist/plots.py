@@ -52,26 +52,40 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
     return np.asarray(img.filter(ImageFilter.MaxFilter(2 * px + 1))) > 0
 
 
-def overlay(frame: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] | None = None) -> np.ndarray:
-    """uint8 [H,W,3] frame with bool [H,W] mask: a TINT_ALPHA tint inside, a 1-px line of
-    `colour` just outside the mask (default: contrast_colour of the pixels around and under it)
-    and a 1-px black or white edge outside that line. The pixels of the mask itself keep the
-    object visible under the tint. An empty mask leaves the frame as it is."""
-    frame = np.ascontiguousarray(frame[..., :3], dtype=np.uint8)
+def overlay_style(frame: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] | None = None) -> dict | None:
+    """What `overlay` draws for `mask` on `frame`: the two rings (bool [H,W]) and their colours;
+    None for an empty mask. Reusable on the next frames while the mask stays the same (the
+    overlay video holds each mask for many frames; its outline colour then does not flicker)."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
-        return frame.copy()
+        return None
     ring1 = _dilate(mask, 1) & ~mask
     ring2 = _dilate(mask, 2) & ~mask & ~ring1
     if colour is None:
-        colour = contrast_colour(frame[_dilate(mask, 2)])
+        colour = contrast_colour(np.asarray(frame)[..., :3][_dilate(mask, 2)])
     luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
     edge = (0, 0, 0) if luminance > 110 else (255, 255, 255)
-    out = frame.astype(np.float32)
-    out[mask] = (1 - TINT_ALPHA) * out[mask] + TINT_ALPHA * np.array(colour, np.float32)
-    out = out.round().clip(0, 255).astype(np.uint8)
-    out[ring1] = colour
-    out[ring2] = edge
+    return {"mask": mask, "ring1": ring1, "ring2": ring2, "colour": colour, "edge": edge}
+
+
+def overlay(frame: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] | None = None,
+            style: dict | None = None) -> np.ndarray:
+    """uint8 [H,W,3] frame with bool [H,W] mask: a TINT_ALPHA tint inside, a 1-px line of
+    `colour` just outside the mask (default: contrast_colour of the pixels around and under it)
+    and a 1-px black or white edge outside that line. The pixels of the mask itself keep the
+    object visible under the tint. An empty mask leaves the frame as it is. `style`: an
+    `overlay_style` of the same mask to reuse (then `mask` and `colour` are not looked at)."""
+    frame = np.ascontiguousarray(frame[..., :3], dtype=np.uint8)
+    if style is None:
+        style = overlay_style(frame, mask, colour)
+    if style is None:
+        return frame.copy()
+    mask, colour = style["mask"], style["colour"]
+    out = frame.copy()
+    tinted = (1 - TINT_ALPHA) * out[mask].astype(np.float32) + TINT_ALPHA * np.array(colour, np.float32)
+    out[mask] = tinted.round().clip(0, 255).astype(np.uint8)
+    out[style["ring1"]] = colour
+    out[style["ring2"]] = style["edge"]
     return out
 
 

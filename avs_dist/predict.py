@@ -13,6 +13,11 @@ computes it), or a folder of such video folders. For each video `name` it writes
 Frames are resized to the model's image size for the model; masks and overlays come back
 at the size of the input frames (logits upsampled bilinearly, then sigmoid > 0.5 as in
 AVSBench).
+
+`--video FILE ...` instead takes video files of any length (>= 1 s), rate, size, orientation
+and audio, and writes per video masks, overlays, an overlay video with the source audio and a
+JSON of each frame's mask area; `--fps`, `--allow-silence`. The timing and every output are
+described in avs_dist/video/predict.py.
 """
 from __future__ import annotations
 
@@ -139,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avs-dist predict", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, model.pt, or AVSBench .pth")
-    p.add_argument("--input", required=True, help="a shard set, a folder of 5 frames + .wav, or a folder of those")
+    p.add_argument("--input", help="a shard set, a folder of 5 frames + .wav, or a folder of those")
+    p.add_argument("--video", nargs="+", metavar="FILE",
+                   help="video files (any length >= 1 s, rate, size, orientation, audio): masks, overlays, an "
+                        "overlay video and a JSON per video (avs_dist/video/predict.py); instead of --input")
+    p.add_argument("--fps", type=int, default=1,
+                   help="--video: masks per second (the model runs this many times per 5-second window; each "
+                        "output frame takes the nearest sampled frame's mask)")
+    p.add_argument("--allow-silence", action="store_true",
+                   help="--video: predict a video without sound, feeding silence (the outputs say so)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="test", help="split to predict when --input is a shard set")
     p.add_argument("--limit", type=int, default=0, help="stop after this many videos (0: all)")
@@ -147,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = p.parse_args(argv)
+    if (args.input is None) == (args.video is None):
+        p.error("give either --input or --video")
+    videos = None
+    if args.video is not None:  # every video's problem before the model is even loaded
+        from avs_dist.video.predict import check_videos
+
+        videos = check_videos([Path(v) for v in args.video], args.allow_silence)
 
     from avs_dist.evaluation import load_with_source
     from avs_dist.fileio import write_json
@@ -154,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, source = load_with_source(args.checkpoint, device, args.vggish_weights)
-    print(f"predicting with the {describe(source)}: {source['checkpoint']}", flush=True)
     out = Path(args.out)
+    if args.video is not None:
+        return _main_video(args, videos, model, cfg, source, device, out)
+    print(f"predicting with the {describe(source)}: {source['checkpoint']}", flush=True)
     videos = {}
     for name, frames, audio in iter_inputs(Path(args.input), args.split):
         masks = predict_masks(model, frames, audio, cfg.data.image_size, device, args.precision)
@@ -172,6 +194,30 @@ def main(argv: list[str] | None = None) -> int:
                                         "input": str(Path(args.input).resolve()), "split": args.split,
                                         "image_size": cfg.data.image_size, "videos": videos})
     print(f"wrote masks and overlays of {len(videos)} video(s) to {out} ({describe(source)}; {PREDICTIONS_FILE})")
+    return 0
+
+
+def _main_video(args, videos, model, cfg, source, device, out: Path) -> int:
+    """--video: thin over avs_dist/video/predict.py; `videos` from its check_videos."""
+    from avs_dist.fileio import write_json
+    from avs_dist.provenance import describe
+    from avs_dist.video.predict import predict_video
+
+    print(f"predicting {len(videos)} video(s) with the {describe(source)}: {source['checkpoint']}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    names, summaries = set(), {}
+    for path, _ in videos:
+        name, k = path.stem, 2
+        while name in names:
+            name, k = f"{path.stem}_{k}", k + 1
+        names.add(name)
+        s = predict_video(model, cfg, path, out, name, per_second=args.fps, allow_silence=args.allow_silence,
+                          device=device, precision=args.precision, source=source)
+        summaries[name] = {"video": s["video"], "audio": s["audio"], "seconds": s["seconds"],
+                           "overlay_video": str(out / name / s["overlay_video"]), "mean_area_frac": s["mean_area_frac"]}
+    write_json(out / PREDICTIONS_FILE, {"source": source, "checkpoint": source["checkpoint"], "videos": summaries})
+    for name, s in summaries.items():
+        print(f"overlay video: {s['overlay_video']}")
     return 0
 
 

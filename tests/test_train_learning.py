@@ -77,5 +77,8 @@ def test_demo_learns_to_segment_the_sounding_object(tmp_path):
     assert f"test, best checkpoint (val miou {final['best_val_miou']:.4f} at step {best['step']}), " \
            "evaluated by `avs-dist eval`:" in log, log[-3000:]
     assert f"results: {out / 'run' / 'RESULTS.md'}" in log
+    # issue 20: it ends with the overlay video of one synthetic test clip, predicted from its mp4
+    videos = list((out / "predict_video").rglob("*_overlay.mp4"))
+    assert len(videos) == 1 and log.rstrip().endswith(f"overlay video of test clip {videos[0].parent.name}: {videos[0]}")
     assert "Setting OMP_NUM_THREADS" not in log and "find_unused_parameters" not in log
     assert log.count("run summary") == 1 and "last eval" not in log

@@ -184,3 +184,13 @@ def read_ms3(data_root: str | Path) -> list[VideoRecord]:
 def read_subset(data_root: str | Path, subset: str) -> list[VideoRecord]:
     subset_root(data_root, subset)  # rejects an unknown subset
     return read_s4(data_root) if subset == "s4" else read_ms3(data_root)
+
+
+def raw_video_path(data_root: str | Path, record: VideoRecord) -> Path:
+    """Where the release keeps the trimmed clip of a record: S4
+    `s4_data/raw_videos/{split}/{category}/{name}.mp4`, MS3 `ms3_data/raw_videos/{video_id}.mp4`
+    (no split folder)."""
+    root = subset_root(data_root, record.subset)
+    if record.subset == "s4":
+        return root / "s4_data" / "raw_videos" / record.split / record.category / f"{record.name}.mp4"
+    return root / "ms3_data" / "raw_videos" / f"{record.name}.mp4"

@@ -25,7 +25,10 @@ object (index 3 for MS3), the faint halo annotation exports leave: the reference
 background in S4 (PIL's dithering) and as a 3/255 target in MS3, and `pack` reports those
 masks as not clean.
 
-Same arguments and seed -> byte-identical files. Clips are 5 s, except every fourth video
+`--raw-videos` also writes the clips as AVSBench ships them, `raw_videos/` mp4 files (H.264 +
+AAC, one picture per second held for its second, the clip's sound) for `avs-dist extract`.
+
+Same arguments and seed -> byte-identical files (the mp4s: the same ffmpeg build). Clips are 5 s, except every fourth video
 (4.2 s), whose last log-mel example is a repeat, as in AVSBench.
 """
 from __future__ import annotations
@@ -342,8 +345,11 @@ def _write_csv(root: Path, subset: str, videos: list[dict]) -> None:
 
 
 def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool,
-                 n_classes: int | None = None, halo: int = 0) -> dict:
+                 n_classes: int | None = None, halo: int = 0, raw_fps: str | None = None) -> dict:
     videos = plan_subset(subset, n, seed, n_classes)
+    if raw_fps is not None:
+        for v in videos:  # the reference extracts 10 - start < 5 frames from a clip with start > 5
+            v["start"] = min(v["start"], 5)
     root = layout.subset_root(out, subset)
     _write_csv(root, subset, videos)
     records = layout.read_subset(out, subset)
@@ -362,6 +368,10 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
         wav = sum(class_sound(c, v["seconds"], rng, amp * rng.uniform(0.75, 1.0)) for c in v["sounding"])
         wav = wav + rng.normal(0.0, NOISE_STD, size=len(wav))
         _write_wav(rec.wav_path, wav)
+        if raw_fps is not None:
+            from avs_dist.video.encode import write_clip
+
+            write_clip(layout.raw_video_path(out, rec), frames, v["seconds"], fps=raw_fps, audio=wav)
         rec.logmel_path.parent.mkdir(parents=True, exist_ok=True)
         audio_mod.save_logmel_pkl(rec.logmel_path, audio_mod.logmel_from_wav(rec.wav_path))
         if xml:
@@ -385,13 +395,17 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
 
 
 def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "both", seed: int = 0,
-             xml: bool = True, force: bool = False, classes: int | None = None, halo: int = 0) -> dict:
+             xml: bool = True, force: bool = False, classes: int | None = None, halo: int = 0,
+             raw_fps: str | None = None) -> dict:
     """Write the synthetic dataset under `out`; returns a summary (per subset: root, boxes
     folder, split sizes, classes, and every video's name, split, scene (the same number for
     twins), sounding and distractor classes, in CSV order). Refuses to write into an existing
     subset folder unless `force`, which first deletes that subset's folder and its boxes
     folder. `halo` > 0: every other video's masks get a ring of that many pixels of value 3
-    (module docstring)."""
+    (module docstring). `raw_fps` (e.g. "10" or "30000/1001"): also write each clip as
+    `raw_videos/...mp4` (H.264 + AAC, video/encode.py) at that frame rate, each frame held for
+    its second, with the clip's sound, for `avs-dist extract`; `start` is then at most 5 so that
+    the reference's recipe takes 5 frames of every clip."""
     if subset not in ("s4", "ms3", "both"):
         raise ValueError(f"subset must be s4, ms3 or both, got {subset!r}")
     if size < 32:
@@ -410,7 +424,7 @@ def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "
                 shutil.rmtree(d)
     summary = {"out": str(out), "seed": seed, "size": size, "videos_per_subset": videos, "subsets": {}}
     for s in subsets:
-        summary["subsets"][s] = write_subset(out, s, videos, size, seed, xml, classes, halo)
+        summary["subsets"][s] = write_subset(out, s, videos, size, seed, xml, classes, halo, raw_fps)
     return summary
 
 
@@ -427,12 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-xml", action="store_true", help="do not write labelImg box XML")
     p.add_argument("--halo-masks", type=int, default=0, metavar="W",
                    help="give every other video's masks a W-pixel ring of value 3 (not clean 0/255; default 0)")
+    p.add_argument("--raw-videos", action="store_true",
+                   help="also write raw_videos/ (mp4, H.264 + AAC, with the sound) for `avs-dist extract`")
+    p.add_argument("--raw-fps", default="10", help="frame rate of --raw-videos, e.g. 25 or 30000/1001")
     p.add_argument("--force", action="store_true", help="replace existing subset folders under --out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         summary = generate(args.out, videos=args.videos, size=args.size, subset=args.subset, seed=args.seed,
-                           xml=not args.no_xml, force=args.force, classes=args.classes, halo=args.halo_masks)
+                           xml=not args.no_xml, force=args.force, classes=args.classes, halo=args.halo_masks,
+                           raw_fps=args.raw_fps if args.raw_videos else None)
     except (ValueError, FileExistsError) as e:
         print(f"avs-dist synth: {e}", file=sys.stderr)
         return 2
