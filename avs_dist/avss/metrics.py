@@ -126,13 +126,14 @@ def _check_range(name: str, x: torch.Tensor) -> None:
 
 def _check_inputs(pred, target, frame_exists, mask_valid):
     """-> (pred indices [N,H,W], target [N,H,W], exists [N], valid [N]) or ValueError."""
-    idx = class_indices(pred)
     if target.is_floating_point() or target.dtype == torch.bool or target.dim() != 3:
         raise ValueError(f"target must be int class indices [N,H,W], got {tuple(target.shape)} {target.dtype}")
-    if idx.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} do not match: "
-                         f"expected logits [N,{NUM_CLASSES},H,W] or indices [N,H,W] for target [N,H,W]")
-    n = target.shape[0]
+    n, h, w = target.shape
+    want = (n, NUM_CLASSES, h, w) if pred.is_floating_point() else (n, h, w)
+    if tuple(pred.shape) != want or pred.dtype == torch.bool:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} do not match: expected "
+                         f"logits [N,{NUM_CLASSES},H,W] or indices [N,H,W] for target [N,H,W]")
+    idx = class_indices(pred)
     flags = []
     for name, flag in (("frame_exists", frame_exists), ("mask_valid", mask_valid)):
         flag = torch.as_tensor(flag, device=target.device)
@@ -158,7 +159,7 @@ def frame_class_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     """
     n, c = target.shape[0], NUM_CLASSES
     frame = torch.arange(n, device=target.device).view(n, 1) * (c * c)
-    key = (frame + target.reshape(n, -1) * c + pred.reshape(n, -1)).reshape(-1)
+    key = (frame + target.flatten(1) * c + pred.flatten(1)).reshape(-1)
     conf = torch.zeros(n * c * c, dtype=torch.int64, device=target.device)
     conf.scatter_add_(0, key, torch.ones((), dtype=torch.int64, device=key.device).expand_as(key))
     conf = conf.view(n, c, c)  # [frame, label, prediction]
