@@ -258,8 +258,9 @@ def summarize(state: dict, class_names: list[str] | None = None) -> dict:
         raise ValueError(f"{total} frames exceed the {MAX_FRAMES} a fixed-point sum holds")
     nan = torch.full((NUM_CLASSES,), float("nan"), dtype=torch.float64)
 
-    def ratio(num, den):
-        return torch.where(den > 0, num.double() / den.double().clamp(min=1), nan)
+    def ratio(num, den):  # num / den, NaN where den == 0
+        num, den = num.double(), den.double()
+        return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), nan)
 
     inter, npred, ngt = row["pixels_inter"], row["pixels_pred"], row["pixels_gt"]
     per = {
