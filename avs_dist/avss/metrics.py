@@ -24,8 +24,9 @@ is 0), and report the mean over all 71 classes: ``miou_avsbench``, ``f_avsbench`
 
 * It scores every frame of the padded clips: the model multiplies its output by the
   frame-exists flag (argmax of all-zero logits is class 0) and the loader pads labels with
-  zeros, so each padded frame adds one perfect background frame (IoU 1, F 1); ~4,000 of
-  the ~11,500 test frames are padded, which inflates the background class. Here padded
+  zeros, so each padded frame adds one perfect background frame (IoU 1, F 1): the test
+  split of one public copy (804 five-frame and 750 ten-frame clips) has 4,020 padded frames
+  beside 11,520 real ones, which inflates the background class. Here padded
   frames are scored that way whatever ``pred`` holds for them, and a frame that exists but
   has no label is scored against an all-background label (the loader's zero padding).
 * It sums per-frame values, so it does not depend on the test batch size or order.
@@ -40,10 +41,11 @@ is 0), and report the mean over all 71 classes: ``miou_avsbench``, ``f_avsbench`
 * ``*_frame*``: AVSBench's per-class definition (per-frame IoU / F averaged over the scored
   frames whose union holds the class), without the padded frames.
 * ``*_dataset*``: the semantic-segmentation convention other AVS papers use (cyh-0/CAVP
-  utils/eval_utils.py ``MIoU`` / ``ForegroundDetect``; mmsegmentation's IoUMetric; discussed
-  in cyh-0/CAVP#6): per class IoU = sum I / sum U over all scored frames, F = (1 + b2) sum I /
-  (b2 sum Gt + sum Pr), which is (1 + b2) P R / (b2 P + R) with the dataset's precision and
-  recall (CAVP's ``f_beta_score`` with beta2 = 0.3).
+  utils/eval_utils.py ``MIoU`` / ``ForegroundDetect``, discussed in cyh-0/CAVP#6; as
+  mmsegmentation's IoUMetric): per class IoU = sum I / sum U over all scored frames,
+  F = (1 + b2) sum I / (b2 sum Gt + sum Pr), which is (1 + b2) P R / (b2 P + R) with the
+  dataset's precision and recall, written as CAVP's ``f_beta_score`` (beta2 = 0.3) so that
+  a labelled class never predicted scores 0 (mmsegmentation's P R form gives NaN and drops it).
 
 Each comes as a mean over classes, named for its class set:
 
@@ -57,8 +59,8 @@ Each comes as a mean over classes, named for its class set:
 
 "Present" means present in the ground truth, so every model evaluated on one test set is
 averaged over the same classes. A class that is predicted but never labelled has no
-defined score in those means (mmsegmentation's nanmean would count it 0); its false
-positives still lower the IoU of the classes whose pixels they took.
+defined score in those means (mmsegmentation's nanmean over classes with a union counts its
+IoU as 0); its false positives still lower the IoU of the classes whose pixels they took.
 
 **Exact merging.** The state is two int64 tensors: pixel and frame counts, and per-frame
 IoU / F stored in fixed point (multiples of 2**-FRAC_BITS, rounded to nearest; the error
@@ -94,7 +96,6 @@ CLASS_ROWS = (
 )
 # Entries of the frame-count state [len(FRAME_ROWS)] (int64).
 FRAME_ROWS = ("frames_scored", "frames_padded", "frames_unlabelled")
-_ROW = {name: i for i, name in enumerate(CLASS_ROWS)}
 
 
 def class_indices(pred: torch.Tensor) -> torch.Tensor:
