@@ -5,7 +5,7 @@ from avs_dist.avss.metrics import NUM_CLASSES
 
 # per-class columns: (result key, header)
 _COLUMNS = (
-    ("frames_gt", "frames"),
+    ("frames_gt", "frames_gt"),
     ("iou_frame", "iou_frame"),
     ("f_frame", "f_frame"),
     ("iou_dataset", "iou_dataset"),
@@ -34,7 +34,7 @@ def format_per_class(result: dict, class_names: list[str] | None = None) -> str:
 
     `result`: avss.metrics.summarize's dict (its ``per_class`` list of 71 entries).
     `class_names`: 71 names, index 0 = background (label2idx.json order); without them the
-    table shows indices only. Columns: idx, class, frames (scored frames labelled with the
+    table shows indices only. Columns: idx, class, frames_gt (scored frames labelled with the
     class), iou/f at frame and dataset level (``-``: undefined), the reference's iou/f;
     then one line naming the classes in no frame, and the summary figures. Raises ValueError
     when `class_names` is not 71 names.
