@@ -280,6 +280,13 @@ def test_sets_selection_cli_and_chunks(synth_out, tmp_path):
     mc = read_manifest(chunked)
     assert [(e["file"], e["sha256"]) for e in mc["shards"]] == [(e["file"], e["sha256"]) for e in m["shards"]]
     assert mc["sets"] == ["v1s", "v2"] and mc["classes"] == m["classes"]
+    # PNG frames decode to the same pixels, 10 of them for a v2 clip
+    png = tmp_path / "png"
+    pack(out, "avss", png, image_size=PACKED, sets="v2", image_format="png", **QUIET)
+    from_png, from_npy = list(iter_videos(png, "train")), [v for v in iter_videos(one, "train") if v["set"] == "v2"]
+    assert len(from_png) == len(from_npy) == 4
+    for a, b in zip(from_png, from_npy):
+        assert a["frames"].shape[0] == 10 and np.array_equal(a["frames"], b["frames"])
     with pytest.raises(LayoutError, match="--sets v3"):
         pack(out, "avss", tmp_path / "x", sets="v3", **QUIET)
     with pytest.raises(PackError, match="--sets is for --subset avss"):
