@@ -16,8 +16,11 @@ labelled frames, and its ``audio.wav``, and returns the arrays a shard sample ho
 - Audio: the wav through data/audio.py's VGGish front end (read_wav, log_mel_examples: the
   same recipe as the reference's avss/torchvggish/vggish_input.wavfile_to_examples, which is
   the S4 one), giving N examples of 0.96 s; the first T are kept and missing ones are zeros
-  (the reference zero-pads to 10, where S4 repeats the last example). N = 0 (a wav shorter
-  than 0.975 s) is a problem: the reference would run on silence.
+  (the reference zero-pads to 10, where S4 repeats the last example). Examples past T (a
+  5-frame clip's wav of 5.76 s or more) are dropped: the reference keeps them at the padded
+  positions, but multiplies the VGGish embeddings by the frame-exists flag right away
+  (avss/train.py), so they never reach the model. N = 0 (a wav shorter than 0.975 s) is a
+  problem: the reference would run on silence.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ def read_class_mask(path: Path, source: str) -> tuple[np.ndarray, dict | None]:
             values = np.unique(rgb[bad].reshape(-1, 3), axis=0)[:MAX_VALUES_LISTED].tolist()
             return index, {"pixels": unknown, "values": values}
         if im.mode not in INDEX_MODES:
-            raise ValueError(f"mode {im.mode!r} holds no class indices (expected one of {', '.join(INDEX_MODES)} or RGB)")
+            raise ValueError(f"mode {im.mode!r} holds no class indices "
+                             f"(expected one of {', '.join(INDEX_MODES)} or RGB)")
         raw = np.asarray(im).astype(np.int64)
     outside = (raw < 0) | (raw >= NUM_CLASSES)
     index = np.where(outside, BACKGROUND, raw).astype(np.uint8)

@@ -32,7 +32,8 @@ from PIL import Image
 from avs_dist.avss.classes import AVSS_CLASSES, LABEL2IDX, NUM_CLASSES, palette
 from avs_dist.avss.layout import AVSS_DIR, META_CSV, HEADER, SET_FRAMES, SETS, labelled_frames
 from avs_dist.data import layout
-from avs_dist.data.synth import NAME_ALPHABET, NOISE_STD, class_sound, place_objects, render_video, split_sizes, write_wav
+from avs_dist.data.synth import (NAME_ALPHABET, NOISE_STD, class_sound, place_objects, render_video, split_sizes,
+                                 write_wav)
 
 SUBSET_ID = 3  # seeds the generator apart from S4 (1) and MS3 (2)
 SOUNDING = {"v1s": (1, 1), "v1m": (2, 2), "v2": (1, 2)}  # sounding objects: first twin's rule (k//2 even, odd)
