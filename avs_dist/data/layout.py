@@ -25,15 +25,15 @@ class LayoutError(UserError, ValueError):
 
 @dataclass
 class VideoRecord:
-    subset: str  # "s4" | "ms3"
+    subset: str  # "s4" | "ms3" | "avss" (avss/layout.py)
     name: str
     split: str
     category: str | None  # None for MS3
     start: int | None  # S4 only: seconds into the source clip
-    frame_paths: list[Path]  # 5 frames, frame 1..5
+    frame_paths: list[Path]  # 5 frames, frame 1..5 (AVSS: T = 5 or 10, frames/0.jpg ..)
     mask_paths: list[Path]  # masks that exist in this split (S4 train: frame 1 only)
     mask_frames: list[int]  # 0-based frame index of each mask
-    logmel_path: Path  # .pkl, torch tensor [5, 1, 96, 64]
+    logmel_path: Path | None  # .pkl, torch tensor [5, 1, 96, 64] (AVSS: None, the release has none)
     wav_path: Path  # 16 kHz wav
     row: int  # 0-based row of the meta CSV's table (CSV order; "row {row + 2}" in messages)
     extra: dict = field(default_factory=dict)
