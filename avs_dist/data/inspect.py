@@ -40,6 +40,24 @@ def sample_strip(video: dict) -> np.ndarray:
                          [f"frame {i + 1}" for i in range(len(frames))], titles)
 
 
+def _clip_rows(table, video: dict, classes: list[str]) -> None:
+    """An AVSS clip's fields (avss/samples.py) as rows of `table`."""
+    for k in ("name", "vid", "set", "split", "index", "row", "num_frames", "mask_source", "audio_examples"):
+        table.add_row(k, str(video[k]))
+    for k in ("frames", "masks", "audio"):
+        a = video[k]
+        table.add_row(k, f"{a.dtype} {list(a.shape)} min {a.min():.3g} max {a.max():.3g} mean {a.mean():.3g}")
+    table.add_row("mask_frames", str(video["mask_frames"].tolist()))
+    for k, m in zip(video["mask_frames"], video["masks"]):
+        ids, counts = np.unique(m, return_counts=True)
+        table.add_row(f"mask {int(k)}", ", ".join(f"{classes[int(c)]} ({int(c)}): {n} px" for c, n in zip(ids, counts)))
+    first = video["object_frames"] == (video["object_frames"][0] if len(video["object_frames"]) else -1)
+    shown = "; ".join(f"{classes[int(c)]} {np.round(b, 1).tolist()}"
+                      for b, c in zip(video["object_boxes"][first], video["object_classes"][first]))
+    table.add_row("objects", f"{len(video['object_boxes'])} boxes in {len(set(video['object_frames'].tolist()))} "
+                             f"frames" + (f"; frame {int(video['object_frames'][0])}: {shown}" if shown else ""))
+
+
 def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
     from rich.table import Table
 
@@ -52,8 +70,13 @@ def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
         t.add_row(split, str(s["videos"]), str(s["shards"]), f"{mb:.1f}")
     console.print(t)
     opts = manifest["options"]
-    console.print(f"options: image_format={opts['image_format']} crop_size={opts['crop_size']} "
-                  f"shard_videos={opts['shard_videos']} boxes={opts['boxes']}")
+    avss = manifest["subset"] == "avss"
+    if avss:
+        console.print(f"options: image_format={opts['image_format']} image_size={opts['image_size']} "
+                      f"shard_videos={opts['shard_videos']} masks={opts['masks']} sets={','.join(manifest['sets'])}")
+    else:
+        console.print(f"options: image_format={opts['image_format']} crop_size={opts['crop_size']} "
+                      f"shard_videos={opts['shard_videos']} boxes={opts['boxes']}")
     if manifest["skipped"]:
         console.print(f"[yellow]{len(manifest['skipped'])} videos were skipped when packing:")
         for b in manifest["skipped"]:
@@ -62,9 +85,10 @@ def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
     if masks["count"]:
         from avs_dist.data.pack import not_clean_summary
 
-        console.print(not_clean_summary(masks), style="yellow", markup=False, highlight=False)
+        console.print(not_clean_summary(masks, subset=manifest["subset"]), style="yellow", markup=False,
+                      highlight=False)
     else:
-        console.print(f"masks: all {masks['of']} clean 0/255")
+        console.print(f"masks: all {masks['of']} " + ("of known classes" if avss else "clean 0/255"))
     if report["ok"]:
         console.print(f"[green]sha256 OK for all {report['checked']} shards")
     else:
@@ -78,6 +102,10 @@ def _show(console, manifest: dict, report: dict, video: dict | None) -> None:
     v = Table(title=f"sample: {video['split']}[{video['index']}]")
     v.add_column("field")
     v.add_column("value")
+    if avss:
+        _clip_rows(v, video, manifest["classes"])
+        console.print(v)
+        return
     for k in ("name", "category", "label", "split", "index", "row", "audio_source"):
         v.add_row(k, str(video[k]))
     for k in ("frames", "crops", "masks", "audio"):
@@ -105,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("shard_dir")
     ap.add_argument("--split", choices=SPLITS, default=None, help="split of the sample shown (default: first non-empty)")
     ap.add_argument("--index", type=int, default=0, help="position of the sample in its split")
-    ap.add_argument("--save-png", default=None, help="write a frames / masks / crops strip of the sample here")
+    ap.add_argument("--save-png", default=None, help="write a frames / masks / crops strip of the sample here "
+                    "(avss: frames / colour masks / object boxes)")
     a = ap.parse_args(argv)
     from rich.console import Console
 
@@ -127,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         from PIL import Image
 
         Path(a.save_png).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(sample_strip(video)).save(a.save_png)
+        if manifest["subset"] == "avss":
+            from avs_dist.avss.pictures import clip_strip
+
+            strip = clip_strip(video, manifest["classes"])
+        else:
+            strip = sample_strip(video)
+        Image.fromarray(strip).save(a.save_png)
         console.print(f"wrote {a.save_png}")
     return 0 if report["ok"] else 1
 

@@ -25,15 +25,15 @@ class LayoutError(UserError, ValueError):
 
 @dataclass
 class VideoRecord:
-    subset: str  # "s4" | "ms3"
+    subset: str  # "s4" | "ms3" | "avss" (avss/layout.py)
     name: str
     split: str
     category: str | None  # None for MS3
     start: int | None  # S4 only: seconds into the source clip
-    frame_paths: list[Path]  # 5 frames, frame 1..5
+    frame_paths: list[Path]  # 5 frames, frame 1..5 (AVSS: T = 5 or 10, frames/0.jpg ..)
     mask_paths: list[Path]  # masks that exist in this split (S4 train: frame 1 only)
     mask_frames: list[int]  # 0-based frame index of each mask
-    logmel_path: Path  # .pkl, torch tensor [5, 1, 96, 64]
+    logmel_path: Path | None  # .pkl, torch tensor [5, 1, 96, 64] (AVSS: None, the release has none)
     wav_path: Path  # 16 kHz wav
     row: int  # 0-based row of the meta CSV's table (CSV order; "row {row + 2}" in messages)
     extra: dict = field(default_factory=dict)
@@ -73,7 +73,8 @@ def _header_hint(fields: list[str]) -> str:
     return ""
 
 
-def read_meta_csv(path: str | Path, header: list[str]) -> list[tuple[int, dict[str, str]]]:
+def read_meta_csv(path: str | Path, header: list[str],
+                  required: list[str] | None = None) -> list[tuple[int, dict[str, str]]]:
     """The rows of an AVSBench meta CSV as the reference reads them: ``pandas.read_csv(path,
     sep=',')`` (so a UTF-8 byte-order mark, CRLF or CR line ends, quoted fields and blank
     lines read cleanly), with two deliberate differences:
@@ -88,6 +89,7 @@ def read_meta_csv(path: str | Path, header: list[str]) -> list[tuple[int, dict[s
     Returns [(row position in the table, {column: text})] in CSV order, with at least the
     `header` columns (extra columns after them are kept). "row N" in errors counts the
     header as row 1, as a spreadsheet does (pandas skips blank lines: they are not counted).
+    `required`: the columns that may not be empty (default: all of `header`).
     Raises LayoutError naming the file (and the row where there is one): not found, not UTF-8,
     unparsable (pandas' message, with its line), wrong header, rows with more fields than the
     header, an empty field, or a split other than train / val / test.
@@ -119,7 +121,7 @@ def read_meta_csv(path: str | Path, header: list[str]) -> list[tuple[int, dict[s
         if not any(values):
             continue
         row = dict(zip(fields, values))
-        for col in header:
+        for col in header if required is None else required:
             if not row[col]:
                 raise LayoutError(f"{path}: row {i + 2}: empty {col!r} field")
         if row["split"] not in SPLITS:

@@ -16,6 +16,11 @@ Each video is one WebDataset sample, key ``{index:06d}`` (its position in the sp
 - ``meta.json``: name, category, label, split, index, row (CSV row), mask_frames, boxes,
   box_source, audio_source, frame_size.
 
+AVSBench-semantic (``--subset avss``, avs_dist/avss/): one sample per clip of 5 or 10 frames
+(avss/samples.py), frames and class-index masks resized as the reference loader does at
+``--image-size`` (avss/resize.py), log-mel from the wav (avss/clips.py), ``--sets`` choosing
+among v1s / v1m / v2; the manifest records the sets and the 71 classes.
+
 Masks that are not clean 0 / 255 (soft edges, halos, coloured or 0/1-valued masks, see
 masks.py) are packed as the reference reads them, and counted and listed in the summary
 and in the manifest (``masks_not_clean``): such data is not what the reference was trained on.
@@ -53,6 +58,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from avs_dist.avss import layout as avss_layout
+from avs_dist.avss.clips import MASK_SOURCES, AvssPackOptions, load_clip
+from avs_dist.avss.samples import clip_meta, encode_clip
 from avs_dist.data.classes import S4_CLASSES, class_index
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS, SUBSET_DIRS, LayoutError, VideoRecord, read_subset, subset_root
 from avs_dist.data.masks import stored_mask
@@ -63,6 +71,7 @@ from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
 IMAGE_FORMATS = ("npy", "png", "jpeg")
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.tar(\.tmp)?$")
 CSV_NAMES = {"s4": "s4_meta_data.csv", "ms3": "ms3_meta_data.csv"}
+SUBSETS = ("s4", "ms3", "avss")
 
 
 class PackError(UserError, RuntimeError):
@@ -264,7 +273,7 @@ class _HashingWriter:
 
 
 def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord, int]],
-                 opts: PackOptions, csv_path: str) -> dict:
+                 opts, csv_path: str) -> dict:
     """Write one whole shard (runs in a worker process); returns its manifest entry."""
     import webdataset as wds
 
@@ -276,9 +285,17 @@ def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord,
         # mtime=0: the same input gives byte-identical shards (stable sha256 across rebuilds).
         with wds.TarWriter(hw, encoder=False, mtime=0.0) as tw:
             for rec, index in items:
-                video, problems = load_video(rec, opts, csv_path)
+                video, problems = _load(rec, opts, csv_path)
                 if video is None:
                     raise PackError(f"{rec.name}: changed while packing: " + "; ".join(problems))
+                if rec.subset == "avss":
+                    sample = encode_clip(video, clip_meta(rec, video, split, index), opts.image_format,
+                                         opts.jpeg_quality)
+                    keys.append(sample["__key__"])
+                    not_clean += video["masks_not_clean"]
+                    n_masks += len(video["masks"])
+                    tw.write(sample)
+                    continue
                 meta = {
                     "name": rec.name, "subset": rec.subset, "category": rec.category,
                     "label": video["label"], "split": split, "index": index, "row": rec.row,
@@ -300,8 +317,15 @@ def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord,
             "sha256": hw.sha.hexdigest(), "bytes": hw.bytes, "masks": n_masks, "masks_not_clean": not_clean}
 
 
-def _validate_chunk(recs: list[VideoRecord], opts: PackOptions, csv_path: str) -> list[list[str]]:
-    return [load_video(r, opts, csv_path, with_crops=False)[1] for r in recs]
+def _load(rec: VideoRecord, opts, csv_path: str, with_crops: bool = True) -> tuple[dict | None, list[str]]:
+    """load_video, or avss/clips.py:load_clip for an AVSS clip."""
+    if rec.subset == "avss":
+        return load_clip(rec, opts)
+    return load_video(rec, opts, csv_path, with_crops=with_crops)
+
+
+def _validate_chunk(recs: list[VideoRecord], opts, csv_path: str) -> list[list[str]]:
+    return [_load(r, opts, csv_path, with_crops=False)[1] for r in recs]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -353,9 +377,9 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 
 def _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_quality, crop_size,
-             shard_videos) -> tuple[Path, PackOptions]:
-    if subset not in SUBSET_DIRS:
-        raise PackError(f"--subset {subset!r}: expected s4 or ms3")
+             shard_videos, image_size: int = 224, sets=None, masks: str = "auto") -> tuple[Path, PackOptions]:
+    if subset not in SUBSETS:
+        raise PackError(f"--subset {subset!r}: expected one of {', '.join(SUBSETS)}")
     if image_format not in IMAGE_FORMATS:
         raise PackError(f"--image-format {image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}")
     if not 1 <= jpeg_quality <= 100:
@@ -363,6 +387,18 @@ def _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_qua
     if crop_size < 1 or shard_videos < 1 or workers < 1:
         raise PackError("--crop-size, --shard-videos and --workers must be positive")
     data_root = Path(data_root)
+    if subset == "avss":
+        if boxes is not None:
+            raise PackError("--boxes: AVSS boxes come from the semantic masks (one per class and labelled "
+                            "frame); there is no XML to give")
+        if image_size < 1:
+            raise PackError(f"--image-size {image_size}: must be positive")
+        if masks not in MASK_SOURCES:
+            raise PackError(f"--avss-masks {masks!r}: expected one of {', '.join(MASK_SOURCES)}")
+        return data_root, AvssPackOptions(image_format, jpeg_quality, shard_videos, skip_bad, image_size,
+                                          avss_layout.parse_sets(sets), masks)
+    if sets is not None:
+        raise PackError(f"--sets is for --subset avss (AVSBench-semantic), not {subset}")
     if boxes is None and (data_root / "boxes").is_dir():
         boxes = data_root / "boxes"
     if boxes is not None and not Path(boxes).is_dir():
@@ -372,6 +408,22 @@ def _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_qua
         boxes = Path(boxes) / SUBSET_DIRS[subset]
     return data_root, PackOptions(image_format, jpeg_quality, crop_size, shard_videos,
                                   str(boxes) if boxes is not None else None, skip_bad)
+
+
+def _records(data_root: Path, subset: str, opts) -> tuple[list[VideoRecord], str]:
+    """(the records to pack in CSV order, the meta CSV they come from)."""
+    if subset == "avss":
+        avss_layout.read_classes(data_root)  # a missing or bad label2idx.json stops the pack first
+        root = avss_layout.avss_root(data_root)
+        return avss_layout.read_avss(data_root, opts.sets), str(root / avss_layout.META_CSV)
+    return read_subset(data_root, subset), str(subset_root(data_root, subset) / CSV_NAMES[subset])
+
+
+def _manifest_extra(data_root: Path, subset: str, sets) -> dict:
+    """What an AVSS manifest adds: its 71 classes and the sets packed."""
+    if subset != "avss":
+        return {}
+    return {"classes": list(avss_layout.read_classes(data_root)), "sets": list(sets)}
 
 
 def _validate(records, opts, csv_path, workers, bar, pool) -> list[dict]:
@@ -409,8 +461,10 @@ def _write_shards(out: Path, jobs, opts, csv_path, bar, pool) -> list[dict]:
 _MASK_KEYS = ("masks", "masks_not_clean")
 
 
-def build_manifest(subset: str, options: dict, entries: list[dict], skipped: list[dict]) -> dict:
-    """The manifest (shards.py) from the shard entries _write_shard returned, in plan order."""
+def build_manifest(subset: str, options: dict, entries: list[dict], skipped: list[dict],
+                   extra: dict | None = None) -> dict:
+    """The manifest (shards.py) from the shard entries _write_shard returned, in plan order;
+    `extra` replaces or adds top-level keys (AVSS: its classes and sets)."""
     not_clean = [m for e in entries for m in e.get("masks_not_clean", [])]
     masks = {"count": len(not_clean), "of": sum(e.get("masks", 0) for e in entries), "files": not_clean}
     entries = [{k: v for k, v in e.items() if k not in _MASK_KEYS} for e in entries]
@@ -427,18 +481,27 @@ def build_manifest(subset: str, options: dict, entries: list[dict], skipped: lis
         "shards": entries,
         "skipped": skipped,
         "masks_not_clean": masks,
+        **(extra or {}),
     }
 
 
-def not_clean_summary(masks: dict, shown: int = 5) -> str:
-    """A few lines on the masks that are not clean 0 / 255 ("" when all are clean)."""
+def not_clean_summary(masks: dict, shown: int = 5, subset: str = "s4") -> str:
+    """A few lines on the masks that are not clean ("" when all are clean): S4 / MS3 masks
+    not 0 / 255, AVSS masks with colours or indices that are no class."""
     if not masks["count"]:
         return ""
-    lines = [f"{masks['count']} of {masks['of']} masks are not clean 0/255 (soft edges, halos, palette or "
-             f"colour masks): packed as the reference's PIL conversion reads them, but this is not the data "
-             f"the reference was trained on; all are listed in {MANIFEST} (masks_not_clean):"]
+    if subset == "avss":
+        lines = [f"{masks['count']} of {masks['of']} masks have pixels of no class (a colour not in the palette, "
+                 f"or an index above 70): packed as class 0 (background), as the reference reads them; all are "
+                 f"listed in {MANIFEST} (masks_not_clean):"]
+        what = "pixels of no class"
+    else:
+        lines = [f"{masks['count']} of {masks['of']} masks are not clean 0/255 (soft edges, halos, palette or "
+                 f"colour masks): packed as the reference's PIL conversion reads them, but this is not the data "
+                 f"the reference was trained on; all are listed in {MANIFEST} (masks_not_clean):"]
+        what = "pixels not 0/255"
     for m in masks["files"][:shown]:
-        lines.append(f"  {m['file']}: {m['pixels']} pixels not 0/255 (values {m['values']})")
+        lines.append(f"  {m['file']}: {m['pixels']} {what} (values {m['values']})")
     if masks["count"] > shown:
         lines.append(f"  ... and {masks['count'] - shown} more")
     return "\n".join(lines)
@@ -447,22 +510,25 @@ def not_clean_summary(masks: dict, shown: int = 5) -> str:
 def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Path | None = None,
          workers: int = 1, skip_bad: bool = False, image_format: str = "npy", jpeg_quality: int = 95,
          crop_size: int = 224, shard_videos: int = 64, overwrite: bool = False,
-         progress: bool = True, log=print) -> dict:
+         progress: bool = True, log=print, image_size: int = 224, sets=None, avss_masks: str = "auto") -> dict:
     """Pack one subset of an AVSBench download into `out`; returns the manifest.
 
     `boxes`: root of the labelImg XML tree handed to ``boxes_for_video``; when None and
     ``<data_root>/boxes`` exists, that folder is used (`avs-dist synth` writes it there).
-    Raises PackError (bad videos without `skip_bad`, or a complete set without `overwrite`).
+    AVSS (subset "avss"): `image_size` (frames and masks, avss/resize.py), `sets` ("v1s,v1m,v2"
+    or a list; None: all), `avss_masks` ("auto", "rgb", "semantic": avss/clips.py); `crop_size`
+    and `boxes` do not apply (no crops are packed; boxes come from the masks).
+    Raises PackError (bad videos without `skip_bad`, or a complete set without `overwrite`),
+    LayoutError (the layout: e.g. no metadata.csv or label2idx.json).
     """
     data_root, opts = _options(data_root, subset, boxes, workers, skip_bad, image_format, jpeg_quality,
-                               crop_size, shard_videos)
+                               crop_size, shard_videos, image_size, sets, avss_masks)
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
         raise PackError(f"{out} already holds a complete shard set ({MANIFEST}); "
                         f"pass --overwrite to rebuild it, or choose another --out")
 
-    records = read_subset(data_root, subset)
-    csv_path = str(subset_root(data_root, subset) / CSV_NAMES[subset])
+    records, csv_path = _records(data_root, subset, opts)
     t0 = time.time()
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
@@ -492,13 +558,14 @@ def pack(data_root: str | Path, subset: str, out: str | Path, *, boxes: str | Pa
             pool.shutdown(cancel_futures=True)
 
     fsync_dir(out)
-    manifest = build_manifest(subset, {**asdict(opts), "data_root": str(data_root)}, entries, bad)
+    manifest = build_manifest(subset, {**asdict(opts), "data_root": str(data_root)}, entries, bad,
+                              _manifest_extra(data_root, subset, getattr(opts, "sets", None)))
     _write_manifest(out, manifest)
     counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in manifest["splits"].items())
     log(f"packed {subset} into {out} in {time.time() - t0:.1f}s: {counts}"
         + (f"; skipped {len(bad)} bad videos" if bad else ""))
     if manifest["masks_not_clean"]["count"]:
-        log(not_clean_summary(manifest["masks_not_clean"]))
+        log(not_clean_summary(manifest["masks_not_clean"], subset=subset))
     return manifest
 
 
@@ -517,7 +584,7 @@ def _chunk_file(out: Path, chunk: int, num_chunks: int) -> Path:
 def pack_chunk(data_root: str | Path, subset: str, out: str | Path, chunk: int, num_chunks: int, *,
                boxes: str | Path | None = None, workers: int = 1, image_format: str = "npy",
                jpeg_quality: int = 95, crop_size: int = 224, shard_videos: int = 64,
-               progress: bool = True, log=print) -> dict:
+               progress: bool = True, log=print, image_size: int = 224, sets=None, avss_masks: str = "auto") -> dict:
     """Pack chunk `chunk` of `num_chunks`; returns its record (also OUT/.chunks/chunk-I-of-N.json).
 
     A bad video fails the chunk with the full report (--skip-bad changes the shard layout,
@@ -525,12 +592,11 @@ def pack_chunk(data_root: str | Path, subset: str, out: str | Path, chunk: int, 
     if not 0 <= chunk < num_chunks:
         raise PackError(f"--chunk {chunk}: expected 0 <= chunk < --num-chunks ({num_chunks})")
     data_root, opts = _options(data_root, subset, boxes, workers, False, image_format, jpeg_quality,
-                               crop_size, shard_videos)
+                               crop_size, shard_videos, image_size, sets, avss_masks)
     out = Path(out)
     if (out / MANIFEST).exists():
         raise PackError(f"{out} already holds a complete shard set ({MANIFEST}); remove it to rebuild in chunks")
-    records = read_subset(data_root, subset)
-    csv_path = str(subset_root(data_root, subset) / CSV_NAMES[subset])
+    records, csv_path = _records(data_root, subset, opts)
     mine = shard_plan(records, shard_videos)[chunk::num_chunks]
     recs = [rec for _, _, items in mine for rec, _ in items]
     t0 = time.time()
@@ -567,7 +633,6 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
         log(f"{out} is already complete ({MANIFEST}); nothing to finalize")
         return json.loads((out / MANIFEST).read_text())
     data_root = Path(data_root)
-    plan = shard_plan(read_subset(data_root, subset), shard_videos)
     records, missing = [], []
     for i in range(num_chunks):
         path = _chunk_file(out, i, num_chunks)
@@ -586,6 +651,10 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
     if opts["shard_videos"] != shard_videos or Path(opts["data_root"]) != data_root:
         raise PackError(f"{out}: chunks were packed from {opts['data_root']} with --shard-videos "
                         f"{opts['shard_videos']}; finalize with the same --data-root and --shard-videos")
+    # The plan of the sets the chunks packed (AVSS); S4 / MS3 have no sets.
+    sets = opts.get("sets")
+    videos = _records(data_root, subset, AvssPackOptions(sets=tuple(sets)) if subset == "avss" else None)[0]
+    plan = shard_plan(videos, shard_videos)
     by_file = {e["file"]: e for r in records for e in r["shards"]}
     planned = [file for file, _, _ in plan]
     problems = [f"{f}: planned, but no chunk wrote it" for f in planned if f not in by_file]
@@ -604,7 +673,7 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
     if problems:
         raise PackError(f"{out}: the chunks do not add up to the shard set:\n  " + "\n  ".join(problems))
     entries = [by_file[f] for f in planned]
-    manifest = build_manifest(subset, opts, entries, [])
+    manifest = build_manifest(subset, opts, entries, [], _manifest_extra(data_root, subset, sets))
     _write_manifest(out, manifest)
     for path in chunk_dir.iterdir():
         path.unlink()
@@ -612,7 +681,7 @@ def finalize_chunks(data_root: str | Path, subset: str, out: str | Path, num_chu
     counts = ", ".join(f"{s} {v['videos']} videos / {v['shards']} shards" for s, v in manifest["splits"].items())
     log(f"finalized {subset} in {out} from {num_chunks} chunks: {counts}")
     if manifest["masks_not_clean"]["count"]:
-        log(not_clean_summary(manifest["masks_not_clean"]))
+        log(not_clean_summary(manifest["masks_not_clean"], subset=subset))
     return manifest
 
 
@@ -621,8 +690,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="avs-dist pack", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
-    ap.add_argument("--data-root", required=True, help="folder holding Single-source/ and/or Multi-sources/")
-    ap.add_argument("--subset", required=True, choices=("s4", "ms3"))
+    ap.add_argument("--data-root", required=True, help="folder holding Single-source/ and/or Multi-sources/; "
+                    "for avss the AVSBench-semantic release (metadata.csv) or the folder above its AVSBench_semantic/")
+    ap.add_argument("--subset", required=True, choices=SUBSETS,
+                    help="s4, ms3 (AVSBench-object) or avss (AVSBench-semantic)")
+    ap.add_argument("--sets", default=None, help="avss: comma-separated sets to pack, of v1s,v1m,v2 (default: all)")
+    ap.add_argument("--image-size", type=int, default=224,
+                    help="avss: frame and mask side, resized as the reference loader does (train: short side then "
+                         "centre crop; val/test: plain resize)")
+    ap.add_argument("--avss-masks", choices=MASK_SOURCES, default="auto",
+                    help="avss: labels_semantic index masks when a clip has them (auto), or always the labels_rgb "
+                         "colour masks the reference reads (rgb), or always labels_semantic (semantic)")
     ap.add_argument("--out", required=True, help="shard folder to write (one per subset)")
     ap.add_argument("--boxes", default=None, help="labelImg XML root (default: <data-root>/boxes if present, "
                     "else boxes are derived from masks)")
@@ -655,11 +733,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.chunk is not None:
             pack_chunk(a.data_root, a.subset, a.out, a.chunk, a.num_chunks, boxes=a.boxes, workers=a.workers,
                        image_format=a.image_format, jpeg_quality=a.jpeg_quality, crop_size=a.crop_size,
-                       shard_videos=a.shard_videos, progress=not a.no_progress)
+                       shard_videos=a.shard_videos, progress=not a.no_progress, image_size=a.image_size,
+                       sets=a.sets, avss_masks=a.avss_masks)
             return 0
         pack(a.data_root, a.subset, a.out, boxes=a.boxes, workers=a.workers, skip_bad=a.skip_bad,
              image_format=a.image_format, jpeg_quality=a.jpeg_quality, crop_size=a.crop_size,
-             shard_videos=a.shard_videos, overwrite=a.overwrite, progress=not a.no_progress)
+             shard_videos=a.shard_videos, overwrite=a.overwrite, progress=not a.no_progress,
+             image_size=a.image_size, sets=a.sets, avss_masks=a.avss_masks)
     except (PackError, LayoutError) as e:
         print(f"avs-dist pack: {e}", file=sys.stderr)
         return 1

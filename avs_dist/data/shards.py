@@ -2,8 +2,10 @@
 
 ``manifest.json`` (written last; its absence means the pack did not complete)::
 
-    format "avs-dist-shards", schema_version 2, subset "s4" | "ms3", created,
-    classes        the 23 S4 classes in reference order (label = position)
+    format "avs-dist-shards", schema_version 2, subset "s4" | "ms3" | "avss", created,
+    classes        the 23 S4 classes in reference order (label = position); for avss the
+                   71 classes of label2idx.json in class-index order (background first)
+    sets           avss only: the sets packed (v1s, v1m, v2)
     options        packing options (image_format, jpeg_quality, crop_size, shard_videos,
                    boxes, skip_bad, data_root)
     splits         {split: {"videos": n, "shards": k}}
@@ -31,6 +33,12 @@ is refused with a request to re-pack.
     boxes        float32 [5,4] (xmin, ymin, xmax, ymax), 0-based pixel corners, exclusive max
     box_source   list[5] of "xml" | "mask" | "nearest_mask" | "full_frame"
     audio_source "pkl" | "wav"
+
+For an AVSS shard set (subset "avss") each clip is the dict of avss/samples.py:decode_clip:
+frames uint8 [T,S,S,3] (T = 5 or 10, not padded), masks uint8 [M,S,S] class indices 0..70,
+mask_frames int64 [M], audio float32 [T,96,64], object_boxes float32 [K,4],
+object_classes int64 [K], object_frames int64 [K], num_frames, name (uid), vid, set, split,
+index, row, subset, mask_source, audio_examples.
 """
 from __future__ import annotations
 
@@ -173,9 +181,14 @@ def decode_sample(raw: dict, crops: bool = True) -> dict:
     """One raw WebDataset sample (suffix -> bytes) -> the video dict described above.
 
     crops=False: no "crops" key and nothing of the crops decoded (a model without a crop
-    branch; read such samples with iter_raw(..., crops=False))."""
+    branch; read such samples with iter_raw(..., crops=False)). An AVSS clip (meta subset
+    "avss") decodes to the dict avss/samples.py:decode_clip describes (no crops)."""
     try:
         meta = json.loads(raw["meta.json"])
+        if meta.get("subset") == "avss":
+            from avs_dist.avss.samples import decode_clip
+
+            return decode_clip(raw, meta)
         video = {
             "frames": _stack(raw, "frame"),
             **({"crops": _stack(raw, "crop")} if crops else {}),

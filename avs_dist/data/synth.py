@@ -25,6 +25,9 @@ object (index 3 for MS3), the faint halo annotation exports leave: the reference
 background in S4 (PIL's dithering) and as a 3/255 target in MS3, and `pack` reports those
 masks as not clean.
 
+`--subset avss` writes the AVSBench-semantic release instead (avs_dist/avss/synth.py: 5- and
+10-frame clips, 71-class masks of the sounding objects, under `{out}/AVSBench_semantic/`).
+
 `--raw-videos` also writes the clips as AVSBench ships them, `raw_videos/` mp4 files (H.264 +
 AAC, one picture per second held for its second, the clip's sound) for `avs-dist extract`.
 
@@ -160,19 +163,20 @@ def _pattern(style: dict, s: int) -> np.ndarray:
     return np.where(alt[..., None], np.array(style["secondary"], np.uint8), np.array(style["primary"], np.uint8))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-saturation texture: a grey-ish tint (channel spread <= 24) plus coarse and fine
-    luminance noise added equally to all channels."""
+def _background(rng: np.random.Generator, size: int, width: int | None = None) -> np.ndarray:
+    """Low-saturation texture [size, width (default size), 3]: a grey-ish tint (channel
+    spread <= 24) plus coarse and fine luminance noise added equally to all channels."""
+    width = size if width is None else width
     base = rng.integers(80, 171) + rng.integers(-12, 13, size=3)
     coarse = rng.integers(-14, 15, size=(8, 8)).astype(np.float32)
-    coarse = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))
-    fine = rng.integers(-6, 7, size=(size, size))
+    coarse = np.asarray(Image.fromarray(coarse, mode="F").resize((width, size), Image.BILINEAR))
+    fine = rng.integers(-6, 7, size=(size, width))
     return (base[None, None, :] + np.round(coarse)[..., None] + fine[..., None]).astype(np.int32)
 
 
-def _place_objects(rng: np.random.Generator, size: int, classes: list[int]) -> list[dict]:
-    """Each object gets its own grid cell, a side length and a drift that keeps all five
-    positions inside the cell."""
+def place_objects(rng: np.random.Generator, size: int, classes: list[int]) -> list[dict]:
+    """Each object of `classes` (style indices 0..22) gets its own grid cell of the size x size
+    square, a side length and a drift that keeps all its positions inside the cell."""
     cell = size / GRID
     cells = rng.permutation(GRID * GRID)[: len(classes)]
     objects = []
@@ -189,24 +193,28 @@ def _place_objects(rng: np.random.Generator, size: int, classes: list[int]) -> l
     return objects
 
 
-def render_video(rng: np.random.Generator, size: int, objects: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Frames uint8 [5, size, size, 3] and an object-id map uint8 [5, size, size]
-    (0 = background, j + 1 = objects[j])."""
-    bg = _background(rng, size)
-    frames = np.empty((FRAMES, size, size, 3), np.uint8)
-    ids = np.zeros((FRAMES, size, size), np.uint8)
+def render_video(rng: np.random.Generator, size: int, objects: list[dict], frames: int = FRAMES,
+                 width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frames uint8 [frames, size, width, 3] and an object-id map uint8 [frames, size, width]
+    (0 = background, j + 1 = objects[j]); width defaults to size. With a wider frame the
+    objects (placed in a size x size square) sit in its horizontal middle."""
+    n_frames, width = frames, size if width is None else width
+    shift = (width - size) // 2
+    bg = _background(rng, size, width)
+    frames = np.empty((n_frames, size, width, 3), np.uint8)
+    ids = np.zeros((n_frames, size, width), np.uint8)
     sprites = []  # (shape mask, its pixels): the same in every frame
     for ob in objects:
         style = class_style(ob["cls"])
         shape = _shape_mask(style["shape"], ob["side"])
         sprites.append((shape, _pattern(style, ob["side"])[shape]))
-    for t in range(FRAMES):
-        noise = rng.integers(-3, 4, size=(size, size, 1))
+    for t in range(n_frames):
+        noise = rng.integers(-3, 4, size=(size, width, 1))
         frame = np.clip(bg + noise, 0, 255).astype(np.uint8)
         for j, (ob, (shape, pixels)) in enumerate(zip(objects, sprites)):
             s = ob["side"]
-            x0, y0 = (int(round(v)) for v in ob["start"] + ob["drift"] * t / (FRAMES - 1))
-            x0, y0 = min(max(0, x0), size - s), min(max(0, y0), size - s)
+            x0, y0 = (int(round(v)) for v in ob["start"] + ob["drift"] * t / (n_frames - 1))
+            x0, y0 = min(max(0, x0), size - s) + shift, min(max(0, y0), size - s)
             frame[y0:y0 + s, x0:x0 + s][shape] = pixels
             ids[t, y0:y0 + s, x0:x0 + s][shape] = j + 1
         frames[t] = frame
@@ -295,7 +303,8 @@ def plan_subset(subset: str, n: int, seed: int, classes: int | None = None) -> l
 # writing
 
 
-def _write_wav(path: Path, samples: np.ndarray) -> None:
+def write_wav(path: Path, samples: np.ndarray) -> None:
+    """16-bit mono 16 kHz wav of float samples (clipped to [-1, 1))."""
     pcm = np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2")
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as w:
@@ -356,7 +365,7 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
     box_root = out / BOX_DIR / layout.SUBSET_DIRS[subset]
     for v, rec in zip(videos, records):
         rng = np.random.default_rng([seed, SUBSET_IDS[subset], 1, v["scene"]])
-        frames, ids = render_video(rng, size, _place_objects(rng, size, v["objects"]))
+        frames, ids = render_video(rng, size, place_objects(rng, size, v["objects"]))
         sounding_ids = [v["objects"].index(c) + 1 for c in v["sounding"]]
         for t, path in enumerate(rec.frame_paths):
             _write_png(path, Image.fromarray(frames[t], mode="RGB"))
@@ -367,7 +376,7 @@ def write_subset(out: Path, subset: str, n: int, size: int, seed: int, xml: bool
         amp = 0.4 if subset == "s4" else 0.28
         wav = sum(class_sound(c, v["seconds"], rng, amp * rng.uniform(0.75, 1.0)) for c in v["sounding"])
         wav = wav + rng.normal(0.0, NOISE_STD, size=len(wav))
-        _write_wav(rec.wav_path, wav)
+        write_wav(rec.wav_path, wav)
         if raw_fps is not None:
             from avs_dist.video.encode import write_clip
 
@@ -405,9 +414,13 @@ def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "
     (module docstring). `raw_fps` (e.g. "10" or "30000/1001"): also write each clip as
     `raw_videos/...mp4` (H.264 + AAC, video/encode.py) at that frame rate, each frame held for
     its second, with the clip's sound, for `avs-dist extract`; `start` is then at most 5 so that
-    the reference's recipe takes 5 frames of every clip."""
-    if subset not in ("s4", "ms3", "both"):
-        raise ValueError(f"subset must be s4, ms3 or both, got {subset!r}")
+    the reference's recipe takes 5 frames of every clip. subset "avss": the AVSBench-semantic
+    release under `{out}/AVSBench_semantic` (avss/synth.py:write_avss; `videos` clips in all,
+    no XML, halo or raw videos)."""
+    if subset not in ("s4", "ms3", "both", "avss"):
+        raise ValueError(f"subset must be s4, ms3, both or avss, got {subset!r}")
+    if subset == "avss":
+        return _generate_avss(Path(out), videos, size, seed, force, classes, halo, raw_fps)
     if size < 32:
         raise ValueError(f"size must be at least 32 px, got {size}")
     split_sizes(videos)  # rejects videos < 3
@@ -428,13 +441,37 @@ def generate(out: str | Path, videos: int = 30, size: int = 224, subset: str = "
     return summary
 
 
+def _generate_avss(out: Path, videos: int, size: int, seed: int, force: bool, classes: int | None,
+                   halo: int, raw_fps: str | None) -> dict:
+    from avs_dist.avss.layout import AVSS_DIR
+    from avs_dist.avss.synth import write_avss
+
+    if halo or raw_fps is not None:
+        raise ValueError("--halo-masks and --raw-videos are for s4 / ms3, not avss")
+    root = out / AVSS_DIR
+    if root.exists():
+        if not force:
+            raise FileExistsError(f"{root} already exists: choose another --out or pass --force to replace it")
+        shutil.rmtree(root)
+    return {"out": str(out), "seed": seed, "size": size, "videos_per_subset": videos,
+            "subsets": {"avss": write_avss(out, videos, size, seed, classes)}}
+
+
+# Defaults that depend on the subset: AVSBench-object sized, and AVSS tiny (its clips are 10 frames).
+DEFAULT_VIDEOS = {"avss": 40}
+DEFAULT_SIZE = {"avss": 64}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avs-dist synth", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--out", required=True, help="dataset root (gets Single-source/, Multi-sources/, boxes/)")
-    p.add_argument("--videos", type=int, default=30, help="videos per subset, split ~70/15/15 (default 30)")
-    p.add_argument("--size", type=int, default=224, help="frame side in pixels (default 224, like AVSBench)")
-    p.add_argument("--subset", choices=("s4", "ms3", "both"), default="both")
+    p.add_argument("--out", required=True, help="dataset root (gets Single-source/, Multi-sources/, boxes/; "
+                   "avss: AVSBench_semantic/)")
+    p.add_argument("--videos", type=int, default=None,
+                   help="videos per subset, split ~70/15/15 (default 30; avss: 40 clips over v1s, v1m, v2)")
+    p.add_argument("--size", type=int, default=None,
+                   help="frame side in pixels (default 224, like AVSBench; avss: 64 high, 5:4 wide)")
+    p.add_argument("--subset", choices=("s4", "ms3", "both", "avss"), default="both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classes", type=int, default=None,
                    help="number of classes used (2..23; default about one per three train videos)")
@@ -448,13 +485,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        summary = generate(args.out, videos=args.videos, size=args.size, subset=args.subset, seed=args.seed,
+        videos = args.videos if args.videos is not None else DEFAULT_VIDEOS.get(args.subset, 30)
+        size = args.size if args.size is not None else DEFAULT_SIZE.get(args.subset, 224)
+        summary = generate(args.out, videos=videos, size=size, subset=args.subset, seed=args.seed,
                            xml=not args.no_xml, force=args.force, classes=args.classes, halo=args.halo_masks,
                            raw_fps=args.raw_fps if args.raw_videos else None)
     except (ValueError, FileExistsError) as e:
         print(f"avs-dist synth: {e}", file=sys.stderr)
         return 2
     for s, info in summary["subsets"].items():
+        if s == "avss":
+            sets = "; ".join(f"{k} " + " / ".join(f"{n} {sp}" for sp, n in v.items()) for k, v in info["splits"].items())
+            print(f"avss: {sets} clips, {len(info['classes'])} classes -> {info['root']}")
+            continue
         splits = " / ".join(f"{n} {k}" for k, n in info["splits"].items())
         print(f"{s}: {splits} videos, {len(info['classes'])} classes -> {info['root']}")
         if info["boxes"]:

@@ -134,10 +134,25 @@ def pack_command(manifest: dict, shard_dir, crop_size: int) -> str:
     return shlex.join(cmd)
 
 
+def subset_pack_command(manifest: dict, shard_dir, subset: str) -> str:
+    """The `avs-dist pack` command for `subset` from the download `manifest` was packed from
+    (its --data-root; an AVSBench-object root and an AVSS release root may differ: the
+    command says which one it needs)."""
+    import shlex
+
+    root = str(manifest.get("options", {}).get("data_root", "DATA_ROOT"))
+    cmd = ["avs-dist", "pack", "--data-root", root, "--subset", subset, "--out",
+           f"{str(shard_dir).rstrip('/')}-{subset}"]
+    if subset == "avss":
+        cmd += ["--sets", "v1s,v1m,v2"]
+    return shlex.join(cmd)
+
+
 def check_shards_fit(cfg: Config, manifest: dict, frame_size: tuple[int, int] | None) -> None:
     """What the shards were packed with against what the config trains on; ConfigError otherwise.
 
-    - subset: an S4 config on MS3 shards (or the reverse) trains the wrong task;
+    - subset: an S4 config on MS3 or AVSS shards (or any other pair) trains the wrong task;
+      the error gives the `avs-dist pack` command for the config's subset;
     - crop size (when the crop branch is on): the loader would resize every crop at every step,
       after reading crops packed bigger (or smaller: blurred) than the model sees; the error
       gives the `avs-dist pack` command that fits, or the data.crop_size that fits the shards;
@@ -148,8 +163,11 @@ def check_shards_fit(cfg: Config, manifest: dict, frame_size: tuple[int, int] | 
     None to skip that check."""
     shards = cfg.data.shards
     if manifest.get("subset") != cfg.subset:
+        need = ("the AVSBench-semantic release (metadata.csv)" if cfg.subset == "avss"
+                else "the AVSBench-object download (Single-source/, Multi-sources/)")
         raise ConfigError(f"{shards} holds {manifest.get('subset')} videos but the config trains subset={cfg.subset}: "
-                          f"give shards packed with --subset {cfg.subset}, or a {manifest.get('subset')} preset")
+                          f"pack {cfg.subset} shards with `{subset_pack_command(manifest, shards, cfg.subset)}` "
+                          f"(--data-root: {need}), or use a {manifest.get('subset')} preset")
     packed = manifest.get("options", {}).get("crop_size")
     if cfg.model.crop_branch and packed is not None and packed != cfg.data.crop_size:
         raise ConfigError(f"{shards} holds crops packed at {packed} px, the config's data.crop_size is "
