@@ -405,6 +405,10 @@ def _mask_head_problems(cfg: Config) -> list[str]:
     if cfg.loss.bce and classes != 1:
         problems.append(f"loss.bce needs one sigmoid logit per pixel (model.mask_classes=1, not {classes}): "
                         "set loss.bce=false and loss.ce=true")
+    if not (cfg.loss.bce or cfg.loss.ce):
+        # Also what keeps the terms' declared reads exact: the AVM losses of S4 and AVSS pass no
+        # gradient to the logits, so without a mask term the decoder would get none.
+        problems.append(f"no mask loss: set loss.{'bce' if classes == 1 else 'ce'}=true")
     if cfg.loss.ce and classes == 1:
         problems.append("loss.ce needs class logits (model.mask_classes > 1): set loss.ce=false, or "
                         "model.mask_classes=71 for AVSS")
