@@ -1,0 +1,1 @@
+"""AVSBench-semantic (AVSS): the 71-class task (avsbench-format.md "AVSBench-semantic")."""
