@@ -8,9 +8,14 @@ CPU attention kernels, see flop_counter). Variants differ in
 precision (fp32 / bf16 autocast), memory format (NCHW / channels_last), TPAVI implementation
 (reference / factorized), branches (one: AVSModel; two: + crop branch and its losses) and
 batch size, and optional flags: `_mmup` (decoder upsampling as matrix products, model.upsample),
-`_fadam` (fused Adam) and `_pvt` (the preset's PVT-v2 encoder instead of its ResNet; the crop
-branch stays a ResNet). Names read `{impl}_{precision}_{cl|nchw}_{one|two}_b{B}[_flags]`; --variants
-takes a comma-separated list of names or shell patterns (e.g. 'factorized_bf16_*', '*_pvt').
+`_fadam` (fused Adam), `_pvt` (the preset's PVT-v2 encoder instead of its ResNet; the crop
+branch stays a ResNet), `_avss` (AVSBench-semantic: 71 class logits, TPAVI in groups of 5 without
+audio bias, cross-entropy and the AVSS AVM loss, every frame existing and labelled, as in a v2
+clip; one branch only) and `_t{T}` (clips of T frames instead of 5, e.g. `_t10`: the AVSS clip
+length; a batch of 5-second AVSS clips padded to 10 costs what `_t10` costs). Names read
+`{impl}_{precision}_{cl|nchw}_{one|two}_b{B}[_flags]`; --variants takes a comma-separated list
+of names or shell patterns (e.g. 'factorized_bf16_*', '*_pvt'). Each result gives the cost per
+step and per clip (`ms_per_clip_median`: the step's median over its B clips).
 
 Presets: `cpu` (ResNet-18 or PVT-v2-b0, 32 decoder channels, 64 px; about a minute on 2 cores)
 and `full` (ResNet-50 or PVT-v2-b5, 256 channels, 224 px: the configurations of docs
@@ -29,7 +34,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from .config import LossConfig, ModelConfig
+from .config import SUBSET_MASK_CLASSES, LossConfig, ModelConfig
 from .fileio import write_json
 from .losses import compute_losses
 from .models import build_model, to_channels_last
@@ -44,30 +49,42 @@ class Variant:
     precision: str  # "fp32" | "bf16"
     channels_last: bool
     two_branch: bool
-    batch: int  # videos per step (5 frames each)
+    batch: int  # videos (clips) per step
     upsample: str = "interpolate"  # suffix "_mmup": model.upsample="matmul"
     fused_adam: bool = False  # suffix "_fadam": torch.optim.Adam(fused=True) (CUDA only)
     pvt: bool = False  # suffix "_pvt": the preset's PVT-v2 backbone
+    avss: bool = False  # suffix "_avss": the AVSBench-semantic model and losses
+    frames: int = 5  # suffix "_t{T}": frames per clip
 
     @property
     def name(self) -> str:
         return (f"{self.impl}_{self.precision}_{'cl' if self.channels_last else 'nchw'}_"
                 f"{'two' if self.two_branch else 'one'}_b{self.batch}"
                 f"{'_mmup' if self.upsample == 'matmul' else ''}{'_fadam' if self.fused_adam else ''}"
-                f"{'_pvt' if self.pvt else ''}")
+                f"{'_pvt' if self.pvt else ''}{'_avss' if self.avss else ''}"
+                f"{f'_t{self.frames}' if self.frames != 5 else ''}")
 
 
-FLAGS = ("mmup", "fadam", "pvt")
+FLAGS = ("mmup", "fadam", "pvt", "avss")
+AVSS_CLASSES = SUBSET_MASK_CLASSES["avss"]
+
+
+def _frames_flag(flag: str) -> int | None:
+    """'t10' -> 10; None for anything else."""
+    return int(flag[1:]) if flag.startswith("t") and flag[1:].isdigit() and int(flag[1:]) > 0 else None
 
 
 def _v(spec: str) -> Variant:
     impl, prec, fmt, branches, b, *flags = spec.split("_")
+    frames = [_frames_flag(f) for f in flags if _frames_flag(f) is not None]
     if impl not in ("factorized", "reference") or prec not in ("fp32", "bf16") or fmt not in ("cl", "nchw") \
-            or branches not in ("one", "two") or not b.startswith("b") or any(f not in FLAGS for f in flags):
+            or branches not in ("one", "two") or not b.startswith("b") or len(frames) > 1 \
+            or any(f not in FLAGS and _frames_flag(f) is None for f in flags) \
+            or ("avss" in flags and branches == "two"):  # the crop branch has no AVSS targets
         raise ValueError(spec)
     return Variant(impl, prec, fmt == "cl", branches == "two", int(b[1:]),
                    upsample="matmul" if "mmup" in flags else "interpolate", fused_adam="fadam" in flags,
-                   pvt="pvt" in flags)
+                   pvt="pvt" in flags, avss="avss" in flags, frames=frames[0] if frames else 5)
 
 
 PRESETS = {
@@ -79,7 +96,9 @@ PRESETS = {
             "reference_fp32_nchw_one_b2", "factorized_fp32_nchw_one_b2", "factorized_fp32_cl_one_b2",
             "factorized_fp32_nchw_two_b2", "factorized_bf16_nchw_one_b2", "factorized_fp32_nchw_one_b1",
             "factorized_fp32_nchw_one_b2_mmup", "reference_fp32_nchw_one_b2_pvt", "factorized_fp32_nchw_one_b2_pvt",
-            "factorized_bf16_nchw_one_b2_pvt")],
+            "factorized_bf16_nchw_one_b2_pvt",
+            # AVSS: a clip of 5 frames against one of 10
+            "factorized_fp32_nchw_one_b2_avss", "factorized_fp32_nchw_one_b2_avss_t10")],
     },
     "full": {
         "model": dict(backbone="resnet50", decoder_channels=256, crop_depth=50, crop_hidden=512),
@@ -97,12 +116,18 @@ PRESETS = {
             # PVT-v2-b5: the reference's setting against ours, then larger batches
             "reference_fp32_nchw_one_b4_pvt", "factorized_bf16_cl_one_b4_pvt", "factorized_bf16_cl_one_b4_mmup_pvt",
             "factorized_bf16_cl_one_b16_mmup_pvt", "factorized_bf16_cl_two_b16_mmup_pvt",
-            "factorized_bf16_cl_one_b32_mmup_pvt")],
+            "factorized_bf16_cl_one_b32_mmup_pvt",
+            # AVSS (avss_avsbench's model): the reference's setting at 10 frames, ours at 5 and 10
+            "reference_fp32_nchw_one_b4_pvt_avss_t10", "factorized_bf16_cl_one_b4_mmup_pvt_avss",
+            "factorized_bf16_cl_one_b4_mmup_pvt_avss_t10")],
     },
 }
 
 
-def synthetic_batch(batch: int, image: int, crop: int, device: torch.device, frames: int = 5) -> dict:
+def synthetic_batch(batch: int, image: int, crop: int, device: torch.device, frames: int = 5,
+                    classes: int = 1) -> dict:
+    """S4's training batch (classes=1: 0/1 masks, frame 0 supervised), or an AVSS one (class
+    indices, every frame existing and labelled, as in a v2 clip)."""
     g = torch.Generator().manual_seed(0)
     valid = torch.zeros(batch, frames, dtype=torch.bool)
     valid[:, 0] = True  # S4 training supervises the first frame only
@@ -114,6 +139,11 @@ def synthetic_batch(batch: int, image: int, crop: int, device: torch.device, fra
         "mask_valid": valid,
         "label": torch.randint(0, 23, (batch,), generator=g),
     }
+    if classes > 1:
+        cpu.update(masks=torch.randint(0, classes, (batch, frames, image, image), generator=g),
+                   mask_valid=torch.ones(batch, frames, dtype=torch.bool),
+                   frame_exists=torch.ones(batch, frames, dtype=torch.bool))
+        del cpu["crops"], cpu["label"]
     return {k: v.to(device) for k, v in cpu.items()}
 
 
@@ -152,9 +182,13 @@ def flop_counter():
 
 def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warmup: int) -> dict:
     model_kw = {**preset["model"], **({"backbone": preset["pvt_backbone"]} if v.pvt else {})}
+    if v.avss:  # avss_avsbench's model and losses
+        model_kw.update(mask_classes=AVSS_CLASSES, tpavi_frames_per_group=5, tpavi_audio_bias=False)
+        lcfg = LossConfig(bce=False, ce=True, avm=True, avm_weight=0.5, avm_variant="avss")
+    else:
+        lcfg = LossConfig(crop_ce=v.two_branch, crop_pair=v.two_branch, crop_audio=v.two_branch)
     mcfg = ModelConfig(**model_kw, tpavi_impl=v.impl, crop_branch=v.two_branch,
                        channels_last=v.channels_last, upsample=v.upsample)
-    lcfg = LossConfig(crop_ce=v.two_branch, crop_pair=v.two_branch, crop_audio=v.two_branch)
     torch.manual_seed(0)
     model = build_model(mcfg, load_weights=False).to(device)
     if v.channels_last:
@@ -162,13 +196,18 @@ def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warm
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                            fused=True if v.fused_adam and device.type == "cuda" else None)
-    batch = synthetic_batch(v.batch, preset["image"], preset["crop"], device)
+    batch = synthetic_batch(v.batch, preset["image"], preset["crop"], device, v.frames,
+                            AVSS_CLASSES if v.avss else 1)
     autocast = precision_autocast(device, v.precision)
+
+    def forward():
+        return model(batch["frames"], batch["audio"], batch["crops"] if v.two_branch else None,
+                     batch.get("frame_exists"))
 
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            out = model(batch["frames"], batch["audio"], batch["crops"] if v.two_branch else None)
+            out = forward()
             total, _ = compute_losses(out, batch, lcfg)
         total.backward()
         opt.step()
@@ -193,17 +232,18 @@ def run_variant(v: Variant, preset: dict, device: torch.device, steps: int, warm
     opt.zero_grad(set_to_none=True)
     with counter:
         with autocast:
-            out = model(batch["frames"], batch["audio"], batch["crops"] if v.two_branch else None)
+            out = forward()
             total, _ = compute_losses(out, batch, lcfg)
         total.backward()
     flops = counter.get_total_flops()
 
-    frames = v.batch * 5
+    frames = v.batch * v.frames
     med = statistics.median(times)
     del model, opt, batch
     return {
-        "name": v.name, **dataclasses.asdict(v), "frames_per_step": frames,
+        "name": v.name, **dataclasses.asdict(v), "frames_per_step": frames, "frames_per_clip": v.frames,
         "ms_per_step_median": med * 1e3, "ms_per_step_all": [t * 1e3 for t in times],
+        "ms_per_clip_median": med * 1e3 / v.batch,
         "frames_per_s": frames / med, "peak_mem_gib": peak, "mem_kind": mem_kind,
         "gflop_per_frame": flops / frames / 1e9, "achieved_tflop_s": flops / med / 1e12,
     }
@@ -246,17 +286,17 @@ def bf16_peak(device: torch.device, override: float | None) -> float | None:
 
 
 def add_ratios(results: list[dict], peak_tflops: float | None) -> None:
-    """x_reference: frames/s over the reference setting of the same encoder measured in the same
-    run (reference_fp32_nchw_one_b4[_pvt], or the preset's first reference_* variant);
+    """x_reference: frames/s over the reference setting of the same encoder and task measured in
+    the same run (reference_fp32_nchw_one_b4[_pvt][_avss_t10], or the first such reference_* variant);
     peak_fraction: achieved TFLOP/s over the card's bf16 peak."""
     refs = {}
     for r in results:
         if "error" not in r and r["impl"] == "reference" and r["precision"] == "fp32" and not r["channels_last"]:
-            refs.setdefault(r["pvt"], r)
+            refs.setdefault((r["pvt"], r.get("avss", False)), r)
     for r in results:
         if "error" in r:
             continue
-        ref = refs.get(r["pvt"])
+        ref = refs.get((r["pvt"], r.get("avss", False)))
         r["x_reference"] = r["frames_per_s"] / ref["frames_per_s"] if ref else None
         r["reference_variant"] = ref["name"] if ref else None
         r["peak_fraction"] = r["achieved_tflop_s"] / peak_tflops if peak_tflops else None
@@ -265,10 +305,10 @@ def add_ratios(results: list[dict], peak_tflops: float | None) -> None:
 
 def _row(r: dict) -> str:
     if "error" in r:
-        return f"{r['name']:40} ERROR {r['error']}"
+        return f"{r['name']:44} ERROR {r['error']}"
     xref = f"{r['x_reference']:6.2f}" if r["x_reference"] else f"{'-':>6}"
     peak = f"{100 * r['peak_fraction']:6.1f}%" if r["peak_fraction"] else f"{'-':>7}"
-    return (f"{r['name']:40} {r['ms_per_step_median']:9.1f} {r['frames_per_s']:9.1f} {xref} {r['peak_mem_gib']:9.2f} "
+    return (f"{r['name']:44} {r['ms_per_step_median']:9.1f} {r['frames_per_s']:9.1f} {xref} {r['peak_mem_gib']:9.2f} "
             f"{r['gflop_per_frame']:9.2f} {r['achieved_tflop_s']:8.3f} {peak}")
 
 
@@ -315,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"device {report['device']}, torch {report['torch']}, preset {args.preset}, "
           f"{steps} steps after {warmup} warm-up")
-    header = (f"{'variant':40} {'ms/step':>9} {'frames/s':>9} {'x ref':>6} {'peak GiB':>9} {'GFLOP/fr':>9} "
+    header = (f"{'variant':44} {'ms/step':>9} {'frames/s':>9} {'x ref':>6} {'peak GiB':>9} {'GFLOP/fr':>9} "
               f"{'TFLOP/s':>8} {'of peak':>7}")
     print(header)
     for v in variants:

@@ -44,6 +44,9 @@ class DataConfig:
 
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", *(f"pvt_v2_b{i}" for i in range(6)))
+# The mask head's channels each subset needs: one sigmoid logit per pixel (S4, MS3), or a logit
+# per AVSBench-semantic class (71: background, index 0, and 70 objects; label2idx.json).
+SUBSET_MASK_CLASSES = {"s4": 1, "ms3": 1, "avss": 71}
 
 
 @dataclass
@@ -70,17 +73,36 @@ class ModelConfig:
     init_from: str = ""  # our checkpoint or an AVSBench reference checkpoint to start from
     channels_last: bool = True  # used on GPU only
     upsample: str = "interpolate"  # decoder 2x bilinear: "interpolate" or "matmul" (same map; perf notes)
+    # Channels of the mask head: 1 = one sigmoid logit per pixel (S4, MS3); 71 = a logit per
+    # AVSBench-semantic class (subset "avss"). Must match the subset (SUBSET_MASK_CLASSES).
+    mask_classes: int = 1
+    # TPAVI attends over the clip's frames in groups of this many (models/tpavi.py): 0 = the whole
+    # clip; 5 = the AVSS reference, which attends a 10-frame clip as two 5-frame halves.
+    tpavi_frames_per_group: int = 0
+    # TPAVI's audio projection has a bias (S4 / MS3 reference) or none (AVSS reference: the zeroed
+    # audio of padded seconds then projects to zero).
+    tpavi_audio_bias: bool = True
 
 
 @dataclass
 class LossConfig:
-    bce_weight: float = 1.0  # S4: first frame only; MS3: all frames (the masks present)
+    # Per-pixel BCE of the one-channel mask head (model.mask_classes = 1). S4: first frame
+    # only; MS3: all frames (the masks present).
+    bce: bool = True
+    bce_weight: float = 1.0
+    # Per-pixel cross-entropy of the class logits (model.mask_classes > 1, AVSS): the mean per
+    # frame, then over the labelled frames (the AVSS reference's F10_IoU_BCELoss).
+    ce: bool = False
+    ce_weight: float = 1.0
     avm: bool = False
     avm_weight: float = 0.0  # lambda_1 in AVSBench
     avm_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    # The reference's two AVM losses (avsbench-format.md §3 "Base losses", losses.py):
-    # "s4" thresholded mask, normalised features, -log cos; "ms3" soft mask from pooled
-    # logits, KL divergence summed over frames and channels (the MS3 recipe's --kl_flag).
+    # The reference's AVM losses (avsbench-format.md §3 "Base losses" and "AVSBench-semantic",
+    # losses.py): "s4" thresholded mask, normalised features, -log cos; "ms3" soft mask from
+    # pooled logits, KL divergence summed over frames and channels (the MS3 recipe's --kl_flag);
+    # for class logits (AVSS), the mask "argmax is not background" pooled to the stage, KL per
+    # frame averaged over labelled frames: "avss" (background = class 0) or "avss_avsbench"
+    # (the reference's code, whose "background" is the last class, 70 = "woman").
     avm_variant: str = "s4"
     # The MS3 variant's sum is rescaled to this many videos (the reference's batch of 4 on one
     # GPU), so its weight does not depend on how a global batch is split over ranks.
@@ -145,7 +167,7 @@ class TrainConfig:
 @dataclass
 class Config:
     name: str = "custom"
-    subset: str = "s4"  # "s4" or "ms3"
+    subset: str = "s4"  # "s4", "ms3" or "avss" (AVSBench-semantic)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -161,7 +183,7 @@ RETIRED = {
 }
 
 _CHOICES = {
-    "subset": ("s4", "ms3"),
+    "subset": tuple(SUBSET_MASK_CLASSES),
     "model.backbone": BACKBONES,
     "model.crop_depth": (18, 34, 50),
     "model.tpavi_mode": ("dot", "self"),
@@ -169,7 +191,7 @@ _CHOICES = {
     "model.audio_input": ("logmel", "embedding"),
     "model.crop_relu": ("between", "end", "none"),
     "model.upsample": ("interpolate", "matmul"),
-    "loss.avm_variant": ("s4", "ms3"),
+    "loss.avm_variant": ("s4", "ms3", "avss", "avss_avsbench"),
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
     "optim.impl": ("default", "foreach", "fused"),
@@ -325,7 +347,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     problems = []
     positive = ["data.image_size", "data.crop_size", "data.batch_videos", "data.eval_batch_videos",
-                "model.decoder_channels", "model.crop_hidden", "model.num_classes", "optim.grad_accum", "loss.avm_sum_videos",
+                "model.decoder_channels", "model.crop_hidden", "model.num_classes", "model.mask_classes",
+                "optim.grad_accum", "loss.avm_sum_videos",
                 "train.keep_last", "train.log_every_steps", "train.ckpt_every_steps"]
     for key in positive:
         if _get(cfg, key) <= 0:
@@ -333,7 +356,7 @@ def validate(cfg: Config) -> None:
     for key in ["data.num_workers", "train.epochs", "train.max_nonfinite_steps",
                 "train.max_steps", "optim.warmup_steps",
                 "optim.grad_clip", "optim.weight_decay", "train.eval_every_steps", "train.eval_every_epochs",
-                "train.image_every_steps", "data.global_batch_videos"]:
+                "train.image_every_steps", "data.global_batch_videos", "model.tpavi_frames_per_group"]:
         if _get(cfg, key) < 0:
             problems.append(f"{key} must be >= 0 (got {_get(cfg, key)})")
     if cfg.train.rendezvous_timeout_s <= 0:
@@ -365,10 +388,40 @@ def validate(cfg: Config) -> None:
         problems.append("loss.crop_ce needs categories; MS3 has none")
     if cfg.model.decoder_channels % 2:
         problems.append("model.decoder_channels must be even (TPAVI halves it)")
+    problems += _mask_head_problems(cfg)
     if not 0 <= cfg.model.drop_path < 1:
         problems.append(f"model.drop_path must be in [0, 1) (got {cfg.model.drop_path})")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _mask_head_problems(cfg: Config) -> list[str]:
+    """The mask head against the subset, and the mask losses against the mask head."""
+    problems = []
+    classes, need = cfg.model.mask_classes, SUBSET_MASK_CLASSES.get(cfg.subset)
+    if need is not None and classes != need:
+        problems.append(f"model.mask_classes={classes} but subset {cfg.subset!r} has "
+                        f"{'one mask per frame' if need == 1 else f'{need} classes'}: set model.mask_classes={need}")
+    if cfg.loss.bce and classes != 1:
+        problems.append(f"loss.bce needs one sigmoid logit per pixel (model.mask_classes=1, not {classes}): "
+                        "set loss.bce=false and loss.ce=true")
+    if not (cfg.loss.bce or cfg.loss.ce):
+        # Also what keeps the terms' declared reads exact: the AVM losses of S4 and AVSS pass no
+        # gradient to the logits, so without a mask term the decoder would get none.
+        problems.append(f"no mask loss: set loss.{'bce' if classes == 1 else 'ce'}=true")
+    if cfg.loss.ce and classes == 1:
+        problems.append("loss.ce needs class logits (model.mask_classes > 1): set loss.ce=false, or "
+                        "model.mask_classes=71 for AVSS")
+    if cfg.loss.avm:
+        class_variant = cfg.loss.avm_variant.startswith("avss")
+        if class_variant != (classes > 1):
+            fits = "'avss' or 'avss_avsbench'" if classes > 1 else "'s4' or 'ms3'"
+            problems.append(f"loss.avm_variant={cfg.loss.avm_variant!r} does not fit model.mask_classes={classes}: "
+                            f"use {fits}")
+    if cfg.subset == "avss" and cfg.model.crop_branch:
+        problems.append("model.crop_branch: the crop branch has no AVSS targets (boxes and classes from the "
+                        "semantic masks) yet: set model.crop_branch=false")
+    return problems
 
 
 # What may differ between a checkpoint's config and the run that resumes it. Each rule is

@@ -1,7 +1,8 @@
-"""Training losses: mask BCE, AVM (AVSBench's S4 and MS3 variants), and the seed's three crop-branch terms.
+"""Training losses: mask BCE (S4, MS3) or class cross-entropy (AVSS), AVM (AVSBench's S4, MS3
+and AVSS variants), and the seed's three crop-branch terms.
 
 `total, terms = compute_losses(out, batch, cfg.loss)`. `terms` maps each enabled term's name
-(bce, avm, crop_ce, crop_pair, crop_audio) to its UNWEIGHTED value, not detached; `total` is
+(bce, ce, avm, crop_ce, crop_pair, crop_audio) to its UNWEIGHTED value, not detached; `total` is
 the sum of weight * term. Everything is a masked mean over tensors: no boolean indexing or
 .item(), so no host synchronisation in the training step.
 """
@@ -36,6 +37,21 @@ def bce_loss(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> 
     target = masks.reshape(b * t, 1, *masks.shape[-2:]).to(logits.dtype)
     per_frame = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2, 3))
     return _masked_mean(per_frame.float(), valid.reshape(-1))
+
+
+def ce_loss(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-pixel cross-entropy of class logits, the mean per frame, then over the labelled frames
+    (avs_scripts/avss/loss.py F10_IoU_BCELoss: torch's CrossEntropyLoss(reduction='none'), no
+    ignore index, pixel mean per frame, sum x flag / sum of flags).
+
+    logits [B*T, K, H, W]; masks int64 [B, T, H, W] class indices in 0..K-1 (0 where a frame is
+    not labelled); valid bool [B, T] (the frame is labelled). Computed in float32. 0, not the
+    reference's NaN, when no frame is labelled.
+    """
+    b, t = valid.shape
+    target = masks.reshape(b * t, *masks.shape[-2:]).long()
+    per_pixel = F.cross_entropy(logits.float(), target, reduction="none")  # [B*T, H, W]
+    return _masked_mean(per_pixel.mean(-1).mean(-1), valid.reshape(-1))
 
 
 def _avm_inputs(avm: list, stages) -> dict:
@@ -92,18 +108,56 @@ def avm_loss_ms3(logits: torch.Tensor, avm: list, stages, sum_frames: int | None
     return total * scale / len(stages)
 
 
-AVM_VARIANTS = {"s4": avm_loss_s4, "ms3": avm_loss_ms3}
+def avm_loss_avss(logits: torch.Tensor, avm: list, stages, valid: torch.Tensor,
+                  background: int = 0) -> torch.Tensor:
+    """AVSBench-semantic's audio-visual matching loss as its recipe runs it
+    (avs_scripts/avss/loss.py A_MaskedV_SimmLoss with kl_flag; avg pooling, no threshold, no
+    normalisation), averaged over `stages`.
+
+    logits [B*T, K, H, W]; avm as for the other variants; valid bool [B, T] (labelled frames,
+    the reference's gt_temporal_mask_flag). The mask is "argmax of softmax(logits) is not
+    `background`" (a hard mask: no gradient to the logits), average-pooled to the stage size;
+    pooled = mean over h, w of visual x mask [B*T, C]; per frame
+    kl_div(softmax(pooled).log(), softmax(a'), reduction='none') summed over C; the mean over
+    the labelled frames. Float32. `background`: 0 is AVSS's background class; the reference's
+    code uses K - 1 (see loss.avm_variant "avss_avsbench").
+    """
+    by_stage = _avm_inputs(avm, stages)
+    with torch.no_grad():
+        # softmax before argmax, as the reference: rounding in softmax can make ties argmax breaks
+        pred = torch.softmax(logits.float(), dim=1).argmax(dim=1, keepdim=True)  # [B*T, 1, H, W]
+        mask = (pred != background).float()
+    frames = valid.reshape(-1)
+    total = 0.0
+    for s in stages:
+        visual, audio = by_stage[s]
+        pooled_mask = F.adaptive_avg_pool2d(mask, visual.shape[-2:])  # [B*T, 1, h, w]
+        pooled = torch.mul(visual.float(), pooled_mask).mean(-1).mean(-1)  # [B*T, C]
+        target = audio.float().reshape(-1, audio.shape[-1]).softmax(dim=-1)
+        kl = F.kl_div(pooled.softmax(dim=-1).log(), target, reduction="none").sum(-1)  # [B*T]
+        total = total + _masked_mean(kl, frames)
+    return total / len(stages)
+
+
+AVM_VARIANTS = ("s4", "ms3", "avss", "avss_avsbench")
 
 
 def avm_loss(logits: torch.Tensor, avm: list, stages, variant: str = "s4",
-             sum_frames: int | None = None) -> torch.Tensor:
-    """The AVM loss of `variant` ("s4" or "ms3", cfg.loss.avm_variant); see the two above
-    (`sum_frames` only concerns the MS3 variant's sum; the S4 one is a mean)."""
+             sum_frames: int | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The AVM loss of `variant` (cfg.loss.avm_variant): "s4", "ms3" (one-channel logits), or
+    "avss" / "avss_avsbench" (class logits; background class 0 / the reference's K - 1); see
+    the functions above. `sum_frames` only concerns the MS3 variant's sum; `valid` [B, T] (the
+    labelled frames) is required by the AVSS ones."""
     if variant not in AVM_VARIANTS:
         raise ValueError(f"AVM loss variant must be one of {sorted(AVM_VARIANTS)}, got {variant!r}")
     if variant == "ms3":
         return avm_loss_ms3(logits, avm, stages, sum_frames)
-    return AVM_VARIANTS[variant](logits, avm, stages)
+    if variant in ("avss", "avss_avsbench"):
+        if valid is None:
+            raise ValueError(f"AVM loss variant {variant!r} needs the labelled frames (valid [B, T])")
+        background = 0 if variant == "avss" else logits.shape[1] - 1
+        return avm_loss_avss(logits, avm, stages, valid, background)
+    return avm_loss_s4(logits, avm, stages)
 
 
 def crop_ce_loss(crop_logits: torch.Tensor, label: torch.Tensor, frames: int) -> torch.Tensor:
@@ -131,8 +185,8 @@ def crop_audio_loss(crop_proj: torch.Tensor, audio_proj: torch.Tensor) -> torch.
 class LossTerm:
     """One loss term: the model outputs it reads (architecture.md "Model"), and its value.
 
-    The switch and weight are the LossConfig fields named after the term: `cfg.<name>` (bool;
-    bce has none: always on) and `cfg.<name>_weight`. Which parameters get gradients follows
+    The switch and weight are the LossConfig fields named after the term: `cfg.<name>` (bool)
+    and `cfg.<name>_weight`. Which parameters get gradients follows
     from `reads` (see `unreached_parameters`), so DDP's unused-parameter handling needs no
     list of term names anywhere else."""
     reads: tuple[str, ...]
@@ -150,8 +204,11 @@ def _crop_audio(out: dict, batch: dict, cfg: LossConfig, frames: int) -> torch.T
 TERMS: dict[str, LossTerm] = {
     "bce": LossTerm(("logits",), lambda out, batch, cfg, frames: bce_loss(out["logits"], batch["masks"],
                                                                           batch["mask_valid"])),
+    "ce": LossTerm(("logits",), lambda out, batch, cfg, frames: ce_loss(out["logits"], batch["masks"],
+                                                                        batch["mask_valid"])),
     "avm": LossTerm(("logits", "avm"), lambda out, batch, cfg, frames: avm_loss(
-        out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant, sum_frames=cfg.avm_sum_videos * frames)),
+        out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant, sum_frames=cfg.avm_sum_videos * frames,
+        valid=batch["mask_valid"])),
     "crop_ce": LossTerm(("crop_logits",), lambda out, batch, cfg, frames: crop_ce_loss(out["crop_logits"],
                                                                                        batch["label"], frames)),
     "crop_pair": LossTerm(("crop_embed",), lambda out, batch, cfg, frames: crop_pair_loss(out["crop_embed"], frames)),
@@ -160,8 +217,8 @@ TERMS: dict[str, LossTerm] = {
 
 
 def enabled_terms(cfg: LossConfig) -> list[str]:
-    """The names of the terms `cfg` switches on, in TERMS order (bce always)."""
-    return [name for name in TERMS if name == "bce" or getattr(cfg, name)]
+    """The names of the terms `cfg` switches on, in TERMS order."""
+    return [name for name in TERMS if getattr(cfg, name)]
 
 
 def outputs_read(cfg: LossConfig) -> set[str]:

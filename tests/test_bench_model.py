@@ -93,3 +93,28 @@ def test_ratios_to_the_reference_and_the_card_peak():
 
     assert bench_model.bf16_peak(torch.device("cpu"), None) is None
     assert bench_model.bf16_peak(torch.device("cpu"), 500.0) == 500.0
+
+
+def test_bench_model_avss_5_and_10_frames(tmp_path):
+    """The AVSS variants run end to end at 5 and 10 frames per clip and report the cost per clip."""
+    out = tmp_path / "bench.json"
+    names = "factorized_fp32_nchw_one_b1_avss,factorized_fp32_nchw_one_b1_avss_t10"
+    rc = bench_model.main(["--preset", "cpu", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                           "--variants", names, "--out", str(out)])
+    assert rc == 0
+    five, ten = json.loads(out.read_text())["results"]
+    assert "error" not in five and "error" not in ten, (five.get("error"), ten.get("error"))
+    assert five["avss"] and (five["frames_per_clip"], ten["frames_per_clip"]) == (5, 10)
+    assert ten["frames_per_step"] == 10 and ten["ms_per_clip_median"] == ten["ms_per_step_median"]
+    # twice the frames: about twice the FLOPs per clip, the same per frame (within 10%)
+    assert abs(ten["gflop_per_frame"] / five["gflop_per_frame"] - 1) < 0.1
+
+
+def test_avss_variant_names():
+    v = bench_model._v("factorized_bf16_cl_one_b4_mmup_pvt_avss_t10")
+    assert (v.avss, v.frames, v.pvt, v.upsample) == (True, 10, True, "matmul")
+    assert v.name == "factorized_bf16_cl_one_b4_mmup_pvt_avss_t10"
+    assert bench_model._v("factorized_fp32_nchw_one_b2").frames == 5
+    for bad in ("factorized_fp32_nchw_two_b2_avss", "factorized_fp32_nchw_one_b2_t0", "factorized_fp32_nchw_one_b2_t5_t10"):
+        with pytest.raises(ValueError):
+            bench_model._v(bad)

@@ -13,7 +13,7 @@ from avs_dist.config import (PRESET_DIR, Config, ConfigError, config_from_dict, 
 def test_presets_load(name):
     cfg = load_config(name)
     assert cfg.name == name
-    assert cfg.subset in ("s4", "ms3")
+    assert cfg.subset in ("s4", "ms3", "avss")
 
 
 def test_expected_presets_exist():
@@ -51,6 +51,38 @@ def test_each_recipe_uses_its_own_avm_loss():
     assert load_config("ms3_pvt").loss.avm_variant == "ms3"
     assert load_config("s4_avsbench").loss.avm_variant == "s4"
     assert load_config("s4_avsbench", ["loss.avm_variant=ms3"]).loss.avm_variant == "ms3"  # selectable
+
+
+def test_avss_presets_are_the_reference_recipe():
+    ref, seed, tiny = load_config("avss_avsbench"), load_config("avss_seed"), load_config("tiny_avss")
+    for cfg in (ref, seed, tiny):
+        assert (cfg.subset, cfg.model.mask_classes, cfg.model.tpavi_frames_per_group) == ("avss", 71, 5)
+        assert not cfg.model.tpavi_audio_bias and cfg.model.tpavi_stages == [0, 1, 2, 3]
+        assert (cfg.loss.bce, cfg.loss.ce, cfg.loss.avm, cfg.loss.avm_weight) == (False, True, True, 0.5)
+        assert cfg.loss.avm_stages == [0, 1, 2, 3] and not cfg.model.crop_branch
+    for cfg in (ref, seed):
+        assert (cfg.model.backbone, cfg.train.epochs, cfg.data.batch_videos, cfg.optim.lr) == ("pvt_v2_b5", 60, 4, 1e-4)
+    assert ref.loss.avm_variant == "avss_avsbench" and seed.loss.avm_variant == "avss"
+    assert tiny.model.backbone == "resnet18" and tiny.data.image_size == 64
+
+
+@pytest.mark.parametrize("preset,overrides,message", [
+    ("tiny_avss", ["model.mask_classes=1"], "model.mask_classes=1 but subset 'avss' has 71 classes: set model.mask_classes=71"),
+    ("tiny", ["model.mask_classes=71"], "model.mask_classes=71 but subset 's4' has one mask per frame"),
+    ("tiny_avss", ["loss.bce=true"], "loss.bce needs one sigmoid logit per pixel"),
+    ("tiny", ["loss.ce=true"], "loss.ce needs class logits"),
+    ("tiny", ["loss.bce=false"], "no mask loss: set loss.bce=true"),
+    ("tiny_avss", ["loss.ce=false"], "no mask loss: set loss.ce=true"),
+    ("tiny_avss", ["loss.avm_variant=ms3"], "loss.avm_variant='ms3' does not fit model.mask_classes=71"),
+    ("ms3_avsbench", ["loss.avm_variant=avss"], "loss.avm_variant='avss' does not fit model.mask_classes=1"),
+    ("tiny_avss", ["model.crop_branch=true"], "the crop branch has no AVSS targets"),
+    ("tiny_avss", ["model.tpavi_frames_per_group=-5"], "model.tpavi_frames_per_group must be >= 0"),
+    ("tiny_avss", ["model.mask_classes=0"], "model.mask_classes must be > 0"),
+])
+def test_mask_head_and_subset_must_agree(preset, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(preset, overrides)
+    assert message in str(e.value)
 
 
 def test_legacy_model_depth(tmp_path):
@@ -100,7 +132,7 @@ def test_parse_overrides_nests():
     ("model.depth=19", "model.depth is replaced by model.backbone; write model.backbone = one of"),
     ("model.backbone=pvt_v2_b6", "model.backbone='pvt_v2_b6' is not one of"),
     ("model.drop_path=1.0", "model.drop_path must be in [0, 1)"),
-    ("loss.avm_variant=kl", "loss.avm_variant='kl' is not one of ('s4', 'ms3')"),
+    ("loss.avm_variant=kl", "loss.avm_variant='kl' is not one of ('s4', 'ms3', 'avss', 'avss_avsbench')"),
     ("data.batch_videos=0", "data.batch_videos must be > 0"),
     ("optim.grad_accum=0", "optim.grad_accum must be > 0"),
     ("train.ckpt_every_steps=0", "train.ckpt_every_steps must be > 0"),

@@ -271,3 +271,132 @@ def test_loss_term_names_live_only_where_the_architecture_doc_says():
     found = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in root.rglob("*.py") if p.name not in allowed
              for i, line in enumerate(p.read_text().splitlines(), 1) if switch.search(line) or quoted.search(line)]
     assert not found, f"loss term names outside losses.py / config.py: {found}"
+
+
+# ---- AVSBench-semantic: class cross-entropy and the AVSS AVM loss, against the reference ----
+
+from avss_reference import A_MaskedV_SimmLoss, F10_IoU_BCELoss  # noqa: E402
+
+from avs_dist.losses import avm_loss_avss, ce_loss  # noqa: E402
+
+K10, T10 = 71, 10
+
+
+def _avss_case(seed=0, b=3, side=16, c=8, dtype=torch.float64):
+    """B clips of 10 frames: a 10-second clip, a v1m-like clip (5 frames, all labelled) and a
+    v1s-like clip (5 frames, frame 0 labelled); logits and maps are 0 on padded frames, as the
+    model makes them, masks 0 where unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    exists = torch.ones(b, T10, dtype=torch.bool)
+    exists[1:, 5:] = False
+    valid = exists.clone()
+    valid[2, 1:] = False
+    keep = exists.reshape(-1, 1, 1, 1).to(dtype)
+    logits = torch.randn(b * T10, K10, side, side, generator=g, dtype=dtype) * 3 * keep
+    logits[:, 0] += 2.0  # background wins at many pixels, so the mask is neither empty nor full
+    logits = logits * keep
+    masks = torch.randint(0, K10, (b, T10, side, side), generator=g) * valid[..., None, None]
+    avm = []
+    for s, hw in enumerate((side // 4, side // 8)):
+        v = torch.rand(b * T10, c, hw, hw, generator=g, dtype=dtype) * keep * 3
+        a = torch.randn(b, T10, c, generator=g, dtype=dtype) * exists[..., None]
+        avm.append((s, v, a))
+    return logits, masks, valid, avm
+
+
+def test_ce_equals_the_avss_reference():
+    logits, masks, valid, _ = _avss_case()
+    lo, lr = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = ce_loss(lo, masks, valid)
+    ref = F10_IoU_BCELoss(lr, masks.reshape(-1, *masks.shape[-2:]), valid.reshape(-1).double())
+    assert ours.dtype == torch.float32  # computed in float32 whatever the input
+    assert abs(ours.item() - ref.item()) < 1e-5 * ref.item()
+    ours.backward()
+    ref.backward()
+    # float32 inside ce_loss: the gradients agree to float32 rounding
+    torch.testing.assert_close(lo.grad, lr.grad, rtol=1e-4, atol=1e-9)
+    # unlabelled frames do not count: changing their logits changes nothing
+    other = logits.clone()
+    other[~valid.reshape(-1)] += 5.0
+    assert ce_loss(other, masks, valid).item() == ours.item()
+    assert ce_loss(logits, masks, torch.zeros_like(valid)).item() == 0.0  # not the reference's NaN
+
+
+@pytest.mark.parametrize("variant,bg", [("avss_avsbench", None), ("avss", 0)])
+def test_avm_avss_equals_the_reference(variant, bg):
+    """The AVSS recipe's AVM loss (kl_flag, avg pooling, no threshold, no normalisation) against
+    the reference's A_MaskedV_SimmLoss: "avss_avsbench" is its code as published, whose mask is
+    argmax != K-1 (the last class); "avss" is the same with background = class 0."""
+    logits, masks, valid, avm = _avss_case()
+    stages = [0, 1]
+    vis = [v.clone().requires_grad_() for _, v, _ in avm]
+    vis_ref = [v.clone().requires_grad_() for _, v, _ in avm]
+    ours_avm = [(s, vi, a) for (s, _, a), vi in zip(avm, vis)]
+    ours = avm_loss(logits, ours_avm, stages, variant, valid=valid)
+    ref = A_MaskedV_SimmLoss(logits, [a for _, _, a in avm], vis_ref, valid.reshape(-1).double(), stages,
+                             mask_pooling_type="avg", norm_fea=False, threshold=False, kl_flag=True, bg_idx=bg)
+    assert abs(ours.item() - ref.item()) < 1e-5 * ref.item(), (ours.item(), ref.item())
+    ours.backward()
+    ref.backward()
+    for a, b in zip(vis, vis_ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+    # the two variants differ: different pixels count as the sounding object
+    other = "avss" if variant == "avss_avsbench" else "avss_avsbench"
+    assert abs(avm_loss(logits, avm, stages, other, valid=valid).item() - ours.item()) > 1e-3
+    with pytest.raises(ValueError, match="labelled frames"):
+        avm_loss(logits, avm, stages, variant)
+
+
+def test_avm_avss_mask_passes_no_gradient_to_the_logits():
+    logits, masks, valid, avm = _avss_case()
+    logits.requires_grad_(True)
+    avm = [(s, v.requires_grad_(True), a) for s, v, a in avm]
+    loss = avm_loss_avss(logits, avm, [0], valid)
+    g_logits, g_visual = torch.autograd.grad(loss, [logits, avm[0][1]], allow_unused=True)
+    assert g_logits is None and g_visual.abs().sum() > 0
+
+
+def test_compute_losses_avss():
+    logits, masks, valid, avm = _avss_case()
+    batch = {"masks": masks, "mask_valid": valid}
+    cfg = LossConfig(bce=False, ce=True, ce_weight=1.0, avm=True, avm_weight=0.5, avm_stages=[0, 1],
+                     avm_variant="avss")
+    total, terms = compute_losses({"logits": logits, "avm": avm}, batch, cfg)
+    assert set(terms) == {"ce", "avm"}
+    assert terms["ce"].item() == ce_loss(logits, masks, valid).item()
+    assert terms["avm"].item() == avm_loss_avss(logits, avm, [0, 1], valid).item()
+    assert total.item() == pytest.approx(terms["ce"].item() + 0.5 * terms["avm"].item(), rel=1e-6)
+
+
+def _avss_model_and_batch(seed=0):
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8, audio_input="embedding", mask_classes=K10,
+                                    tpavi_frames_per_group=5, tpavi_audio_bias=False)).train()
+    with torch.no_grad():  # the BN after W_z starts at zero, which would cut TPAVI off from the loss
+        for name, m in model.named_modules():
+            if name.endswith("W_z.1"):
+                m.weight.normal_()
+    b = 2
+    exists = torch.ones(b, T10, dtype=torch.bool)
+    exists[1, 5:] = False
+    valid = exists.clone()
+    valid[1, 1:] = False
+    batch = {"frames": torch.randn(b, T10, 3, 32, 32) * exists[..., None, None, None],
+             "audio": torch.randn(b, T10, 128), "frame_exists": exists,
+             "masks": torch.randint(0, K10, (b, T10, 32, 32)) * valid[..., None, None], "mask_valid": valid}
+    return model, batch
+
+
+# (AVM alone is not a config: validation asks for a mask term, config._mask_head_problems)
+@pytest.mark.parametrize("switches", [{"ce": True}, {"ce": True, "avm": True}])
+def test_avss_unreached_parameters_match_the_real_gradients(switches):
+    from avs_dist.losses import unreached_parameters
+
+    model, batch = _avss_model_and_batch()
+    cfg = LossConfig(bce=False, avm_weight=0.5, avm_variant="avss", **switches)
+    out = model(batch["frames"], batch["audio"], frame_exists=batch["frame_exists"])
+    compute_losses(out, batch, cfg)[0].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unreached_parameters(model, cfg) == no_grad
+    if "ce" in switches:  # every trainable parameter of the AVSModel hears the cross-entropy
+        assert no_grad == []

@@ -205,3 +205,90 @@ def test_vggish_memo_equals_computing_each_video():
     next(v.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
     v.embed_videos(audio)
     assert len(v._memo) == 0
+
+
+# ---- AVSBench-semantic: 71 class logits, clips of 10 frames, frames that do not exist ----
+
+T10, K = 10, 71
+
+
+def _avss_model(group=5, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = build_model(tiny(mask_classes=K, tpavi_frames_per_group=group, tpavi_audio_bias=False)).to(dtype)
+    with torch.no_grad():  # make TPAVI matter: its output BN starts at zero
+        for name, m in model.named_modules():
+            if name.endswith("W_z.1"):
+                torch.nn.init.normal_(m.weight)
+                torch.nn.init.normal_(m.bias)
+    return model
+
+
+def _avss_inputs(dtype=torch.float64, seed=0):
+    """Clip 0: a 10-second v2 clip; clip 1: a 5-second clip padded with zeros to 10 frames."""
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(B, T10, 3, S, S, generator=g, dtype=dtype)
+    audio = torch.randn(B, T10, 128, generator=g, dtype=dtype)
+    exists = torch.ones(B, T10, dtype=torch.bool)
+    exists[1, 5:] = False
+    frames[1, 5:] = 0
+    return frames, audio, exists
+
+
+def test_avss_output_contract_and_padded_frames_are_zero():
+    model = _avss_model().float()
+    frames, audio, exists = _avss_inputs(torch.float32)
+    out = model(frames, audio, frame_exists=exists)
+    assert out["logits"].shape == (B * T10, K, S, S)
+    gone = ~exists.reshape(-1)
+    assert torch.count_nonzero(out["logits"][gone]) == 0 and torch.count_nonzero(out["logits"][~gone]) > 0
+    assert torch.count_nonzero(out["audio_embed"][1, 5:]) == 0
+    for _, v, a in out["avm"]:
+        assert torch.count_nonzero(v[gone]) == 0 and a.shape == (B, T10, 16)
+        assert torch.count_nonzero(a[1, 5:]) == 0  # no bias in the audio projection (the AVSS reference)
+    assert model.avs.output_conv[4].out_channels == K
+    with pytest.raises(ValueError, match="frame_exists"):
+        model(frames, audio, frame_exists=exists[:, :5])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_avss_forward_equals_the_reference_placement(train):
+    """Our AVSModel with frame_exists and TPAVI in fives is the AVSS reference's Pred_endecoder
+    (tests/avss_reference.py: its forward and TPAVI transcribed): the logits, the TPAVI audio and
+    the stage maps its AVM loss reads, on a batch with a padded clip, train and eval mode."""
+    import copy
+
+    from avss_reference import RefTPAVIModule, ref_pred_endecoder
+
+    model = _avss_model().train(train)
+    frames, audio, exists = _avss_inputs()
+    blocks = {}
+    for i in model.avs.tpavi_stages:
+        ours = getattr(model.avs, f"tpavi_b{i + 1}")
+        blocks[i] = RefTPAVIModule(ours.channels).double()
+        blocks[i].load_state_dict(ours.state_dict())
+        blocks[i].train(train)
+    ref_avs = copy.deepcopy(model.avs)  # the encoder's and TPAVI's BN statistics move in train mode
+    out = model(frames, audio, frame_exists=exists)
+    flag = exists.reshape(-1).double()
+    x = frames.reshape(B * T10, 3, S, S)
+    # train.py of the reference zeroes the padded seconds' audio features before the model
+    pred, maps, a_list = ref_pred_endecoder(ref_avs, blocks, x, audio.reshape(-1, 128) * flag[:, None], flag)
+    diff = (out["logits"] - pred).abs().max().item()
+    assert diff < 1e-10, diff
+    for s, v, a in out["avm"]:
+        assert (v - maps[s]).abs().max().item() < 1e-10  # the reference's maps, relu'd in place by its decoder
+        assert (a - a_list[s].reshape(B, T10, -1)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("group", [0, 5])
+def test_a_padded_clip_predicts_as_the_clip_alone(group):
+    """Eval mode: a 5-frame clip padded to 10 frames (frame_exists false on the padding, whatever
+    the padding holds) gives its 5 frames the logits of the 5-frame clip run alone."""
+    model = _avss_model(group).eval()
+    frames, audio, _ = _avss_inputs()
+    five = model(frames[:, :5], audio[:, :5])["logits"].reshape(B, 5, K, S, S)
+    exists = torch.zeros(B, T10, dtype=torch.bool)
+    exists[:, :5] = True
+    padded = model(frames, audio, frame_exists=exists)["logits"].reshape(B, T10, K, S, S)
+    assert (padded[:, :5] - five).abs().max().item() < 1e-10
+    assert torch.count_nonzero(padded[:, 5:]) == 0

@@ -111,6 +111,19 @@ def test_floatify_casts_nested_half_outputs():
     assert f["label"].dtype == torch.int64 and f["none"] is None
 
 
+def test_strategy_hands_the_model_frame_exists():
+    """AVSS batches carry frame_exists (padded clips); the strategies pass it to the model as is
+    (bool, not cast to ZeRO's input dtype), and None for S4 / MS3 batches, which have none."""
+    from avs_dist.train.strategy import _inputs
+
+    exists = torch.tensor([[True, True, False]])
+    batch = {"frames": torch.zeros(1, 3, 3, 32, 32), "audio": torch.zeros(1, 3, 1, 96, 64), "frame_exists": exists}
+    frames, audio, crops, flags = _inputs(batch, torch.bfloat16)
+    assert frames.dtype == torch.bfloat16 and crops is None and flags is exists
+    del batch["frame_exists"]
+    assert _inputs(batch, None)[3] is None
+
+
 def test_precision_auto():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"

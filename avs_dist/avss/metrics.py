@@ -73,8 +73,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-NUM_CLASSES = 71
-BACKGROUND = 0
+from avs_dist.avss.classes import BACKGROUND, NUM_CLASSES
+
 BETA2 = 0.3
 FRAC_BITS = 40
 MAX_FRAMES = 2 ** (62 - FRAC_BITS)  # a class's fixed-point sum stays below 2**62

@@ -15,6 +15,15 @@ Two facts of the reference that the outputs depend on, reproduced here:
 
 Widths: every decoder map has cfg.decoder_channels (C) channels; the output head narrows to
 C/2 and C/8 (the reference's 128 and 32 at C = 256) so small presets run the same code.
+
+Clips of T frames (S4 / MS3: 5; AVSBench-semantic: 10, the 5-second clips padded with zero
+frames). The output head has `mask_classes` channels: 1 (a sigmoid logit per pixel, S4 /
+MS3) or 71 (class logits, AVSS). Given `frame_exists` [B, T], the AVSS reference's
+`Pred_endecoder.forward` (avs_scripts/avss/model/*_AVSModel.py) is followed: the ASPP maps,
+each TPAVI output, each fusion block's output and the logits are multiplied by the flag, so a
+frame that does not exist contributes zeros downstream and its logits are 0. (The encoder
+still runs on the zero frames; a ResNet's BatchNorm, and TPAVI's, count them in their batch
+statistics, as in the reference.)
 """
 from __future__ import annotations
 
@@ -145,20 +154,35 @@ def output_widths(channels: int) -> tuple[int, int]:
     return max(channels // 2, 1), max(channels // 8, 1)
 
 
+def _keep(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x [B*T, ...] times the frame-exists flag [B*T, 1, 1, 1] (in x's dtype: a float32 flag
+    would promote a bf16 map to float32)."""
+    return x if keep is None else x * keep.to(x.dtype)
+
+
 class AVSModel(nn.Module):
+    """mask_classes: output channels (1 for S4 / MS3, 71 for AVSS); tpavi_frames_per_group and
+    tpavi_audio_bias: see models/tpavi.py (0 and True: S4 / MS3; 5 and False: the AVSS reference)."""
+
     def __init__(self, backbone: str = "resnet50", channels: int = 256, tpavi_stages=(0, 1, 2, 3),
                  tpavi_mode: str = "dot", tpavi_impl: str = "factorized", upsample: str = "interpolate",
-                 drop_path: float = 0.1):
+                 drop_path: float = 0.1, mask_classes: int = 1, tpavi_frames_per_group: int = 0,
+                 tpavi_audio_bias: bool = True):
         super().__init__()
+        if mask_classes < 1:
+            raise ValueError(f"mask_classes must be >= 1, got {mask_classes}")
         self.backbone = backbone
         self.tpavi_stages = sorted(tpavi_stages)
         self.tpavi_mode = tpavi_mode
+        self.mask_classes = mask_classes
         self.encoder_name, encoder = build_encoder(backbone, drop_path)
         setattr(self, self.encoder_name, encoder)
         for i, in_ch in enumerate(encoder.channels):
             setattr(self, f"conv{i + 1}", ASPPHead(in_ch, channels))
         for i in self.tpavi_stages:
-            setattr(self, f"tpavi_b{i + 1}", TPAVI(channels, mode=tpavi_mode, impl=tpavi_impl))
+            setattr(self, f"tpavi_b{i + 1}", TPAVI(channels, mode=tpavi_mode, impl=tpavi_impl,
+                                                   frames_per_group=tpavi_frames_per_group,
+                                                   audio_bias=tpavi_audio_bias))
         self.path4 = FeatureFusionBlock(channels, has_skip=False, upsample=upsample)
         self.path3 = FeatureFusionBlock(channels, upsample=upsample)
         self.path2 = FeatureFusionBlock(channels, upsample=upsample)
@@ -169,7 +193,7 @@ class AVSModel(nn.Module):
             Interpolate(align_corners=False, impl=upsample),  # align_corners=False, as the reference
             nn.Conv2d(mid, low, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(low, 1, kernel_size=1),
+            nn.Conv2d(low, mask_classes, kernel_size=1),
         )
 
     @property
@@ -184,24 +208,34 @@ class AVSModel(nn.Module):
         for i in self.tpavi_stages:
             getattr(self, f"tpavi_b{i + 1}").impl = impl
 
-    def forward(self, x: torch.Tensor, audio: torch.Tensor | None, frames: int = 5):
-        """x [B*T, 3, H, W]; audio [B, T, 128] or None ('self' mode).
+    def forward(self, x: torch.Tensor, audio: torch.Tensor | None, frames: int,
+                frame_exists: torch.Tensor | None = None):
+        """x [B*T, 3, H, W] (T = `frames`); audio [B, T, 128] or None ('self' mode);
+        frame_exists bool [B, T] or None (every frame exists).
 
-        Returns logits [B*T, 1, H, W] and the AVM list of (stage, relu(visual) [B*T, C, h, w],
-        a' [B, T, C]) for each TPAVI stage in 'dot' mode.
+        Returns logits [B*T, mask_classes, H, W] (0 for frames that do not exist) and the AVM
+        list of (stage, relu(visual) [B*T, C, h, w], a' [B, T, C]) for each TPAVI stage in
+        'dot' mode. ValueError for sides that are not multiples of 32 or a wrong frame_exists.
         """
         h, w = x.shape[-2:]
         if h % STRIDE or w % STRIDE:
             raise ValueError(f"AVSModel input {h}x{w}: both sides must be multiples of {STRIDE}")
+        keep = None
+        if frame_exists is not None:
+            if frame_exists.dim() != 2 or frame_exists.numel() != x.shape[0] or frame_exists.shape[1] != frames:
+                raise ValueError(f"frame_exists must be [B, T] with B*T = {x.shape[0]} and T = {frames}, "
+                                 f"got {tuple(frame_exists.shape)}")
+            keep = frame_exists.reshape(-1, 1, 1, 1)
         stages = self.encoder(x)
-        feats = [getattr(self, f"conv{i + 1}")(s) for i, s in enumerate(stages)]
+        feats = [_keep(getattr(self, f"conv{i + 1}")(s), keep) for i, s in enumerate(stages)]
         avm = []
         for i in self.tpavi_stages:
-            feats[i], a = getattr(self, f"tpavi_b{i + 1}")(feats[i], audio, frames)
+            z, a = getattr(self, f"tpavi_b{i + 1}")(feats[i], audio, frames, frame_exists)
+            feats[i] = _keep(z, keep)
             if a is not None:
                 avm.append((i, F.relu(feats[i]), a))
-        d = self.path4(feats[3])
-        d = self.path3(d, feats[2])
-        d = self.path2(d, feats[1])
-        d = self.path1(d, feats[0])
-        return self.output_conv(d), avm
+        d = _keep(self.path4(feats[3]), keep)
+        d = _keep(self.path3(d, feats[2]), keep)
+        d = _keep(self.path2(d, feats[1]), keep)
+        d = _keep(self.path1(d, feats[0]), keep)
+        return _keep(self.output_conv(d), keep), avm

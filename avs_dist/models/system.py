@@ -33,7 +33,9 @@ class AVSSystem(nn.Module):
         self.vggish = VGGish() if cfg.audio_input == "logmel" else None
         self.avs = AVSModel(backbone=cfg.backbone, channels=cfg.decoder_channels, tpavi_stages=cfg.tpavi_stages,
                             tpavi_mode=cfg.tpavi_mode, tpavi_impl=cfg.tpavi_impl,
-                            upsample=cfg.upsample, drop_path=cfg.drop_path)
+                            upsample=cfg.upsample, drop_path=cfg.drop_path, mask_classes=cfg.mask_classes,
+                            tpavi_frames_per_group=cfg.tpavi_frames_per_group,
+                            tpavi_audio_bias=cfg.tpavi_audio_bias)
         self.crop = (CropBranch(cfg.crop_depth, cfg.crop_hidden, cfg.num_classes, cfg.crop_relu)
                      if cfg.crop_branch else None)
         self.register_load_state_dict_post_hook(_vggish_not_missing)
@@ -63,10 +65,18 @@ class AVSSystem(nn.Module):
             raise ValueError(f"audio_input='logmel' expects [B, T, 1, 96, 64], got {tuple(audio.shape)}")
         return self.vggish.embed_videos(audio)
 
-    def forward(self, frames: torch.Tensor, audio: torch.Tensor | None, crops: torch.Tensor | None = None) -> dict:
+    def forward(self, frames: torch.Tensor, audio: torch.Tensor | None, crops: torch.Tensor | None = None,
+                frame_exists: torch.Tensor | None = None) -> dict:
+        """frames [B, T, 3, H, W] (any T), audio [B, T, 1, 96, 64] / [B, T, 128] or None, crops
+        [B, T, 3, c, c] or None, frame_exists bool [B, T] or None (every frame exists) -> the
+        dict of architecture.md "Model". Frames that do not exist (AVSS clips padded to 10) get
+        zero audio embeddings, as the reference zeroes them before TPAVI, and zero logits
+        (models/avsmodel.py). ValueError on shapes that do not fit."""
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
         b, t = frames.shape[:2]
+        if frame_exists is not None and tuple(frame_exists.shape) != (b, t):
+            raise ValueError(f"frame_exists must be [B, T] = {(b, t)}, got {tuple(frame_exists.shape)}")
         cl = self.channels_last and frames.is_cuda
         x = frames.reshape(b * t, *frames.shape[2:])
         if cl:
@@ -76,8 +86,10 @@ class AVSSystem(nn.Module):
         audio_embed = None if audio is None else self.embed_audio(audio)
         if audio_embed is not None and audio_embed.shape[:2] != (b, t):
             raise ValueError(f"audio has {tuple(audio_embed.shape[:2])} (videos, frames); frames have {(b, t)}")
+        if audio_embed is not None and frame_exists is not None:
+            audio_embed = audio_embed * frame_exists[..., None].to(audio_embed.dtype)
         tpavi_audio = audio_embed if self.cfg.tpavi_mode == "dot" else None
-        logits, avm = self.avs(x, tpavi_audio, t)
+        logits, avm = self.avs(x, tpavi_audio, t, frame_exists)
         out = {"logits": logits, "audio_embed": audio_embed, "avm": avm,
                "crop_logits": None, "crop_embed": None, "crop_proj": None, "audio_proj": None}
         # Evaluation without crops skips the branch: it feeds training losses, never the masks.
