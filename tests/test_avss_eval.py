@@ -1,0 +1,190 @@
+"""AVSS evaluation (avss/evaluation.py through evaluation.evaluate), `avs-dist eval` on an AVSS
+checkpoint, and the TensorBoard strip of class logits."""
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from avs_dist.avss.classes import AVSS_CLASSES, NUM_CLASSES
+from avs_dist.avss.evaluation import ClipAudioBank
+from avs_dist.avss.metrics import SemanticEvaluator
+from avs_dist.evaluation import evaluate, segment
+
+S = 8  # pixels per side
+
+
+class AudioClasses(nn.Module):
+    """Class logits from the audio: the frame's class is round(mean log-mel) mod 71 over the
+    left half, background on the right; padded frames zeroed as the real model does. The
+    frames only add noise, so the mismatched audio changes the prediction."""
+
+    cfg = types.SimpleNamespace(mask_classes=NUM_CLASSES)
+
+    def __init__(self):
+        super().__init__()
+        self.seen_frame_exists = []
+
+    def forward(self, frames, audio, crops=None, frame_exists=None):
+        b, t = frames.shape[:2]
+        self.seen_frame_exists.append(frame_exists)
+        cls = audio.reshape(b * t, -1).mean(1).round().long().clamp(0, NUM_CLASSES - 1)
+        logits = torch.zeros(b * t, NUM_CLASSES, S, S)
+        logits[torch.arange(b * t), cls, :, : S // 2] = 5.0
+        logits[:, 0, :, S // 2:] = 5.0
+        logits = logits + 0.1 * frames.flatten(0, 1)[:, :1]
+        if frame_exists is not None:
+            logits = logits * frame_exists.reshape(b * t, 1, 1, 1)
+        return {"logits": logits}
+
+
+def make_clips(n, seed=0):
+    """n clips of 5 or 10 frames (alternating), each labelled with one or two classes from its
+    audio (the log-mel's value is the class), some frames unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    clips = []
+    for i in range(n):
+        length = 10 if i % 2 == 0 else 5
+        cls = 1 + (i * 7) % 70
+        audio = torch.zeros(length, 1, 96, 64) + cls
+        masks = torch.zeros(length, S, S, dtype=torch.int64)
+        masks[:, :, : S // 2] = cls
+        masks[:, : S // 4, S // 2:] = torch.randint(0, NUM_CLASSES, (1,), generator=g)  # a second class
+        valid = torch.ones(length, dtype=torch.bool)
+        valid[1] = i % 3 != 0  # some frames without a label
+        clips.append({"frames": torch.randn(length, 3, S, S, generator=g), "audio": audio, "masks": masks,
+                      "mask_valid": valid, "index": i, "name": f"c{i}"})
+    return clips
+
+
+def collate(clips, pad_to=None):
+    """A batch of the loader's AVSS contract (architecture.md), padded to `pad_to` or the longest clip."""
+    t = pad_to or max(c["frames"].shape[0] for c in clips)
+    b, s = len(clips), clips[0]["frames"].shape[-1]
+    out = {"frames": torch.zeros(b, t, 3, s, s), "audio": torch.zeros(b, t, 1, 96, 64),
+           "masks": torch.zeros(b, t, s, s, dtype=torch.int64), "mask_valid": torch.zeros(b, t, dtype=torch.bool),
+           "frame_exists": torch.zeros(b, t, dtype=torch.bool),
+           "index": torch.tensor([c["index"] for c in clips]), "name": [c["name"] for c in clips],
+           "hflip": torch.zeros(b, dtype=torch.bool), "crops": None}
+    for k, c in enumerate(clips):
+        n = c["frames"].shape[0]
+        for key in ("frames", "audio", "masks", "mask_valid"):
+            out[key][k, :n] = c[key]
+        out["frame_exists"][k, :n] = True
+    return out
+
+
+def batches_of(clips, size, pad_to=None):
+    return [collate(clips[i:i + size], pad_to) for i in range(0, len(clips), size)]
+
+
+def oracle(model, batches):
+    ev = SemanticEvaluator()
+    for b in batches:
+        logits = model(b["frames"], b["audio"], frame_exists=b["frame_exists"])["logits"]
+        ev.update(logits, b["masks"].flatten(0, 1), b["frame_exists"].flatten(), b["mask_valid"].flatten())
+    return ev.result(class_names=list(AVSS_CLASSES))
+
+
+def test_evaluate_equals_semantic_evaluator_and_passes_frame_exists():
+    model = AudioClasses()
+    clips = make_clips(7)
+    batches = batches_of(clips, 3, pad_to=10)
+    res = evaluate(model, batches, "cpu", per_class=True)
+    want = oracle(AudioClasses(), batches)
+    for key, value in want.items():
+        assert res[key] == value, key
+    assert res["miou"] == want["miou_frame_all71"] and res["f"] == want["f_frame_all71"]
+    assert list(res)[:7] == ["miou_avsbench", "f_avsbench", "miou", "f", "audio_gap", "miou_mismatched",
+                             "f_mismatched"]
+    assert res["videos"] == 7 and res["frames"] == want["frames_scored"] > 0
+    assert res["frames_padded"] == 3 * 5  # three 5-frame clips padded to 10
+    # the model got each batch's frame_exists (both passes)
+    assert all(fe is not None and fe.shape[1] == 10 for fe in model.seen_frame_exists)
+    assert len(model.seen_frame_exists) == 2 * len(batches)
+    assert [e["name"] for e in res["per_class"]] == list(AVSS_CLASSES)
+    # the audio decides the class: another clip's audio of other classes loses the objects
+    assert res["audio_gap"] > 0.05 and res["miou_mismatched"] < res["miou"]
+    gaps = res["audio_gap_per_class"]
+    assert gaps and "background" not in gaps and all(n in AVSS_CLASSES for n in gaps)
+    assert max(gaps.values()) > 0.5
+    # without per_class: no per-class list (validation's result)
+    short = evaluate(AudioClasses(), batches, "cpu", audio_gap=False)
+    assert "per_class" not in short and "audio_gap" not in short and short["miou"] == res["miou"]
+
+
+def test_batching_and_padding_do_not_change_a_figure():
+    clips = make_clips(6, seed=3)
+    a = evaluate(AudioClasses(), batches_of(clips, 4, pad_to=10), "cpu")
+    b = evaluate(AudioClasses(), batches_of(clips, 1), "cpu")  # each clip at its own length (bucketed)
+    assert a == b
+
+
+def test_a_padded_frame_never_changes_a_correct_figure():
+    """Whatever the model outputs on a padded frame, and whatever lies in the padded label,
+    the correct figures stay; only the reference's (which scores padded frames) may move."""
+    clips = make_clips(4, seed=5)
+    batches = batches_of(clips, 4, pad_to=10)
+    clean = evaluate(AudioClasses(), batches, "cpu", audio_gap=False)
+
+    class Garbage(AudioClasses):
+        def forward(self, frames, audio, crops=None, frame_exists=None):
+            out = super().forward(frames, audio, crops, None)["logits"]
+            pad = ~frame_exists.reshape(-1)
+            out[pad] = torch.randn(int(pad.sum()), NUM_CLASSES, S, S)  # not zeroed
+            return {"logits": out}
+
+    dirty = [dict(b) for b in batches]
+    for b in dirty:
+        b["masks"] = b["masks"].clone()
+        b["masks"][~b["frame_exists"]] = 17  # junk labels under padded frames
+    res = evaluate(Garbage(), dirty, "cpu", audio_gap=False)
+    correct = [k for k in clean if k.startswith(("miou_frame", "f_frame", "miou_dataset", "f_dataset", "iou_", "f_"))
+               and not k.endswith("avsbench")]
+    assert len(correct) >= 16
+    for k in correct + ["miou", "f", "frames_scored", "frames_padded"]:
+        assert res[k] == clean[k], k
+
+
+def test_a_clip_evaluated_twice_is_refused():
+    clips = make_clips(3)
+    with pytest.raises(ValueError, match="more than once"):
+        evaluate(AudioClasses(), batches_of(clips + clips[:1], 2, pad_to=10), "cpu", audio_gap=False)
+
+
+def test_partners_have_the_same_length_and_other_classes():
+    clips = make_clips(8)
+    bank = ClipAudioBank(per_length=8)
+    for b in batches_of(clips, 3, pad_to=10):
+        bank.add(b)
+    assert bank.freeze() == 8
+    for c in clips:
+        n, cls = c["frames"].shape[0], int(c["masks"][0, 0, 0])
+        index, audio = bank.partner(n, c["index"], frozenset({cls}))
+        assert index != c["index"] and audio.shape[0] == n
+        assert int(audio.mean().round()) != cls  # the partner's class (its audio) is another
+    one = ClipAudioBank()
+    one.add(collate(clips[:1]))
+    one.freeze()
+    with pytest.raises(ValueError, match="two clips"):
+        one.partner(10, 0, frozenset())
+
+
+def test_segment_passes_frame_exists_to_the_real_model():
+    from avs_dist.config import load_config
+    from avs_dist.models.system import build_model
+
+    cfg = load_config("tiny_avss", ["data.image_size=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, load_weights=False).eval()
+    b = collate([{**c, "frames": torch.randn(c["frames"].shape[0], 3, 32, 32),
+                  "masks": torch.zeros(c["frames"].shape[0], 32, 32, dtype=torch.int64)} for c in make_clips(2)])
+    with torch.no_grad():
+        logits = segment(model, b["frames"], b["audio"], b["frame_exists"])
+    assert logits.shape == (20, NUM_CLASSES, 32, 32) and logits.dtype == torch.float32
+    pad = ~b["frame_exists"].reshape(-1)
+    assert int(pad.sum()) == 5 and bool((logits[pad] == 0).all()) and bool((logits[~pad] != 0).any())
