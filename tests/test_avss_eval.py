@@ -188,3 +188,41 @@ def test_segment_passes_frame_exists_to_the_real_model():
     assert logits.shape == (20, NUM_CLASSES, 32, 32) and logits.dtype == torch.float32
     pad = ~b["frame_exists"].reshape(-1)
     assert int(pad.sum()) == 5 and bool((logits[pad] == 0).all()) and bool((logits[~pad] != 0).any())
+
+
+# ---- two processes over gloo ----
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _eval_worker(rank, world, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mine = [c for c in make_clips(7) if c["index"] % world == rank]  # interleaved, like a sharded loader
+        res = evaluate(AudioClasses(), batches_of(mine, 2 + rank), "cpu", per_class=True)  # each rank its own batching
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    from avs_dist.distributed import hard_exit  # gloo can abort at shutdown (platform notes)
+    hard_exit(0)
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_eval_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = evaluate(AudioClasses(), batches_of(make_clips(7), 3, pad_to=10), "cpu", per_class=True)
+    assert expected["audio_gap"] > 0
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == expected
