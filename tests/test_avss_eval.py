@@ -226,3 +226,99 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     assert expected["audio_gap"] > 0
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == expected
+
+
+# ---- `avs-dist eval` on an AVSS checkpoint (the loader's AVSS batches are stood in for) ----
+
+PACKED = 32
+
+
+def _clip_batches(shard_dir, split):
+    """The clips of `split` as loader batches of the contract, from iter_videos (one clip each)."""
+    from avs_dist.data.shards import iter_videos
+    from avs_dist.data.transforms import normalize_uint8
+
+    out = []
+    for v in iter_videos(shard_dir, split, crops=False):
+        n = int(v["num_frames"])
+        masks = torch.zeros(n, PACKED, PACKED, dtype=torch.int64)
+        valid = torch.zeros(n, dtype=torch.bool)
+        masks[torch.as_tensor(v["mask_frames"])] = torch.as_tensor(v["masks"]).long()
+        valid[torch.as_tensor(v["mask_frames"])] = True
+        frames = normalize_uint8(torch.as_tensor(v["frames"]).permute(0, 3, 1, 2))
+        out.append(collate([{"frames": frames, "audio": torch.as_tensor(v["audio"]).unsqueeze(1), "masks": masks,
+                             "mask_valid": valid, "index": v["index"], "name": v["name"]}], pad_to=10))
+    return out
+
+
+@pytest.fixture(scope="module")
+def avss_shards(tmp_path_factory):
+    from avs_dist.data import synth
+    from avs_dist.data.pack import pack
+
+    src = tmp_path_factory.mktemp("avss_synth")
+    synth.generate(src, videos=9, size=40, subset="avss", seed=2)
+    out = tmp_path_factory.mktemp("avss_shards")
+    pack(src, "avss", out, image_size=PACKED, shard_videos=4, progress=False, log=lambda *a, **k: None)
+    return out
+
+
+def test_eval_cli_on_an_avss_checkpoint(avss_shards, tmp_path, monkeypatch, capsys):
+    from avs_dist.config import load_config, to_dict
+    from avs_dist.evaluate import main
+    from avs_dist.models.system import build_model
+    from avs_dist.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny_avss", [f"data.image_size={PACKED}", f"data.shards={avss_shards}"])
+    folder = tmp_path / "run" / "checkpoints" / "step_00000000"
+    folder.mkdir(parents=True)
+    ckpt.write_model_folder(folder, build_model(cfg.model, load_weights=False).state_dict(), to_dict(cfg), 0, 0, {})
+    ckpt.write_complete(folder, {"step": 0, "epoch": 0})
+    seen = []
+
+    def fake_eval_loader(shard_dir, split, data_cfg, rank, world, device=None, crops=True):
+        seen.append((split, rank, world, crops))
+        return _clip_batches(shard_dir, split)
+
+    monkeypatch.setattr("avs_dist.data.loader.eval_loader", fake_eval_loader)
+    out = tmp_path / "eval.json"
+    assert main(["--checkpoint", str(folder), "--shards", str(avss_shards), "--split", "test", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert seen == [("test", 0, 1, False)]
+    res = json.loads(out.read_text())
+    for key in ("miou_avsbench", "f_avsbench", "miou", "f", "miou_frame_all71", "miou_frame_objects",
+                "miou_dataset_objects", "iou_frame_background", "audio_gap", "videos", "frames", "checkpoint"):
+        assert key in res, key
+    assert res["miou"] == res["miou_frame_all71"] and res["videos"] == len(_clip_batches(avss_shards, "test"))
+    assert res["frames_avsbench"] == 10 * res["videos"]
+    names = [e["name"] for e in res["per_class"]]
+    assert names == list(AVSS_CLASSES) and len(res["per_class"]) == NUM_CLASSES
+    assert all(set(e) >= {"iou_frame", "iou_avsbench", "frames_gt"} for e in res["per_class"])
+    printed = capsys.readouterr().out
+    assert "iou_frame" in printed and "miou_frame_objects" in printed and "background" in printed
+    assert "not in any scored frame" in printed
+    present = [e["name"] for e in res["per_class"] if e["present"] and e["index"]]
+    assert present and all(n in printed for n in present)
+    if res["audio_gap_per_class"]:  # drawn beside the JSON
+        assert set(res["audio_gap_per_class"]) <= set(present)
+        assert (tmp_path / "eval_audio_gap.png").stat().st_size > 1000
+
+
+def test_manifest_classes_of_the_wrong_length_are_refused(avss_shards, tmp_path, monkeypatch):
+    import shutil
+
+    from avs_dist.config import load_config
+    from avs_dist.errors import BadFileError
+    from avs_dist.evaluation import evaluate_loaded
+    from avs_dist.models.system import build_model
+
+    bad = tmp_path / "shards"
+    shutil.copytree(avss_shards, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:70]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr("avs_dist.data.loader.eval_loader", lambda *a, **k: [])
+    cfg = load_config("tiny_avss", [f"data.image_size={PACKED}"])
+    with pytest.raises(BadFileError, match="'classes' has 70 names.*re-pack"):
+        evaluate_loaded(build_model(cfg.model, load_weights=False), cfg, {}, bad, "test", "cpu")
