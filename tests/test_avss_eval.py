@@ -322,3 +322,40 @@ def test_manifest_classes_of_the_wrong_length_are_refused(avss_shards, tmp_path,
     cfg = load_config("tiny_avss", [f"data.image_size={PACKED}"])
     with pytest.raises(BadFileError, match="'classes' has 70 names.*re-pack"):
         evaluate_loaded(build_model(cfg.model, load_weights=False), cfg, {}, bad, "test", "cpu")
+
+
+# ---- TensorBoard strip of class logits ----
+
+def test_tensorboard_strip_of_class_logits(tmp_path):
+    """An AVSS step's images (the path that used to crash on 71 channels): the strip is written,
+    read back as a PNG of three >= 160 px panels per labelled frame, each class labelled or
+    predicted shown in its palette colour (the outline's exact colour)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    from avs_dist.avss.classes import index_to_colour
+    from avs_dist.train.logger import RunLogger
+
+    clips = make_clips(2)
+    batch = collate(clips, pad_to=10)
+    batch["frames"] = torch.zeros_like(batch["frames"])  # grey frames: only the overlays have colour
+    logits = AudioClasses()(batch["frames"], batch["audio"], frame_exists=batch["frame_exists"])["logits"]
+    logits[:, 45, :2, :2] = 50.0  # a predicted class that is in no label ("mower")
+    out = types.SimpleNamespace(batch=batch, out={"logits": logits})
+    logger = RunLogger(tmp_path, {"train": {"image_every_steps": 1}}, rank=0, total_steps=1, steps_per_epoch=1,
+                       tty=False)
+    logger._images_of(1, out)
+    logger.close()
+    acc = ea.EventAccumulator(str(tmp_path / "tb"), size_guidance=ea.STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    (image,) = acc.Images("images/frame_gt_pred")
+    pixels = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+    rows = min(int(batch["mask_valid"].sum()), 8)
+    assert pixels.shape[1] >= 3 * 160 and pixels.shape[0] >= rows * 160
+    colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
+    shown = {int(c) for c in batch["masks"][batch["mask_valid"]][:rows].unique() if c} | {45}
+    for c in shown:
+        assert tuple(int(v) for v in index_to_colour(c)) in colours, c
+    Image.fromarray(pixels).save(tmp_path / "strip.png")  # to look at when it fails
