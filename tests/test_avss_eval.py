@@ -359,3 +359,56 @@ def test_tensorboard_strip_of_class_logits(tmp_path):
     for c in shown:
         assert tuple(int(v) for v in index_to_colour(c)) in colours, c
     Image.fromarray(pixels).save(tmp_path / "strip.png")  # to look at when it fails
+
+
+# ---- an AVSS result in the training's terminal line, run summary and RESULTS.md ----
+
+def test_an_avss_result_in_the_eval_line_summary_and_results_file(tmp_path, capsys):
+    """The ~40 figures of an AVSS evaluation: the terminal line shows the headline ones by name
+    (no counts, no per-class entries); eval.jsonl keeps them all; the counts are no figures of
+    the model (HParams); the summary and RESULTS.md give the test figures with their weights."""
+    from avs_dist.config import load_config, to_dict
+    from avs_dist.provenance import final_source
+    from avs_dist.train.logger import RunLogger
+    from avs_dist.train.results import results_text
+    from avs_dist.train.summary import final_numbers, summary_rows
+
+    res = evaluate(AudioClasses(), batches_of(make_clips(6), 3, pad_to=10), "cpu", per_class=True)
+    logger = RunLogger(tmp_path, to_dict(load_config("tiny_avss")), rank=0, total_steps=3, steps_per_epoch=3,
+                       tty=False)
+    logger.log_eval(3, res, "val")
+    logger.log_eval(3, res, "test", source=final_source(3, 0))
+    logger.close()
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("eval ")]
+    assert len(lines) == 2 and lines[1].startswith("eval test of the last model (step 3, end of training): ")
+    for line in lines:
+        shown = line.split(": ", 1)[1].split()
+        names = shown[0::2]
+        assert names[:7] == ["miou_avsbench", "f_avsbench", "miou", "f", "audio_gap", "miou_mismatched",
+                             "f_mismatched"], line
+        assert {"miou_frame_objects", "miou_dataset_objects", "iou_frame_background"} <= set(names)
+        assert len(names) <= 10 and len(line) < 300, line
+        assert not any(n.startswith(("frames", "classes_", "objects_", "per_class", "audio_gap_per")) for n in names)
+    logged = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[0])
+    assert logged["frames_avsbench"] == res["frames_avsbench"] and len(logged["per_class"]) == NUM_CLASSES
+
+    final = {"status": "completed", "step": 3, "epoch": 0, "total_steps": 3, "world_size": 1, "best_val_miou":
+             res["miou"], "best_val_step": 3, "val": res, "test": res, "test_source": final_source(3, 0)}
+    numbers = final_numbers(json.loads(json.dumps(final)))
+    assert "test/miou_frame_objects" in numbers and "test/audio_gap" in numbers
+    assert not any(k.split("/")[-1] in ("frames_scored", "frames_padded", "frames_unlabelled", "frames_avsbench",
+                                        "classes_present", "objects_present", "videos") for k in numbers)
+    rows = dict(summary_rows(final, {"wall_s": 1.0, "peak_mem": 0}, 3, 3, tmp_path))
+    test_row = rows["test (last, step 3)"]
+    assert f"miou_avsbench {res['miou_avsbench']:.4f}" in test_row
+    assert f"miou_frame_objects {res['miou_frame_objects']:.4f}" in test_row
+    assert rows["eval sets"] == f"val 6 videos ({res['frames']} frames), test 6 videos ({res['frames']} frames)"
+
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(load_config("tiny_avss"))))
+    (tmp_path / "status.json").write_text(json.dumps({"status": "completed", "step": 3, "total_steps": 3}))
+    (tmp_path / "final_metrics.json").write_text(json.dumps(final))
+    text = results_text(tmp_path)
+    assert "(avss)" in text
+    assert (f"**Test**, last model (step 3, end of training): miou_avsbench {res['miou_avsbench']:.4f}, "
+            f"f_avsbench {res['f_avsbench']:.4f}, miou {res['miou']:.4f}") in text
+    assert f"miou_frame_objects {res['miou_frame_objects']:.4f}" in text

@@ -53,6 +53,9 @@ HEADLINE = {"miou": "miou_frame_all71", "f": "f_frame_all71"}  # headline key ->
 # The result's first keys, in this order (the rest follow in summarize's order).
 ORDER = ("miou_avsbench", "f_avsbench", "miou", "f")
 GAP_KEYS = ("audio_gap", "miou_mismatched", "f_mismatched")
+# What the training's terminal line shows of an AVSS evaluation (train/sinks.py; every figure
+# goes to eval.jsonl and TensorBoard).
+TERMINAL_KEYS = (*ORDER, *GAP_KEYS, "miou_frame_objects", "miou_dataset_objects", "iou_frame_background")
 # The reference pads every clip to 10 frames (its loader and model) and scores the padding.
 REFERENCE_CLIP_FRAMES = 10
 

@@ -239,8 +239,10 @@ class TensorBoardSink:
 STEP_KEYS = ("step", "epoch", "lr", "grad_norm", "frames_per_s", "data_wait_frac", "peak_mem_bytes", "time",
              "skipped", "nonfinite_steps")
 ETA_MIN_STEPS = 3  # steps after the first before a rate is worth showing
-# Counts of an evaluation's set (metrics.py), not figures of the model.
-EVAL_COUNTS = ("videos", "frames", "empty_frames", "batch_videos")
+# Counts of an evaluation's set (metrics.py; AVSS: avss/metrics.py summarize's frame and class
+# counts), not figures of the model.
+EVAL_COUNTS = ("videos", "frames", "empty_frames", "batch_videos", "frames_scored", "frames_padded",
+               "frames_unlabelled", "frames_avsbench", "classes_present", "objects_present")
 
 
 # ----------------------------------------------------------------------------- terminal
@@ -374,6 +376,10 @@ class TerminalSink:
     def eval(self, step: int, split: str, metrics: dict, source: dict | None = None) -> None:
         # the figures only: the set sizes are the same at every evaluation (the summary has them once)
         of = f" of the {describe(source)}" if source else f" step {step}"
+        if "frames_avsbench" in metrics:  # AVSS: some 40 figures; the line shows the headline ones
+            from avs_dist.avss.evaluation import TERMINAL_KEYS
+
+            metrics = {k: metrics[k] for k in TERMINAL_KEYS if k in metrics}
         self.info(f"eval {split}{of}: " + " ".join(f"{k} {fmt(v)}" for k, v in metrics.items()
                                                                if k not in EVAL_COUNTS))
 
