@@ -329,7 +329,8 @@ def test_manifest_classes_of_the_wrong_length_are_refused(avss_shards, tmp_path,
 def test_tensorboard_strip_of_class_logits(tmp_path):
     """An AVSS step's images (the path that used to crash on 71 channels): the strip is written,
     read back as a PNG of three >= 160 px panels per labelled frame, each class labelled or
-    predicted shown in its palette colour (the outline's exact colour)."""
+    predicted shown in its palette colour (the outline's exact colour), the rows taken across
+    the clips."""
     import io
 
     from PIL import Image
@@ -355,7 +356,10 @@ def test_tensorboard_strip_of_class_logits(tmp_path):
     rows = min(int(batch["mask_valid"].sum()), 8)
     assert pixels.shape[1] >= 3 * 160 and pixels.shape[0] >= rows * 160
     colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
-    shown = {int(c) for c in batch["masks"][batch["mask_valid"]][:rows].unique() if c} | {45}
+    # the rows go frame by frame across the clips: both clips' classes (1 and 8) are on the strip
+    by_frame = batch["masks"].transpose(0, 1)[batch["mask_valid"].t()][:rows]
+    shown = {int(c) for c in by_frame.unique() if c} | {45}
+    assert {1, 8} <= shown
     for c in shown:
         assert tuple(int(v) for v in index_to_colour(c)) in colours, c
     Image.fromarray(pixels).save(tmp_path / "strip.png")  # to look at when it fails

@@ -150,12 +150,19 @@ class RunLogger:
         self._pending.clear()
 
     def _images_of(self, step: int, out) -> None:
+        """The labelled frames of the step's last micro-batch, taken frame by frame across its
+        videos (video 1 frame 1, video 2 frame 1, ..., video 1 frame 2, ...): the strip's rows
+        (MAX_IMAGE_SAMPLES) show every video, not the first clip's near-identical frames."""
         batch = out.batch
-        valid = batch["mask_valid"].reshape(-1).cpu()
-        frames = batch["frames"].reshape(-1, *batch["frames"].shape[2:]).float().cpu()[valid]
-        masks = batch["masks"].reshape(-1, *batch["masks"].shape[2:]).float().cpu()[valid]
-        self.log_images(step, frames, masks, out.out["logits"].detach().float().cpu()[valid],
-                        captions=[c for c, v in zip(frame_captions(batch), valid.tolist()) if v])
+        b, t = batch["mask_valid"].shape
+        order = torch.arange(b * t).view(b, t).t().reshape(-1)  # row index of video v, frame f: v * t + f
+        order = order[batch["mask_valid"].reshape(-1).cpu()[order]]
+        captions = frame_captions(batch)
+        frames = batch["frames"].reshape(-1, *batch["frames"].shape[2:])[order.to(batch["frames"].device)]
+        masks = batch["masks"].reshape(-1, *batch["masks"].shape[2:])[order.to(batch["masks"].device)]
+        logits = out.out["logits"].detach()
+        self.log_images(step, frames.float().cpu(), masks.float().cpu(),
+                        logits[order.to(logits.device)].float().cpu(), captions=[captions[i] for i in order.tolist()])
 
     def log_step(self, step, epoch, terms: dict, lr, grad_norm, frames_per_s, data_wait_frac,
                  peak_mem_bytes, wall_time: float | None = None, skipped: str | None = None,
