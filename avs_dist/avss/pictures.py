@@ -77,8 +77,8 @@ def class_overlay(frame: np.ndarray, index: np.ndarray, class_names, min_side: i
 def prediction_strip(frames: np.ndarray, gt: np.ndarray, pred: np.ndarray, captions: list[str],
                      class_names=None) -> np.ndarray:
     """uint8 [H,W,3]: one row per frame, frame | ground truth | prediction, the classes drawn by
-    `class_overlay`; each row's caption names the classes of both and gives the frame's mIoU
-    (over the classes in either, background included). frames uint8 [N,H,W,3], gt / pred class
+    `class_overlay`; each row's caption gives the frame's mIoU (over the classes in either,
+    background included), then names the classes of both. frames uint8 [N,H,W,3], gt / pred class
     indices [N,H,W]; class_names: 71 names (default avss/classes.py's). The TensorBoard strip of
     an AVSS run (train/sinks.py overlay_grid)."""
     from avs_dist.avss.classes import AVSS_CLASSES
@@ -93,5 +93,6 @@ def prediction_strip(frames: np.ndarray, gt: np.ndarray, pred: np.ndarray, capti
 
         def listed(m):
             return ", ".join(names[c] for c in np.unique(m).tolist() if c) or "background"
-        titles.append(f"{caption}   gt: {listed(g)}   pred: {listed(p)}   mIoU {float(np.mean(ious)):.2f}")
+        # the score before the class lists: a long list runs past the strip's edge, the score stays
+        titles.append(f"{caption}   mIoU {float(np.mean(ious)):.2f}   gt: {listed(g)}   pred: {listed(p)}")
     return labelled_grid(rows, ["frame", "ground truth", "prediction"], titles)
