@@ -1,5 +1,6 @@
 """`avs-dist eval`: AVSBench mIoU / F of a checkpoint, batch-size-free figures, and the audio gap
-(how they are computed: evaluation.py).
+(how they are computed: evaluation.py; AVSS: avss/evaluation.py, with a per-class table and
+`per_class` in the JSON).
 
     avs-dist eval --checkpoint RUN_OR_CHECKPOINT --shards DIR [--split test] [--out result.json]
 """
@@ -17,24 +18,37 @@ from avs_dist.fileio import write_json
 from avs_dist.helpformat import HelpFormatter
 from avs_dist.precision import PRECISIONS
 
+# The AVSS result's rows of the first table (the other figures are under the per-class table).
+_AVSS_SHOWN = ("miou_avsbench", "f_avsbench", "miou", "f", "audio_gap", "miou_mismatched", "f_mismatched",
+               "videos", "frames")
 
 
 def print_result(result: dict, title: str) -> None:
+    """The figures as a table; an AVSS result (it has `per_class`): its headline figures, then
+    the per-class table with the summary figures under it (avss/report.py)."""
     from rich.console import Console
     from rich.table import Table
 
+    semantic = isinstance(result.get("per_class"), list)
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():
+        if semantic and key not in _AVSS_SHOWN:
+            continue
         if value is None:
             table.add_row(key, "n/a")
         elif isinstance(value, (int, float)):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if semantic:
+        from avs_dist.avss.report import format_per_class
+
+        names = [e.get("name", str(e["index"])) for e in result["per_class"]]
+        print(format_per_class(result, names))
 
 
-def _gap_chart(per_class: dict | None, args) -> None:
+def _gap_chart(per_class: dict | None, args, semantic: bool = False) -> None:
     """The per-class audio gap: a table on the terminal and, with --plot or --out, a bar chart."""
     if not per_class:
         return
@@ -47,7 +61,9 @@ def _gap_chart(per_class: dict | None, args) -> None:
     except ImportError as e:  # matplotlib is optional where only training runs (the GPU machine's image)
         print(f"WARNING: no audio gap chart: {e} (pip install matplotlib)", file=sys.stderr)
         return
-    plot_audio_gap(per_class, path, f"audio gap per class: {args.split} of {args.checkpoint}")
+    xlabel = ("IoU (frame level) with the clip's own audio - with another clip's audio" if semantic
+              else None)
+    plot_audio_gap(per_class, path, f"audio gap per class: {args.split} of {args.checkpoint}", xlabel=xlabel)
     print(f"wrote {path}")
 
 
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print_result(result, args.split)
             if args.out:
                 write_json(args.out, result)
-            _gap_chart(result.get("audio_gap_per_class"), args)
+            _gap_chart(result.get("audio_gap_per_class"), args, isinstance(result.get("per_class"), list))
     finally:
         if d is not None:
             distributed.teardown()

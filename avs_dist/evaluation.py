@@ -31,7 +31,7 @@ from avs_dist.metrics import StreamingEvaluator
 from avs_dist.precision import autocast
 from avs_dist.provenance import checkpoint_source
 
-_BATCH_TENSORS = ("frames", "audio", "masks", "mask_valid", "crops")
+_BATCH_TENSORS = ("frames", "audio", "masks", "mask_valid", "frame_exists", "crops")
 
 
 # ---- loading a model ----
@@ -168,13 +168,15 @@ def _reference_config(sd: dict, file, vggish_weights, config_overrides):
 
 # ---- evaluation loop ----
 
-def segment(model, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-    """Mask logits [B*T,1,H,W] (float32) for frames [B,T,3,H,W] and audio.
+def segment(model, frames: torch.Tensor, audio: torch.Tensor, frame_exists: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask logits [B*T,K,H,W] (float32; K = model.mask_classes: 1 for S4 / MS3, 71 for AVSS) for
+    frames [B,T,3,H,W], audio and frame_exists bool [B,T] (AVSS clips padded to T; None: every
+    frame exists, and the model is called without it).
 
     The crop branch only feeds training losses, never the masks: called without crops, an
     eval-mode model skips it (models/system.py), so inference does not pay for a second ResNet.
     """
-    out = model(frames, audio)
+    out = model(frames, audio) if frame_exists is None else model(frames, audio, frame_exists=frame_exists)
     return (out["logits"] if isinstance(out, dict) else out).float()
 
 
@@ -250,10 +252,23 @@ def _labels(batch: dict) -> list[int]:
     return batch["label"].tolist() if "label" in batch else [-1] * n
 
 
+def mask_classes(model) -> int:
+    """The model's mask channels: its config's `mask_classes` (1 when it has no config, e.g. a test model)."""
+    return int(getattr(getattr(model, "cfg", None), "mask_classes", 1))
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = True,
-             precision: str = "auto", group=None, per_class: bool = False) -> dict:
+             precision: str = "auto", group=None, per_class: bool = False,
+             classes: int | None = None, class_names=None) -> dict:
     """Run `model` over an eval loader and return the metrics (see StreamingEvaluator).
+
+    A class-logit model (`classes`, default mask_classes(model), is 71: AVSS) is evaluated by
+    avss/evaluation.py's `evaluate_semantic` instead (the reference's and the correct AVSS
+    figures, `miou` = `miou_frame_all71`, `f` = `f_frame_all71`, the audio gap on those,
+    with `per_class` the 71 classes' figures named by `class_names`: the manifest's `classes`);
+    its docstring lists the keys. Every rank decides the same way, before any batch, so ranks
+    without clips still join the same collectives.
 
     `loader` is a re-iterable of batches (eval_loader's result, a list) or a callable
     returning a fresh iterable; the audio gap iterates it twice (matched, then mismatched
@@ -273,8 +288,21 @@ def evaluate(model, loader, device, batch_videos: int = 4, audio_gap: bool = Tru
     # switch in `segment` is an attribute of the inner model
     if isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
+    classes = mask_classes(model) if classes is None else classes
     was_training = model.training
     model.eval()
+    if classes != 1:
+        from avs_dist.avss.evaluation import evaluate_semantic
+        from avs_dist.avss.metrics import NUM_CLASSES
+
+        if classes != NUM_CLASSES:
+            raise ValueError(f"a model with {classes} mask classes: evaluation knows 1 (S4, MS3) and "
+                             f"{NUM_CLASSES} (AVSS)")
+        try:
+            return evaluate_semantic(model, fresh, device, segment, audio_gap, precision, group, per_class,
+                                     class_names)
+        finally:
+            model.train(was_training)
     matched = StreamingEvaluator(batch_videos, per_class=per_class)
     mismatched = StreamingEvaluator(batch_videos, per_class=per_class) if audio_gap else None
     bank = AudioBank()
@@ -334,8 +362,18 @@ def evaluate_loaded(model, cfg, source: dict, shards, split: str, device, d=None
 
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
     loader = eval_loader(shards, split, cfg.data, rank, world, device=device, crops=False)
+    class_names = None
+    if cfg.model.mask_classes != 1:  # AVSS: per-class figures named by the manifest's classes
+        from avs_dist.data.shards import read_manifest
+
+        class_names = read_manifest(shards).get("classes")
+        if class_names is not None and len(class_names) != cfg.model.mask_classes:
+            raise BadFileError(f"{Path(shards) / 'manifest.json'}: 'classes' has {len(class_names)} names but the "
+                               f"model has {cfg.model.mask_classes} mask classes: re-pack the shards "
+                               "(avs-dist pack --subset avss)")
     result = evaluate(model, loader, device, batch_videos=batch_videos, audio_gap=audio_gap,
-                      precision=precision, group=d.control if d is not None else None, per_class=True)
+                      precision=precision, group=d.control if d is not None else None, per_class=True,
+                      classes=cfg.model.mask_classes, class_names=class_names)
     # an empty split has no figures: null in JSON rather than the non-standard NaN
     result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
     result.update(split=split, checkpoint=source.get("checkpoint"), shards=str(Path(shards).resolve()),

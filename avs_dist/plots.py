@@ -9,7 +9,8 @@
 - `plot_run(run_dir)`: the loss curves and the val/test mIoU of a run as PNGs, from its
   metrics.jsonl and eval.jsonl (written at the end of every run; callable on any run folder,
   `avs-dist plot RUN_DIR`).
-- `plot_audio_gap(per_class, path)`: the audio gap per class as a bar chart (`avs-dist eval`).
+- `plot_audio_gap(per_class, path)`: the audio gap per class as a bar chart (`avs-dist eval`;
+  S4 categories, or the AVSS object classes present).
 
 Images are uint8 numpy arrays [H,W,3]; text is Pillow's default font (scalable with
 Pillow >= 10.1); charts are matplotlib with the Agg backend (no display needed).
@@ -267,8 +268,11 @@ def plot_run(run_dir) -> list[Path]:
     return [p for p in written if p is not None]
 
 
-def plot_audio_gap(per_class: dict[str, float], path, title: str = "audio gap per class") -> Path:
-    """A horizontal bar per class: mIoU with its own audio minus with another class's audio."""
+def plot_audio_gap(per_class: dict[str, float], path, title: str = "audio gap per class",
+                   xlabel: str | None = None) -> Path:
+    """A horizontal bar per class: mIoU with its own audio minus with another class's audio
+    (S4: per category; AVSS: per object class present, avss/evaluation.py). `xlabel`: what
+    the gap is (default: the S4 wording)."""
     plt = _pyplot()
     names = list(per_class)
     values = [per_class[n] if per_class[n] is not None else float("nan") for n in names]
@@ -283,7 +287,7 @@ def plot_audio_gap(per_class: dict[str, float], path, title: str = "audio gap pe
     ax.set_xlim(min(finite) - 0.2 * span, max(finite) + 0.2 * span)  # room for the value labels
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set(xlabel="mIoU(own audio) - mIoU(another class's audio)", title=title)
+    ax.set(xlabel=xlabel or "mIoU(own audio) - mIoU(another class's audio)", title=title)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -207,3 +207,19 @@ def test_bad_input_is_named(tmp_path):
     logger = RunLogger(tmp_path, _cfg(), rank=1, total_steps=3, steps_per_epoch=3)
     with pytest.raises(ValueError, match="clash"):
         logger.log_step(1, 0, {"lr": 1.0}, 1e-3, 1.0, 1.0, 0.0, 0)
+
+
+def test_frames_per_second_counts_each_batch_frames(tmp_path):
+    """frames/s is the global batch's videos times the frames of rank 0's micro-batches (AVSS:
+    batches of 10 and of 5 frames in one step), over the step's seconds."""
+    from types import SimpleNamespace
+
+    logger = RunLogger(tmp_path, _cfg(log_every=1), rank=0, total_steps=2, steps_per_epoch=2, tty=False,
+                       videos_per_step=8)
+    for step, lengths in ((1, (5,)), (2, (10, 5))):
+        micro = [{"frames": torch.zeros(2, t, 3, 4, 4), "name": ["a", "b"]} for t in lengths]
+        out = SimpleNamespace(losses=torch.tensor([1.0]), names=["total"], grad_norm=torch.tensor(1.0), lr=1e-3,
+                              skipped=None)
+        logger.record_step(step, SimpleNamespace(micro=micro, epoch=0, wait_s=0.0), out, seconds=2.0)
+    logger.close()
+    assert [r["frames_per_s"] for r in _read_jsonl(tmp_path / "metrics.jsonl")] == [8 * 5 / 2, 8 * 7.5 / 2]

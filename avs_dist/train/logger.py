@@ -67,13 +67,16 @@ def frame_captions(batch: dict) -> list[str]:
 
 
 class RunLogger:
-    """See the module docstring. `frames_per_step`: frames of one optimizer step over all
-    ranks (for frames/s in record_step)."""
+    """See the module docstring. `videos_per_step`: the global batch, for frames/s in
+    record_step: a step's frames are that many videos of as many frames as rank 0's
+    micro-batches hold on average (their T, padded frames included: S4 / MS3 5, AVSS batches
+    10 or 5; the frames the model computed). Rank 0's T stands for every rank's: the shapes
+    are on the host, the other ranks' are not."""
 
     def __init__(self, run_dir, cfg_dict: dict, rank: int, total_steps: int, steps_per_epoch: int,
-                 start_step: int = 0, tty: bool | None = None, frames_per_step: int = 0):
+                 start_step: int = 0, tty: bool | None = None, videos_per_step: int = 0):
         self.run_dir, self.cfg_dict, self.rank = Path(run_dir), cfg_dict, rank
-        self.total_steps, self.start_step, self.frames_per_step = int(total_steps), int(start_step), frames_per_step
+        self.total_steps, self.start_step, self.videos_per_step = int(total_steps), int(start_step), videos_per_step
         train = cfg_dict.get("train", {})
         self.log_every = int(train.get("log_every_steps", 10))
         self.image_every = int(train.get("image_every_steps", 0))
@@ -126,9 +129,10 @@ class RunLogger:
         if self.rank != 0:
             return  # only rank 0 logs: the other ranks skip the device-to-host copies
         device = out.losses.device
+        frames = self.videos_per_step * statistics.fmean(b["frames"].shape[1] for b in batches.micro)  # no sync
         vec = torch.cat([out.losses.float(), out.grad_norm.reshape(1).to(device, torch.float32)])
         self._pending.append((vec, out.names, {
-            "step": step, "epoch": batches.epoch, "lr": out.lr, "frames_per_s": self.frames_per_step / seconds,
+            "step": step, "epoch": batches.epoch, "lr": out.lr, "frames_per_s": frames / seconds,
             "data_wait_frac": batches.wait_s / seconds, "peak_mem_bytes": peak_memory_bytes(device),
             "wall_time": time.time(), "skipped": out.skipped, "nonfinite_steps": nonfinite_steps}))
         if self.image_every and step % self.image_every == 0:
@@ -146,12 +150,19 @@ class RunLogger:
         self._pending.clear()
 
     def _images_of(self, step: int, out) -> None:
+        """The labelled frames of the step's last micro-batch, taken frame by frame across its
+        videos (video 1 frame 1, video 2 frame 1, ..., video 1 frame 2, ...): the strip's rows
+        (MAX_IMAGE_SAMPLES) show every video, not the first clip's near-identical frames."""
         batch = out.batch
-        valid = batch["mask_valid"].reshape(-1).cpu()
-        frames = batch["frames"].reshape(-1, *batch["frames"].shape[2:]).float().cpu()[valid]
-        masks = batch["masks"].reshape(-1, *batch["masks"].shape[2:]).float().cpu()[valid]
-        self.log_images(step, frames, masks, out.out["logits"].detach().float().cpu()[valid],
-                        captions=[c for c, v in zip(frame_captions(batch), valid.tolist()) if v])
+        b, t = batch["mask_valid"].shape
+        order = torch.arange(b * t).view(b, t).t().reshape(-1)  # row index of video v, frame f: v * t + f
+        order = order[batch["mask_valid"].reshape(-1).cpu()[order]]
+        captions = frame_captions(batch)
+        frames = batch["frames"].reshape(-1, *batch["frames"].shape[2:])[order.to(batch["frames"].device)]
+        masks = batch["masks"].reshape(-1, *batch["masks"].shape[2:])[order.to(batch["masks"].device)]
+        logits = out.out["logits"].detach()
+        self.log_images(step, frames.float().cpu(), masks.float().cpu(),
+                        logits[order.to(logits.device)].float().cpu(), captions=[captions[i] for i in order.tolist()])
 
     def log_step(self, step, epoch, terms: dict, lr, grad_norm, frames_per_s, data_wait_frac,
                  peak_mem_bytes, wall_time: float | None = None, skipped: str | None = None,

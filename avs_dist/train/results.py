@@ -21,7 +21,9 @@ from avs_dist.fileio import read_json_dict, write_text_atomic
 from avs_dist.provenance import describe
 
 RESULTS_FILE = "RESULTS.md"
-HEADLINE = ("miou_avsbench", "f_avsbench", "miou", "f", "audio_gap")  # the figures a person compares
+# The figures a person compares (those a result has; miou_frame_objects: AVSS, the objects alone,
+# avss/evaluation.py).
+HEADLINE = ("miou_avsbench", "f_avsbench", "miou", "f", "audio_gap", "miou_frame_objects")
 
 
 def best_checkpoint(run_dir) -> dict | None:

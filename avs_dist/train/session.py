@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from avs_dist import distributed
 from avs_dist.config import Config, save_config, to_dict
-from avs_dist.data.layout import FRAMES_PER_VIDEO
 from avs_dist.data.loader import TrainStream
 from avs_dist.fileio import write_json
 from avs_dist.precision import resolve_precision
@@ -159,7 +158,7 @@ class Session:
             ckpt.restore(found[0], strategy, states, rank_state, d, early_warn)
             reapply(strategy.optimizer, strategy.scheduler, fresh)
         log = RunLogger(run_dir, to_dict(cfg), d.rank, total, data.steps_per_epoch, start_step=state.step,
-                        frames_per_step=data.global_batch * FRAMES_PER_VIDEO)
+                        videos_per_step=data.global_batch)
         if found:
             log.info(f"resumed from {found[0]} (step {state.step}, epoch {data.epoch}, "
                      f"step {data.step_in_epoch} of the epoch)")

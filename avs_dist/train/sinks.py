@@ -83,12 +83,15 @@ def fmt(value, spec: str = ".4f") -> str:
 # ----------------------------------------------------------------------------- images
 def overlay_grid(frames: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
                  max_samples: int = MAX_IMAGE_SAMPLES, captions: list[str] | None = None) -> torch.Tensor:
-    """One row per sample, labelled: frame | ground truth | prediction (plots.prediction_grid:
-    outlined masks in a colour that stands out, column titles, each row's caption and IoU).
+    """One row per sample, labelled: frame | ground truth | prediction.
 
-    frames [N,3,H,W] ImageNet-normalised, masks [N,H,W] 0/1, logits [N,1,H,W]; captions: one
-    per sample (video, frame, class), or none. Returns a [3,H',W'] float image in [0,1].
-    ValueError naming the argument of a wrong shape."""
+    One-channel logits (S4, MS3) [N,1,H,W] with masks [N,H,W] 0/1: plots.prediction_grid
+    (outlined masks in a colour that stands out, each row's IoU). Class logits (AVSS) [N,K,H,W],
+    K > 1, with masks [N,H,W] class indices: avss/pictures.py prediction_strip (each class tinted
+    and outlined in its palette colour and named on the panel; the caption lists the classes of
+    both and the frame's mIoU); the prediction is the argmax over classes.
+    frames [N,3,H,W] ImageNet-normalised; captions: one per sample (video, frame, class), or none.
+    Returns a [3,H',W'] float image in [0,1]. ValueError naming the argument of a wrong shape."""
     from avs_dist.plots import prediction_grid
 
     if frames.dim() != 4 or frames.shape[1] != 3:
@@ -96,14 +99,22 @@ def overlay_grid(frames: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor
     n, _, h, w = frames.shape
     if tuple(masks.shape) != (n, h, w):
         raise ValueError(f"log_images: masks must be [N,H,W]={n, h, w}, got {tuple(masks.shape)}")
-    if tuple(logits.shape) != (n, 1, h, w):
-        raise ValueError(f"log_images: logits must be [N,1,H,W]={n, 1, h, w}, got {tuple(logits.shape)}")
+    if logits.dim() != 4 or logits.shape[0] != n or tuple(logits.shape[2:]) != (h, w):
+        raise ValueError(f"log_images: logits must be [N,K,H,W]={n, 'K', h, w}, got {tuple(logits.shape)}")
     k = min(n, max_samples)
     images = (denormalize(frames[:k].detach().cpu().float()).clamp(0, 1) * 255).round().to(torch.uint8)
-    gt = (masks[:k].detach().cpu() > 0.5).numpy()
-    pred = (torch.sigmoid(logits[:k, 0].detach().cpu().float()) > 0.5).numpy()
+    images = images.permute(0, 2, 3, 1).numpy()
     captions = list(captions[:k]) if captions is not None else [f"sample {i + 1}" for i in range(k)]
-    grid = prediction_grid(images.permute(0, 2, 3, 1).numpy(), gt, pred, captions)
+    if logits.shape[1] > 1:
+        from avs_dist.avss.pictures import prediction_strip
+
+        gt = masks[:k].detach().cpu().long().numpy()
+        pred = logits[:k].detach().cpu().float().argmax(1).numpy()
+        grid = prediction_strip(images, gt, pred, captions)
+    else:
+        gt = (masks[:k].detach().cpu() > 0.5).numpy()
+        pred = (torch.sigmoid(logits[:k, 0].detach().cpu().float()) > 0.5).numpy()
+        grid = prediction_grid(images, gt, pred, captions)
     return torch.from_numpy(np.array(grid)).permute(2, 0, 1).float() / 255
 
 
@@ -228,8 +239,10 @@ class TensorBoardSink:
 STEP_KEYS = ("step", "epoch", "lr", "grad_norm", "frames_per_s", "data_wait_frac", "peak_mem_bytes", "time",
              "skipped", "nonfinite_steps")
 ETA_MIN_STEPS = 3  # steps after the first before a rate is worth showing
-# Counts of an evaluation's set (metrics.py), not figures of the model.
-EVAL_COUNTS = ("videos", "frames", "empty_frames", "batch_videos")
+# Counts of an evaluation's set (metrics.py; AVSS: avss/metrics.py summarize's frame and class
+# counts), not figures of the model.
+EVAL_COUNTS = ("videos", "frames", "empty_frames", "batch_videos", "frames_scored", "frames_padded",
+               "frames_unlabelled", "frames_avsbench", "classes_present", "objects_present")
 
 
 # ----------------------------------------------------------------------------- terminal
@@ -363,6 +376,10 @@ class TerminalSink:
     def eval(self, step: int, split: str, metrics: dict, source: dict | None = None) -> None:
         # the figures only: the set sizes are the same at every evaluation (the summary has them once)
         of = f" of the {describe(source)}" if source else f" step {step}"
+        if "frames_avsbench" in metrics:  # AVSS: some 40 figures; the line shows the headline ones
+            from avs_dist.avss.evaluation import TERMINAL_KEYS
+
+            metrics = {k: metrics[k] for k in TERMINAL_KEYS if k in metrics}
         self.info(f"eval {split}{of}: " + " ".join(f"{k} {fmt(v)}" for k, v in metrics.items()
                                                                if k not in EVAL_COUNTS))
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from avs_dist.provenance import short
 from avs_dist.train.results import RESULTS_FILE, headline
-from avs_dist.train.sinks import flatten, fmt, is_number, json_value
+from avs_dist.train.sinks import EVAL_COUNTS, flatten, fmt, is_number, json_value
 
-# Numbers of a result that are not figures of the model: bookkeeping and set sizes.
+# Numbers of a result that are not figures of the model: bookkeeping and the eval sets' sizes.
 NOT_FIGURES = {"step", "epoch", "total_steps", "world_size", "global_batch_videos", "steps_per_epoch",
-               "best_val_step", "videos", "frames", "empty_frames", "batch_videos"}
+               "best_val_step", *EVAL_COUNTS}
 
 
 def final_numbers(result: dict) -> dict:
