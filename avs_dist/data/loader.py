@@ -21,10 +21,31 @@ flipped (frames, masks and crops together) and collated in the loader workers; w
 of nw builds the rank's micro-batches g, g + nw, ... (g counted from the start position),
 which the DataLoader hands out round-robin, i.e. in order.
 
+AVSBench-semantic (5- and 10-frame clips; the manifest lists each clip's frame count).
+`data.avss_batching` decides which clips share a global batch; both keep it a function of
+(seed, epoch, G) only, so the resume rule above holds unchanged:
+  "bucket"  every global batch holds clips of one length. The epoch's permutation is split
+            by length (keeping its order within a length); each length's clips are cut into
+            global batches of G (its last one wrapping to that length's first clips), and
+            default_rng([seed, e, 1]).permutation decides which length each step takes its
+            next batch from. S = sum over lengths of ceil(N_len / G). 5-frame batches run at
+            T = 5: no padded frames (docs/perf/NOTES.md "AVSS batching").
+  "pad"     the plain rule above: clips mixed as drawn (the reference's batch composition).
+            Each rank pads its own micro-batch to the longest clip in it (avss/batches.py),
+            so T may differ between ranks and micro-steps of one step; a micro-batch of
+            5-frame clips runs at T = 5 even when another rank's runs at 10. Which frames
+            exist, are labelled and are scored (frame_exists, mask_valid) does not depend on
+            T; only BatchNorm's batch statistics in training see the padded frames, as the
+            reference's do (models/avsmodel.py), and those are per rank anyway.
+A set with one clip length (only v2, or S4 / MS3) gets the plain rule under either setting.
+`TrainOrder.step_frames` counts the frames that exist in a global batch (for frames/s).
+
 Evaluation (`eval_loader`): the split in CSV order, cut into contiguous blocks per rank
 (sizes differ by at most one video) and per worker; every video exactly once, no padding,
 batches of `cfg.eval_batch_videos` (a worker's last batch may be smaller), no augmentation.
-Batches carry `index` (position in the split) to restore CSV order.
+Batches carry `index` (position in the split) to restore CSV order. AVSS with
+avss_batching="bucket": each rank's block is ordered by clip length first (CSV order within a
+length) and no batch holds two lengths (a rank's last batch of each length may be smaller).
 
 Transport: workers send frames, crops and masks as uint8 (a quarter of the bytes through
 shared memory) and `to_device` normalises them in the consumer: on the GPU with
@@ -37,6 +58,7 @@ A batch is a dict (B videos; H = W = cfg.image_size, c = cfg.crop_size):
   is no mask); mask_valid bool [B,5]; crops float32 [B,5,3,c,c] normalised (None
   with crops=False: nothing of the crops is read); audio float32 [B,5,1,96,64];
   label int64 [B] (-1 for MS3); index int64 [B]; hflip bool [B]; name list[str].
+AVSS batches have T frames, class-index masks, frame_exists and more: avss/batches.py.
 Frames and crops are resized (bilinear, antialiased when shrinking, rounded to uint8)
 when the stored size differs from the configured one; masks with nearest.
 """
