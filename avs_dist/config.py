@@ -42,10 +42,11 @@ class DataConfig:
     hflip: bool = True  # same horizontal flip for a video's frames, masks and crops
     prefetch_factor: int = 2
     # AVSBench-semantic (5- and 10-frame clips): "bucket" = each global batch holds clips of
-    # one length (5-frame batches run at T = 5; docs/perf/NOTES.md measured 20% less training
-    # compute per epoch); "pad" = clips mixed as drawn, each batch padded to its longest clip
-    # (the reference's batch composition). Both keep the order a function of (seed, epoch,
-    # global batch): data/loader.py. S4 / MS3 ignore it.
+    # one length (5-frame batches run at T = 5); "pad" = clips mixed as drawn, each rank's
+    # micro-batch padded to its longest clip (the reference's batch composition): at 4 clips
+    # per rank 20.7% of the frames it runs are padding, 1.19x bucket's CPU time per epoch and
+    # 1.26x its FLOPs (docs/perf/NOTES.md "AVSS batching"). Both keep the order a function of
+    # (seed, epoch, global batch): data/loader.py. S4 / MS3 ignore it.
     avss_batching: str = "bucket"
 
 
