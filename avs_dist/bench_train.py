@@ -19,6 +19,10 @@ Validation is switched off in the harness run (train.eval_every_epochs=0,
 train.eval_every_steps=0) and checkpoints are written only at the end, so that both rates
 describe training steps; the trainer's final test evaluation runs after the measured window.
 Writes JSON with both rates, their ratio, the device, torch version and date.
+
+Frames are those that exist: G x 5 per step for S4 / MS3; for AVSBench-semantic the frames of
+the step's clips (5 or 10 each, `TrainOrder.step_frames`), padded frames not counted, so the
+rates of data.avss_batching="bucket" and "pad" compare as useful work.
 """
 from __future__ import annotations
 
@@ -95,7 +99,8 @@ def measure_synthetic(cfg: Config, work_dir: Path, steps: int, warmup: int) -> d
             train_step(s.strategy, micro, cfg.loss)
         sync(d.device)
         wall = time.perf_counter() - t0
-        frames = s.data.global_batch * 5 * steps
+        # the one step repeated: its clips' frames (the harness counts each step's own)
+        frames = _existing_frames(real) * steps
         result = {"frames_per_s": frames / wall, "steps": steps, "warmup_steps": warmup, "wall_s": wall,
                   "precision": s.precision, "device": device_name(d.device),
                   "batch_shapes": {k: list(v.shape) for k, v in real[0].items() if torch.is_tensor(v)}}
@@ -104,8 +109,27 @@ def measure_synthetic(cfg: Config, work_dir: Path, steps: int, warmup: int) -> d
         return result
 
 
-def harness_rate(metrics_path: Path, frames_per_step: int, log_every: int, warmup: int) -> dict:
-    """Frames/s between the first flush boundary at or after `warmup` and the last step."""
+def _existing_frames(micro: list[dict]) -> int:
+    """Frames that exist in these micro-batches: B x T, less AVSS padding (frame_exists)."""
+    return sum(int(b["frame_exists"].sum()) if "frame_exists" in b else b["frames"].shape[0] * b["frames"].shape[1]
+               for b in micro)
+
+
+def step_frames(cfg: Config, global_batch: int):
+    """k -> frames that exist in global batch k (0-based, from the run's start) of a run of
+    `cfg` on its shards: data/loader.py:TrainOrder.step_frames."""
+    from avs_dist.data.loader import TrainOrder
+
+    order = TrainOrder.from_shards(cfg.data.shards, cfg.train.seed, global_batch, cfg.data.hflip,
+                                   bucket=cfg.data.avss_batching == "bucket")
+    return order.step_frames
+
+
+def harness_rate(metrics_path: Path, frames_per_step, log_every: int, warmup: int) -> dict:
+    """Frames/s between the first flush boundary at or after `warmup` and the last step.
+
+    frames_per_step: an int (every step the same), or a function of the global batch k
+    (0-based; the line of step k + 1) for steps of different frame counts (AVSS)."""
     if not metrics_path.is_file():
         raise RuntimeError(f"{metrics_path}: the trainer wrote no metrics")
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -125,8 +149,11 @@ def harness_rate(metrics_path: Path, frames_per_step: int, log_every: int, warmu
     window = [by_step[s] for s in range(start + 1, last + 1) if s in by_step]
     step_fps = [r["frames_per_s"] for r in window if r.get("frames_per_s") is not None]
     waits = [r["data_wait_frac"] for r in window if r.get("data_wait_frac") is not None]
+    frames_of = frames_per_step if callable(frames_per_step) else (lambda k: frames_per_step)
+    frames = sum(frames_of(k) for k in range(start, last))  # lines start + 1 .. last
     return {
-        "frames_per_s": frames_per_step * (last - start) / wall,
+        "frames_per_s": frames / wall,
+        "frames_per_step": frames / (last - start),
         "window_steps": [start, last],
         "wall_s": wall,
         "step_frames_per_s_median": statistics.median(step_fps) if step_fps else None,
@@ -147,8 +174,8 @@ def measure_harness(cfg: Config, run_dir: Path, warmup: int, kept: bool = True) 
     total_wall = time.perf_counter() - t0
     if result.get("status") != "completed":
         raise RuntimeError(f"the trainer ended with status {result.get('status')!r}")
-    frames_per_step = result["global_batch_videos"] * 5
-    out = harness_rate(run_dir / "metrics.jsonl", frames_per_step, cfg.train.log_every_steps, warmup)
+    frames = step_frames(cfg, result["global_batch_videos"])
+    out = harness_rate(run_dir / "metrics.jsonl", frames, cfg.train.log_every_steps, warmup)
     out.update(steps=result["step"], precision=result["precision"], run_wall_s=total_wall,
                num_workers=cfg.data.num_workers, global_batch_videos=result["global_batch_videos"])
     return out
@@ -210,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "strategy": cfg.train.strategy, "precision": synthetic["precision"],
         "global_batch_videos": harness["global_batch_videos"], "grad_accum": cfg.optim.grad_accum,
-        "frames_per_step": harness["global_batch_videos"] * 5,
+        "frames_per_step": harness["frames_per_step"],  # the window's mean (AVSS: steps differ)
         "steps": args.steps, "warmup": args.warmup,
         "synthetic": synthetic, "harness": harness,
         "harness_over_synthetic": ratio,

@@ -41,6 +41,13 @@ class DataConfig:
     num_workers: int = 2  # loader processes per rank
     hflip: bool = True  # same horizontal flip for a video's frames, masks and crops
     prefetch_factor: int = 2
+    # AVSBench-semantic (5- and 10-frame clips): "bucket" = each global batch holds clips of
+    # one length (5-frame batches run at T = 5); "pad" = clips mixed as drawn, each rank's
+    # micro-batch padded to its longest clip (the reference's batch composition): at 4 clips
+    # per rank 20.7% of the frames it runs are padding, 1.19x bucket's CPU time per epoch and
+    # 1.26x its FLOPs (docs/perf/NOTES.md "AVSS batching"). Both keep the order a function of
+    # (seed, epoch, global batch): data/loader.py. S4 / MS3 ignore it.
+    avss_batching: str = "bucket"
 
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", *(f"pvt_v2_b{i}" for i in range(6)))
@@ -184,6 +191,7 @@ RETIRED = {
 
 _CHOICES = {
     "subset": tuple(SUBSET_MASK_CLASSES),
+    "data.avss_batching": ("bucket", "pad"),
     "model.backbone": BACKBONES,
     "model.crop_depth": (18, 34, 50),
     "model.tpavi_mode": ("dot", "self"),
@@ -442,6 +450,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "data.global_batch_videos": ("batch", "the global batch"),
     "data.batch_videos": ("batch", "the global batch"),
     "data.eval_batch_videos": ("applied", "evaluation only"),
+    "data.avss_batching": ("refused", "it fixes which clips share a global batch (the data order)"),
     "data.num_workers": ("applied", "the data order does not depend on the loader processes"),
     "data.prefetch_factor": ("applied", "the data order does not depend on the loader processes"),
     "model": ("refused", "the checkpoint's weights are those of its model"),

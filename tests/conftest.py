@@ -46,6 +46,25 @@ def ms3_shards(tmp_path_factory, synth_root):
     return _pack(tmp_path_factory, synth_root, "ms3")
 
 
+AVSS_CLIPS = 33  # 11 per set (v1s, v1m: 5 frames; v2: 10): 7 train / 2 val / 2 test each
+AVSS_SIZE = 32  # packed frame side
+
+
+@pytest.fixture(scope="session")
+def avss_shards(tmp_path_factory):
+    """A synthetic AVSBench-semantic release packed at 32x32, 5 clips per shard: 21 train
+    clips (14 of 5 frames, 7 of 10), 6 val, 6 test."""
+    from avs_dist.data import synth
+    from avs_dist.data.pack import pack
+
+    root = tmp_path_factory.mktemp("avss_synth")
+    synth.generate(root, videos=AVSS_CLIPS, size=40, subset="avss", seed=2)
+    out = tmp_path_factory.mktemp("avss_shards")
+    pack(root, "avss", out, image_size=AVSS_SIZE, shard_videos=5, workers=1, progress=False,
+         log=lambda *a, **k: None)
+    return out
+
+
 @pytest.fixture
 def roots(synth_root, tmp_path):
     """A writable copy of the synthetic download (both subsets and their boxes), for tests that edit files."""

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from avs_dist.bench_train import harness_rate, main, synthetic_like
+from avs_dist.bench_train import _existing_frames, harness_rate, main, step_frames, synthetic_like
 
 
 def _write_metrics(path, times):
@@ -28,6 +28,31 @@ def test_harness_rate_uses_flush_boundaries(tmp_path):
     assert r["peak_mem_bytes"] == 7
     with pytest.raises(RuntimeError, match="use more --steps"):
         harness_rate(path, frames_per_step=20, log_every=10, warmup=3)
+    # steps of different frame counts (AVSS): lines 5, 6, 7 are global batches 4, 5, 6
+    r = harness_rate(path, frames_per_step=lambda k: 10 * k, log_every=2, warmup=3)
+    assert r["frames_per_s"] == pytest.approx((40 + 50 + 60) / 4.0) and r["frames_per_step"] == pytest.approx(50)
+
+
+def test_avss_frames_are_those_that_exist(avss_shards):
+    """bench train counts an AVSS step's frames as its clips' own (5 or 10), not G x 5, and
+    not the padded frames."""
+    from avs_dist.config import load_config
+    from avs_dist.data.loader import TrainOrder, train_loader
+    from avs_dist.data.shards import iter_videos
+
+    lengths = {v["name"]: v["num_frames"] for v in iter_videos(avss_shards, "train")}
+    for mode in ("bucket", "pad"):
+        cfg = load_config("tiny_avss", [f"data.shards={json.dumps(str(avss_shards))}", f"data.avss_batching={mode}",
+                                        "data.num_workers=0", "data.image_size=32"])
+        frames = step_frames(cfg, 6)
+        order = TrainOrder.from_shards(avss_shards, cfg.train.seed, 6, bucket=mode == "bucket")
+        steps = order.steps_per_epoch + 2  # into the second epoch
+        batches = list(train_loader(avss_shards, cfg.data, 0, 1, cfg.train.seed, global_batch=6, steps=steps))
+        got = [frames(k) for k in range(steps)]
+        assert got == [sum(lengths[n] for n in b["name"]) for b in batches] == [_existing_frames([b]) for b in batches]
+        assert set(got) - {30}  # not G x 5
+        if mode == "pad":
+            assert any(b["frames"].shape[0] * b["frames"].shape[1] > f for b, f in zip(batches, got))  # padding left out
 
 
 def test_synthetic_like_keeps_shapes_and_supervision():

@@ -225,6 +225,24 @@ def batch_state(pred, target, frame_exists, mask_valid) -> dict:
     return {"classes": classes, "frames": frames}
 
 
+def padding_state(frames: int, device=None) -> dict:
+    """The state of `frames` padded frames without their pixels: exactly what ``batch_state``
+    adds for a frame whose frame_exists is False (the reference's perfect background frame:
+    class 0 in its union with IoU 1 and F 1, no other class; nothing in the correct figures).
+
+    For batches shorter than the reference's 10 frames (avss/batches.py:reference_padding):
+    their clips' missing padded frames are counted without running the model on zeros.
+    ValueError for a negative count."""
+    if frames < 0:
+        raise ValueError(f"padding_state: {frames} frames")
+    state = empty_state(device)
+    for row, value in (("frames_union_avsbench", frames), ("iou_fx_avsbench", frames * int(_SCALE)),
+                       ("f_fx_avsbench", frames * int(_SCALE))):
+        state["classes"][CLASS_ROWS.index(row), BACKGROUND] = value
+    state["frames"][FRAME_ROWS.index("frames_padded")] = frames
+    return state
+
+
 def _mean(values: torch.Tensor, keep: torch.Tensor) -> float:
     """Mean of values[keep]; NaN over an empty set."""
     return float(values[keep].mean()) if bool(keep.any()) else float("nan")
@@ -351,6 +369,10 @@ class SemanticEvaluator:
             self._state = {k: v.to(batch[k].device) for k, v in self._state.items()}
         for k in self._state:
             self._state[k] += batch[k]
+
+    def add_padding(self, frames: int) -> None:
+        """Count `frames` padded frames the batches did not hold (``padding_state``)."""
+        self.merge(padding_state(frames))
 
     def state_dict(self) -> dict:
         """This process's state as CPU tensors: ``classes`` [10,71] and ``frames`` [3], int64."""

@@ -21,10 +21,31 @@ flipped (frames, masks and crops together) and collated in the loader workers; w
 of nw builds the rank's micro-batches g, g + nw, ... (g counted from the start position),
 which the DataLoader hands out round-robin, i.e. in order.
 
+AVSBench-semantic (5- and 10-frame clips; the manifest lists each clip's frame count).
+`data.avss_batching` decides which clips share a global batch; both keep it a function of
+(seed, epoch, G) only, so the resume rule above holds unchanged:
+  "bucket"  every global batch holds clips of one length. The epoch's permutation is split
+            by length (keeping its order within a length); each length's clips are cut into
+            global batches of G (its last one wrapping to that length's first clips), and
+            default_rng([seed, e, 1]).permutation decides which length each step takes its
+            next batch from. S = sum over lengths of ceil(N_len / G). 5-frame batches run at
+            T = 5: no padded frames (docs/perf/NOTES.md "AVSS batching").
+  "pad"     the plain rule above: clips mixed as drawn (the reference's batch composition).
+            Each rank pads its own micro-batch to the longest clip in it (avss/batches.py),
+            so T may differ between ranks and micro-steps of one step; a micro-batch of
+            5-frame clips runs at T = 5 even when another rank's runs at 10. Which frames
+            exist, are labelled and are scored (frame_exists, mask_valid) does not depend on
+            T; only BatchNorm's batch statistics in training see the padded frames, as the
+            reference's do (models/avsmodel.py), and those are per rank anyway.
+A set with one clip length (only v2, or S4 / MS3) gets the plain rule under either setting.
+`TrainOrder.step_frames` counts the frames that exist in a global batch (for frames/s).
+
 Evaluation (`eval_loader`): the split in CSV order, cut into contiguous blocks per rank
 (sizes differ by at most one video) and per worker; every video exactly once, no padding,
 batches of `cfg.eval_batch_videos` (a worker's last batch may be smaller), no augmentation.
-Batches carry `index` (position in the split) to restore CSV order.
+Batches carry `index` (position in the split) to restore CSV order. AVSS with
+avss_batching="bucket": each rank's block is ordered by clip length first (CSV order within a
+length) and no batch holds two lengths (a rank's last batch of each length may be smaller).
 
 Transport: workers send frames, crops and masks as uint8 (a quarter of the bytes through
 shared memory) and `to_device` normalises them in the consumer: on the GPU with
@@ -37,6 +58,7 @@ A batch is a dict (B videos; H = W = cfg.image_size, c = cfg.crop_size):
   is no mask); mask_valid bool [B,5]; crops float32 [B,5,3,c,c] normalised (None
   with crops=False: nothing of the crops is read); audio float32 [B,5,1,96,64];
   label int64 [B] (-1 for MS3); index int64 [B]; hflip bool [B]; name list[str].
+AVSS batches have T frames, class-index masks, frame_exists and more: avss/batches.py.
 Frames and crops are resized (bilinear, antialiased when shrinking, rounded to uint8)
 when the stored size differs from the configured one; masks with nearest.
 """
@@ -52,6 +74,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avs_dist.avss.batches import collate_clips, finish as finish_clip_batch
 from avs_dist.data.layout import FRAMES_PER_VIDEO
 from avs_dist.data.masks import mask_targets
 from avs_dist.data.samples import SampleReader
@@ -62,39 +85,95 @@ from avs_dist.data.transforms import alloc_shared, normalize_uint8, resize, stac
 # ----------------------------------------------------------------------------- the train order
 
 
+def clip_frames(entries: list[dict], manifest: dict) -> tuple[int, ...] | None:
+    """Each video's frame count, in the entries' (CSV) order: from an AVSS manifest's
+    per-shard "num_frames"; None for S4 / MS3 (every video has 5). ShardError for an AVSS
+    set packed without them."""
+    if manifest.get("subset") != "avss":
+        return None
+    out: list[int] = []
+    for e in entries:
+        n = e.get("num_frames")
+        if n is None or len(n) != len(e["keys"]):
+            raise ShardError(f"{e['path']}: its manifest entry lists no frame count per clip (packed by an older "
+                             f"avs-dist); re-pack the AVSS set (avs-dist pack --subset avss --overwrite)")
+        out += [int(x) for x in n]
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TrainOrder:
     """The epoch sequences of the train split for one global batch size (module docstring).
 
-    refs: (shard path, sample key) of every train video, CSV order; global_batch: G."""
+    refs: (shard path, sample key) of every train video, CSV order; global_batch: G;
+    lengths: each video's frame count (AVSS) or None (every video has 5); bucket: global
+    batches of one length (data.avss_batching="bucket"; only with lengths)."""
 
     refs: tuple[tuple[str, str], ...]
     seed: int
     global_batch: int
     hflip: bool = True
+    lengths: tuple[int, ...] | None = None
+    bucket: bool = False
 
     @classmethod
     def from_shards(cls, shard_dir, seed: int, global_batch: int, hflip: bool = True,
-                    manifest: dict | None = None) -> TrainOrder:
+                    manifest: dict | None = None, bucket: bool = False) -> TrainOrder:
+        manifest = manifest or read_manifest(shard_dir)
         entries = split_shards(shard_dir, "train", manifest)
         refs = tuple((e["path"], key) for e in entries for key in e["keys"])
         if not refs:
             raise ShardError(f"{shard_dir}: the shard set has no train videos")
         if global_batch < 1:
             raise ValueError(f"global batch {global_batch} must be >= 1 video")
-        return cls(refs, seed, global_batch, hflip)
+        lengths = clip_frames(entries, manifest)
+        return cls(refs, seed, global_batch, hflip, lengths, bucket and lengths is not None)
+
+    def _buckets(self) -> list[int] | None:
+        """The distinct clip lengths when the order is bucketed (two or more), else None."""
+        if not self.bucket or self.lengths is None:
+            return None
+        lengths = sorted(set(self.lengths))
+        return lengths if len(lengths) > 1 else None
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.refs) / self.global_batch)
+        buckets = self._buckets()
+        if buckets is None:
+            return math.ceil(len(self.refs) / self.global_batch)
+        return sum(math.ceil(self.lengths.count(n) / self.global_batch) for n in buckets)
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(video index, flip) per position 0 .. S*G-1 of `epoch`."""
-        n, length = len(self.refs), self.steps_per_epoch * self.global_batch
+        n, g = len(self.refs), self.global_batch
+        length = self.steps_per_epoch * g
         order = np.random.default_rng([self.seed, epoch, 0]).permutation(n)
         flips = (np.random.default_rng([self.seed, epoch, 3]).random(length) < 0.5 if self.hflip
                  else np.zeros(length, dtype=bool))
-        return order[np.arange(length) % n], flips
+        buckets = self._buckets()
+        if buckets is None:
+            return order[np.arange(length) % n], flips
+        lengths = np.asarray(self.lengths)[order]
+        batches = []  # per bucket, its global batches in order
+        for frames in buckets:
+            members = order[lengths == frames]  # the epoch's order within the bucket
+            steps = math.ceil(len(members) / g)
+            batches.append(list(members[np.arange(steps * g) % len(members)].reshape(steps, g)))
+        # which bucket each step takes its next batch from: a seeded shuffle of the labels
+        labels = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
+        labels = labels[np.random.default_rng([self.seed, epoch, 1]).permutation(len(labels))]
+        taken = [iter(b) for b in batches]
+        return np.concatenate([next(taken[k]) for k in labels]), flips
+
+    def step_frames(self, step: int) -> int:
+        """Frames that exist in global batch `step` (counted from step 0 of epoch 0): G x 5
+        for S4 / MS3, the sum of its clips' frame counts for AVSS."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self.lengths is None:
+            return self.global_batch * FRAMES_PER_VIDEO
+        videos, _ = self.epoch(epoch)
+        lengths = np.asarray(self.lengths)
+        return int(lengths[videos[k * self.global_batch:(k + 1) * self.global_batch]].sum())
 
 
 @dataclass(frozen=True)
@@ -122,8 +201,8 @@ def _worker() -> tuple[int, int]:
 
 
 def _train_source(order: TrainOrder, share: RankShare, first: int, count: int | None, crops: bool):
-    """This worker's raw samples: the videos of the rank's micro-batches first + w, first + w
-    + nw, ... (count micro-batches in all; None: without end), b samples each."""
+    """This worker's micro-batches of raw samples: the rank's micro-batches first + w, first
+    + w + nw, ... (count micro-batches in all; None: without end), a list of b samples each."""
     w, nw = _worker()
     reader = SampleReader(crops=crops)
     cached = (None, None)
@@ -136,10 +215,12 @@ def _train_source(order: TrainOrder, share: RankShare, first: int, count: int | 
             if cached[0] != epoch:
                 cached = (epoch, order.epoch(epoch))
             videos, flips = cached[1]
+            batch = []
             for p in range(start, end):
                 raw = reader.read(*order.refs[videos[p]])
                 raw["__hflip__"] = bool(flips[p])
-                yield raw
+                batch.append(raw)
+            yield batch
     finally:
         reader.close()
 
@@ -148,6 +229,11 @@ def _decode(raw: dict, crops: bool) -> dict:
     video = decode_sample(raw, crops=crops)
     video["hflip"] = raw["__hflip__"]
     return video
+
+
+def _batch(raws: list[dict], crops: bool, image_size: int, crop_size: int, normalize: bool) -> dict:
+    """One batch of raw samples -> decoded, collated and ready for the trip from the worker."""
+    return _to_wire(collate([_decode(r, crops) for r in raws], image_size, crop_size, normalize))
 
 
 # ----------------------------------------------------------------------------- collation
@@ -187,8 +273,11 @@ def collate(videos: list[dict], image_size: int, crop_size: int, normalize: bool
     normalize=False keeps frames and crops uint8 [B,5,3,H,W] (channels-last strides, as
     decoded) and masks uint8: a quarter of the bytes to move between processes and no
     transpose on the CPU; `to_device` finishes the batch on the device. Videos decoded
-    without crops give "crops": None.
+    without crops give "crops": None. AVSS clips (subset "avss") make the batch of
+    avss/batches.py:collate_clips (T = the longest clip's frames, padding, frame_exists).
     """
+    if videos[0].get("subset") == "avss":
+        return collate_clips(videos, image_size, normalize)
     flips = [bool(v["hflip"]) for v in videos]
     # Flipping the uint8 arrays is free: np.stack copies the reversed views anyway.
     frames = [v["frames"][:, :, ::-1] if f else v["frames"] for v, f in zip(videos, flips)]
@@ -228,6 +317,8 @@ def to_device(batch: dict, device, non_blocking: bool = True) -> dict:
     non-blocking (asynchronous from pinned memory); the kernels after them queue behind."""
     out = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
     out = {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in out.items()}
+    if "frame_exists" in out:  # AVSS: zero padded frames, int64 class-index masks
+        return finish_clip_batch(out)
     for k in ("frames", "crops"):
         if out.get(k) is not None and out[k].dtype == torch.uint8:
             out[k] = normalize_uint8(out[k])
@@ -260,17 +351,14 @@ class Batches:
         return (to_device(b, device) for b in self.loader)
 
 
-def _loader(source, cfg_data, batch_videos: int, partial: bool, num_workers: int, device, crops: bool,
-            transport: str = "uint8", seed: int = 0):
+def _loader(source, cfg_data, num_workers: int, device, crops: bool, transport: str = "uint8", seed: int = 0):
+    """A DataLoader over `source`, which yields one list of raw samples per batch."""
     import webdataset as wds
 
     pipeline = wds.DataPipeline(
         source,
-        wds.map(functools.partial(_decode, crops=crops)),
-        wds.batched(batch_videos, collation_fn=functools.partial(
-            collate, image_size=cfg_data.image_size, crop_size=cfg_data.crop_size,
-            normalize=transport == "float"), partial=partial),
-        wds.map(_to_wire),
+        wds.map(functools.partial(_batch, crops=crops, image_size=cfg_data.image_size,
+                                  crop_size=cfg_data.crop_size, normalize=transport == "float")),
     )
     # Pinned host memory makes the copy to the GPU asynchronous (to_device is non-blocking).
     pin = device is not None and torch.device(device).type == "cuda"
@@ -315,7 +403,7 @@ def train_loader(shard_dir: str | Path, cfg_data, rank: int, world_size: int, se
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     g, b = derive(cfg_data, world_size, grad_accum, global_batch)
-    order = TrainOrder.from_shards(shard_dir, seed, g, cfg_data.hflip)
+    order = TrainOrder.from_shards(shard_dir, seed, g, cfg_data.hflip, bucket=cfg_data.avss_batching == "bucket")
     s = order.steps_per_epoch
     if not 0 <= step < s:
         raise ValueError(f"step {step} is not in [0, {s}) (steps per epoch of {g} videos)")
@@ -327,7 +415,7 @@ def train_loader(shard_dir: str | Path, cfg_data, rank: int, world_size: int, se
     first = (epoch * s + step) * grad_accum
     count = None if endless else steps * grad_accum
     source = functools.partial(_train_source, order, share, first, count, crops)
-    loader = _loader(source, cfg_data, b, False, cfg_data.num_workers, device, crops, seed=seed)
+    loader = _loader(source, cfg_data, cfg_data.num_workers, device, crops, seed=seed)
     return Batches(loader, count, device)
 
 
@@ -349,7 +437,7 @@ class TrainStream:
     One endless loader serves the whole run (no worker restart at epoch boundaries); it is
     started at the first `next_step`, so `load_state_dict` must come before that.
     state_dict() = {"epoch", "step_in_epoch", "last_epoch", "global_batch_videos", "train_videos",
-    "seed"}:
+    "seed"}, and "avss_batching" on AVSS shards (it fixes the order and the steps per epoch):
     world-size free, so a checkpoint continues on any number of ranks whose per-rank batch
     divides G (ValueError naming both global batches otherwise)."""
 
@@ -361,15 +449,19 @@ class TrainStream:
         self.seed, self.grad_accum, self.device, self.crops = seed, grad_accum, device, crops
         self.global_batch, self.micro_batch = derive(cfg_data, world_size, grad_accum, global_batch)
         self.manifest = read_manifest(shard_dir)
-        self.order = TrainOrder.from_shards(shard_dir, seed, self.global_batch, cfg_data.hflip, self.manifest)
+        self.order = TrainOrder.from_shards(shard_dir, seed, self.global_batch, cfg_data.hflip, self.manifest,
+                                            bucket=cfg_data.avss_batching == "bucket")
         self.steps_per_epoch = self.order.steps_per_epoch
         self.epoch = self.step_in_epoch = 0
         self.last_epoch = 0  # the epoch of the last step handed out
         self._it = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "last_epoch": self.last_epoch,
-                "seed": self.seed, "global_batch_videos": self.global_batch, "train_videos": len(self.order.refs)}
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "last_epoch": self.last_epoch,
+                 "seed": self.seed, "global_batch_videos": self.global_batch, "train_videos": len(self.order.refs)}
+        if self.order.lengths is not None:
+            state["avss_batching"] = self.cfg_data.avss_batching
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self._it is not None:
@@ -386,6 +478,11 @@ class TrainStream:
                              f"{state['seed']}, this run has {len(self.order.refs)} with seed {self.seed}: "
                              f"not the same data order: resume with the checkpoint's shards and train.seed, "
                              f"or start a new --run-dir")
+        saved = state.get("avss_batching")
+        if saved is not None and saved != self.cfg_data.avss_batching:
+            raise ConfigError(f"the checkpoint's AVSS clips were batched with data.avss_batching={saved!r}, this "
+                              f"run's is {self.cfg_data.avss_batching!r}: set data.avss_batching={saved!r} to "
+                              f"continue it (the setting fixes the data order)")
         self.epoch, self.step_in_epoch, self.last_epoch = state["epoch"], state["step_in_epoch"], state["last_epoch"]
 
     def next_step(self) -> StepBatches:
@@ -407,28 +504,43 @@ class TrainStream:
         self._it = None  # the DataLoader iterator shuts its workers down when collected
 
 
-def eval_plan(entries: list[dict], rank: int, world_size: int, batch_videos: int,
-              num_workers: int) -> list[list[tuple[str, list[str]]]]:
-    """Per worker: the shard segments [(path, [keys])] of this rank's block of the split."""
+def eval_plan(entries: list[dict], rank: int, world_size: int, batch_videos: int, num_workers: int,
+              lengths: tuple[int, ...] | None = None) -> list[tuple[list[tuple[str, list[str]]], list[int]]]:
+    """Per worker: (the shard segments [(path, [keys])] it reads, in order; the sizes of the
+    batches it cuts from them).
+
+    The rank's block of the split (CSV order) is cut into batches of `batch_videos`; with
+    `lengths` (bucketed AVSS) the block is first ordered by clip length (CSV order within a
+    length) and no batch holds two lengths. Workers take consecutive batches."""
     seq = [(e["path"], key) for e in entries for key in e["keys"]]
     n = len(seq)
-    mine = seq[rank * n // world_size:(rank + 1) * n // world_size]
-    n_batches = math.ceil(len(mine) / batch_videos)
+    mine = list(range(rank * n // world_size, (rank + 1) * n // world_size))
+    by_length = (lambda i: lengths[i]) if lengths is not None else (lambda i: 0)
+    mine.sort(key=by_length)  # stable: CSV order within a length
+    batches = []
+    for _, group in itertools.groupby(mine, key=by_length):
+        group = list(group)
+        batches += [group[j:j + batch_videos] for j in range(0, len(group), batch_videos)]
+    nw = max(1, num_workers)
     out, start = [], 0
-    for w in range(max(1, num_workers)):
-        count = n_batches // max(1, num_workers) + (w < n_batches % max(1, num_workers))
-        out.append(_segments(mine[start * batch_videos:(start + count) * batch_videos]))
+    for w in range(nw):
+        count = len(batches) // nw + (w < len(batches) % nw)
+        items = [i for b in batches[start:start + count] for i in b]
+        out.append((_segments([(*seq[i], i) for i in items]), [len(b) for b in batches[start:start + count]]))
         start += count
     return out
 
 
-def _segments(items: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """Consecutive (path, key) items -> per-shard segments, each read in one forward pass."""
+def _segments(items: list[tuple[str, str, int]]) -> list[tuple[str, list[str]]]:
+    """(path, key, position in the split) items -> per-shard segments, each read in one
+    forward pass: a new one where the shard changes or the order goes back."""
     segs: list[tuple[str, list[str]]] = []
-    for path, key in items:
-        if not segs or segs[-1][0] != path:
+    last = None
+    for path, key, pos in items:
+        if not segs or segs[-1][0] != path or pos < last:
             segs.append((path, []))
         segs[-1][1].append(key)
+        last = pos
     return segs
 
 
@@ -447,10 +559,13 @@ def _read_segment(path: str, keys: list[str], crops: bool):
 
 def _eval_source(plan, crops):
     w, _ = _worker()
-    for path, keys in plan[w]:
-        for raw in _read_segment(path, keys, crops):
+    segments, sizes = plan[w]
+    raws = (raw for path, keys in segments for raw in _read_segment(path, keys, crops))
+    for size in sizes:
+        batch = list(itertools.islice(raws, size))
+        for raw in batch:
             raw["__hflip__"] = False
-            yield raw
+        yield batch
 
 
 def eval_loader(shard_dir: str | Path, split: str, cfg_data, rank: int = 0, world_size: int = 1,
@@ -466,17 +581,20 @@ def eval_loader(shard_dir: str | Path, split: str, cfg_data, rank: int = 0, worl
         raise ValueError(f"transport {transport!r} is not 'uint8' or 'float'")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    entries = split_shards(shard_dir, split)
+    manifest = read_manifest(shard_dir)
+    entries = split_shards(shard_dir, split, manifest)
     if max_videos is not None:
         kept, left = [], max_videos
         for e in entries:
             if left > 0:
-                kept.append(dict(e, keys=e["keys"][:left]))
+                cut = {k: e[k][:left] for k in ("keys", "num_frames") if k in e}
+                kept.append(dict(e, **cut))
                 left -= len(kept[-1]["keys"])
         entries = kept
+    lengths = clip_frames(entries, manifest)
     nw = cfg_data.num_workers
-    plan = eval_plan(entries, rank, world_size, cfg_data.eval_batch_videos, nw)
-    length = sum(math.ceil(sum(len(k) for _, k in segs) / cfg_data.eval_batch_videos) for segs in plan)
+    plan = eval_plan(entries, rank, world_size, cfg_data.eval_batch_videos, nw,
+                     lengths if cfg_data.avss_batching == "bucket" else None)
+    length = sum(len(sizes) for _, sizes in plan)
     source = functools.partial(_eval_source, plan, crops)
-    return Batches(_loader(source, cfg_data, cfg_data.eval_batch_videos, True, nw, device, crops, transport),
-                   length, device)
+    return Batches(_loader(source, cfg_data, nw, device, crops, transport), length, device)

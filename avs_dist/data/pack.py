@@ -279,7 +279,7 @@ def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord,
 
     final = Path(out) / file
     tmp = final.with_name(file + ".tmp")
-    keys, not_clean, n_masks = [], [], 0
+    keys, not_clean, n_masks, clip_frames = [], [], 0, []
     with open(tmp, "wb") as f:
         hw = _HashingWriter(f)
         # mtime=0: the same input gives byte-identical shards (stable sha256 across rebuilds).
@@ -292,6 +292,7 @@ def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord,
                     sample = encode_clip(video, clip_meta(rec, video, split, index), opts.image_format,
                                          opts.jpeg_quality)
                     keys.append(sample["__key__"])
+                    clip_frames.append(len(video["frames"]))
                     not_clean += video["masks_not_clean"]
                     n_masks += len(video["masks"])
                     tw.write(sample)
@@ -313,7 +314,10 @@ def _write_shard(out: str, file: str, split: str, items: list[tuple[VideoRecord,
     os.replace(tmp, final)
     # The mask counts travel with the entry (and a chunk's record); build_manifest moves them
     # to the manifest's "masks_not_clean".
-    return {"file": file, "split": split, "videos": len(items), "keys": keys,
+    # AVSS: each clip's frame count beside its key, so the loader can group clips by length
+    # without reading them (data/loader.py, data.avss_batching).
+    lengths = {"num_frames": clip_frames} if clip_frames else {}
+    return {"file": file, "split": split, "videos": len(items), "keys": keys, **lengths,
             "sha256": hw.sha.hexdigest(), "bytes": hw.bytes, "masks": n_masks, "masks_not_clean": not_clean}
 
 

@@ -9,7 +9,8 @@
     options        packing options (image_format, jpeg_quality, crop_size, shard_videos,
                    boxes, skip_bad, data_root)
     splits         {split: {"videos": n, "shards": k}}
-    shards         [{"file", "split", "videos", "keys", "sha256", "bytes"}] in split, CSV order
+    shards         [{"file", "split", "videos", "keys", "sha256", "bytes"}] in split, CSV order;
+                   avss entries add "num_frames" (each clip's frame count, in key order)
     skipped        [{"name", "split", "row", "problems": ["path: reason", ...]}]
     masks_not_clean  {"count": n, "of": masks packed, "files": [{"file", "pixels", "values"}]}:
                    masks that are not clean 0 / 255 (data/masks.py), in shard order
