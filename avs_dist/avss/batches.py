@@ -110,5 +110,5 @@ def reference_padding(batch: dict) -> int:
     REFERENCE_FRAMES) that the batch does not hold because its T is shorter: B x (10 - T).
     Evaluation adds them to the AVSS metric state (avss/metrics.py) so that `*_avsbench`
     counts every clip as the reference does whatever the batching."""
-    b, t = batch["frame_exists"].shape
+    b, t = batch["mask_valid"].shape
     return b * max(0, REFERENCE_FRAMES - t)

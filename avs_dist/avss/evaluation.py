@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from avs_dist.avss.batches import reference_padding
 from avs_dist.avss.classes import AVSS_CLASSES, BACKGROUND, NUM_CLASSES
 from avs_dist.avss.metrics import SemanticEvaluator
 
@@ -56,8 +57,6 @@ GAP_KEYS = ("audio_gap", "miou_mismatched", "f_mismatched")
 # What the training's terminal line shows of an AVSS evaluation (train/sinks.py; every figure
 # goes to eval.jsonl and TensorBoard).
 TERMINAL_KEYS = (*ORDER, *GAP_KEYS, "miou_frame_objects", "miou_dataset_objects", "iou_frame_background")
-# The reference pads every clip to 10 frames (its loader and model) and scores the padding.
-REFERENCE_CLIP_FRAMES = 10
 
 
 def clip_lengths(batch: dict) -> torch.Tensor:
@@ -149,12 +148,7 @@ def _update(evaluator: SemanticEvaluator, logits: torch.Tensor, batch: dict) -> 
     fe = batch.get("frame_exists")
     fe = torch.ones(b, t, dtype=torch.bool, device=masks.device) if fe is None else fe
     evaluator.update(logits, masks.flatten(0, 1), fe.reshape(-1), batch["mask_valid"].reshape(-1))
-    missing = b * max(REFERENCE_CLIP_FRAMES - t, 0)
-    if missing:
-        # a padded frame's scores do not depend on its size (all background on both sides)
-        zeros = torch.zeros(missing, 1, 1, dtype=torch.int64, device=masks.device)
-        no = torch.zeros(missing, dtype=torch.bool, device=masks.device)
-        evaluator.update(zeros, zeros, no, no)
+    evaluator.add_padding(reference_padding(batch))
 
 
 def _check_once(indices: list[int], group) -> int:

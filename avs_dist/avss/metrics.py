@@ -372,7 +372,7 @@ class SemanticEvaluator:
 
     def add_padding(self, frames: int) -> None:
         """Count `frames` padded frames the batches did not hold (``padding_state``)."""
-        self.merge(padding_state(frames))
+        self.merge(padding_state(frames, self._state["classes"].device))  # built where the state is: no copy
 
     def state_dict(self) -> dict:
         """This process's state as CPU tensors: ``classes`` [10,71] and ``frames`` [3], int64."""
