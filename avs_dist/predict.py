@@ -168,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
 
         videos = check_videos([Path(v) for v in args.video], args.allow_silence)
 
-    from avs_dist.evaluation import load_with_source
+    from avs_dist.evaluation import load_with_source, mask_classes
     from avs_dist.fileio import write_json
     from avs_dist.provenance import describe
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, source = load_with_source(args.checkpoint, device, args.vggish_weights)
+    if mask_classes(model) != 1:  # sigmoid(logit 0) of a class-logit model would be its background score
+        raise UserError(f"{source['checkpoint']}: a {mask_classes(model)}-class AVSBench-semantic model; predict "
+                        "writes the sounding-object masks of S4 / MS3 models only (score AVSS checkpoints with "
+                        "avs-dist eval, which prints per-class figures)")
     out = Path(args.out)
     if args.video is not None:
         return _main_video(args, videos, model, cfg, source, device, out)
