@@ -62,6 +62,16 @@ def _avm_inputs(avm: list, stages) -> dict:
     return by_stage
 
 
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log(softmax(x)) over the last dim, as torch.log_softmax: the reference's
+    ``softmax(dim=-1).log()`` to float32 rounding wherever that is finite (tests/test_losses.py),
+    without its backward. Once one channel's probability is denormal (a channel ~90 below the
+    largest, reached by the pooled AVSS features around step 100 of a tiny_avss run) the
+    forward stays finite but the gradient of log() overflows to inf and the step's gradient is
+    NaN: every step of that run was then skipped as non-finite."""
+    return torch.log_softmax(x, dim=-1)
+
+
 def avm_loss_s4(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
     """AVSBench's S4 audio-visual matching loss (avs_s4/loss.py), averaged over `stages`.
 
@@ -88,7 +98,7 @@ def avm_loss_ms3(logits: torch.Tensor, avm: list, stages, sum_frames: int | None
 
     Per stage: mask = sigmoid(logits average-pooled to the stage size), a soft mask that
     passes gradient to the logits; pooled = mean over h, w of visual * mask [B*T, C];
-    loss = kl_div(softmax(pooled).log(), softmax(a'), reduction='sum'): summed over the
+    loss = kl_div(softmax(pooled).log() (as _log_softmax), softmax(a'), reduction='sum'): summed over the
     B*T frames and the C channels, not averaged. Computed in float32 whatever the autocast.
 
     `sum_frames`: rescale the sum to that many frames (sum x sum_frames / (B*T)). The reference
@@ -103,7 +113,7 @@ def avm_loss_ms3(logits: torch.Tensor, avm: list, stages, sum_frames: int | None
         mask = torch.sigmoid(F.adaptive_avg_pool2d(logits.float(), visual.shape[-2:]))  # [B*T, 1, h, w]
         pooled = torch.mul(visual.float(), mask).mean(-1).mean(-1)  # [B*T, C], the reference's reduction order
         target = audio.float().reshape(-1, audio.shape[-1]).softmax(dim=-1)
-        total = total + F.kl_div(pooled.softmax(dim=-1).log(), target, reduction="sum")
+        total = total + F.kl_div(_log_softmax(pooled), target, reduction="sum")
     scale = 1.0 if sum_frames is None else sum_frames / logits.shape[0]
     return total * scale / len(stages)
 
@@ -118,7 +128,7 @@ def avm_loss_avss(logits: torch.Tensor, avm: list, stages, valid: torch.Tensor,
     the reference's gt_temporal_mask_flag). The mask is "argmax of softmax(logits) is not
     `background`" (a hard mask: no gradient to the logits), average-pooled to the stage size;
     pooled = mean over h, w of visual x mask [B*T, C]; per frame
-    kl_div(softmax(pooled).log(), softmax(a'), reduction='none') summed over C; the mean over
+    kl_div(softmax(pooled).log() (as _log_softmax), softmax(a'), reduction='none') summed over C; the mean over
     the labelled frames. Float32. `background`: 0 is AVSS's background class; the reference's
     code uses K - 1 (see loss.avm_variant "avss_avsbench").
     """
@@ -134,7 +144,7 @@ def avm_loss_avss(logits: torch.Tensor, avm: list, stages, valid: torch.Tensor,
         pooled_mask = F.adaptive_avg_pool2d(mask, visual.shape[-2:])  # [B*T, 1, h, w]
         pooled = torch.mul(visual.float(), pooled_mask).mean(-1).mean(-1)  # [B*T, C]
         target = audio.float().reshape(-1, audio.shape[-1]).softmax(dim=-1)
-        kl = F.kl_div(pooled.softmax(dim=-1).log(), target, reduction="none").sum(-1)  # [B*T]
+        kl = F.kl_div(_log_softmax(pooled), target, reduction="none").sum(-1)  # [B*T]
         total = total + _masked_mean(kl, frames)
     return total / len(stages)
 
