@@ -4,6 +4,7 @@ from; a non-finite model is never saved, resumed (`--resume auto` passes it by n
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -74,12 +75,14 @@ def test_eval_cli_one_line(tmp_path, states, s4_shards):
 @pytest.mark.slow
 def test_nan_init_stops_past_the_limit_without_a_checkpoint(s4_shards, tmp_path, states):
     """The reported case: model.init_from with one NaN trained on, saved NaN checkpoints at steps 4
-    and 8 and best/, and exited 0 "completed". Now: steps 1-3 skipped, the run fails at step 3."""
+    and 8 and best/, and exited 0 "completed". Now: steps 1-2 skipped, the run fails at step 2
+    (2 ranks under torchrun, the same global batch of 2 videos)."""
     init = tmp_path / "nan_state.pt"
     torch.save(states[1], init)
     run_dir = tmp_path / "run"
     rc, out = run_session([sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny", "--shards",
-                           str(s4_shards), "--run-dir", str(run_dir), "data.batch_videos=2", "data.num_workers=0",
+                           str(s4_shards), "--run-dir", str(run_dir), "--nproc", "2", "data.batch_videos=1",
+                           "data.num_workers=0",
                            "train.max_steps=8", "train.ckpt_every_steps=4", "train.eval_every_steps=2",
                            "train.eval_every_epochs=0", "train.image_every_steps=0", "train.audio_gap_eval=false",
                            "train.max_nonfinite_steps=1", f"model.init_from={init}"], 600)
@@ -88,6 +91,9 @@ def test_nan_init_stops_past_the_limit_without_a_checkpoint(s4_shards, tmp_path,
               f"train.max_nonfinite_steps=1: the run stops. {run_dir} has no checkpoint to resume from (the same "
               "command starts the run over); were the starting weights (model.init_from) finite?")
     assert f"error: {reason}" in out and "Traceback" not in out
+    # under torchrun: its ChildFailedError traceback is one line (launch/torchrun.py), then the outcome
+    assert re.search(r"torchrun: rank [01] ended with exit code 1 \(its own output above says why\)", out), out
+    assert "ChildFailedError" not in out and "avs-dist train: the run failed" in out
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["status"], status["reason"], status["step"]) == ("failed", reason, 2)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

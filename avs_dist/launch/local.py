@@ -83,7 +83,7 @@ def report_completed(args, cfg) -> bool:
 def torchrun_command(nproc: int, max_restarts: int, args: list[str]) -> list[str]:
     from avs_dist import distributed
 
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+    return [sys.executable, "-m", "avs_dist.launch.torchrun", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{distributed.free_port()}", "--monitor-interval", "0.5",
             "-m", "avs_dist.launch.rank", *args]
