@@ -54,6 +54,10 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", *(f"pvt_v2_b{i}" for i in range
 # The mask head's channels each subset needs: one sigmoid logit per pixel (S4, MS3), or a logit
 # per AVSBench-semantic class (71: background, index 0, and 70 objects; label2idx.json).
 SUBSET_MASK_CLASSES = {"s4": 1, "ms3": 1, "avss": 71}
+# An AVSS batch may hold a single object crop (S4 always has 5 per video): at data.crop_size <= 32
+# the crop ResNet's stride-32 map is 1x1, so its BatchNorm sees one value per channel (an error in
+# torch) or, with few crops, very few (gradient norms of 1e7 measured at 16 px on tiny_avss).
+AVSS_MIN_CROP = 64
 
 
 @dataclass
@@ -432,6 +436,10 @@ def _mask_head_problems(cfg: Config) -> list[str]:
         # AVSS crops are classified into their AVSS class index (losses.crop_ce_loss_objects)
         problems.append(f"model.num_classes={cfg.model.num_classes} but the AVSS crop branch classifies each "
                         f"object crop into the {need} AVSBench-semantic classes: set model.num_classes={need}")
+    if cfg.subset == "avss" and cfg.model.crop_branch and cfg.data.crop_size <= AVSS_MIN_CROP // 2:
+        problems.append(f"data.crop_size={cfg.data.crop_size} is too small for the AVSS crop branch: a batch may hold "
+                        f"one object crop, whose crop-ResNet stride-32 map must have more than one pixel for "
+                        f"BatchNorm: set data.crop_size >= {AVSS_MIN_CROP // 2 + 1} ({AVSS_MIN_CROP} or more advised)")
     return problems
 
 

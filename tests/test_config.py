@@ -87,6 +87,8 @@ def test_avss_presets_are_the_reference_recipe():
     ("tiny_avss", ["model.crop_branch=true", "model.num_classes=23"],
      "model.num_classes=23 but the AVSS crop branch classifies each object crop into the 71 AVSBench-semantic "
      "classes: set model.num_classes=71"),
+    ("tiny_avss", ["model.crop_branch=true", "data.crop_size=32"],
+     "data.crop_size=32 is too small for the AVSS crop branch"),
     ("tiny_avss", ["model.tpavi_frames_per_group=-5"], "model.tpavi_frames_per_group must be >= 0"),
     ("tiny_avss", ["model.mask_classes=0"], "model.mask_classes must be > 0"),
 ])
