@@ -159,6 +159,7 @@ def test_training_forward_without_masks_is_refused():
         model(batch["frames"], batch["audio"], None, batch["frame_exists"])
 
 
+@pytest.mark.slow  # two processes (tests/ convention: multi-process tests are `-m slow`)
 def test_two_process_ddp_run_with_the_crop_branch(avss_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny_avss", "--shards", str(avss_shards),
