@@ -31,7 +31,7 @@ class ConfigError(UserError, ValueError):
 class DataConfig:
     shards: str = "shards"  # shard set written by `avs-dist pack`
     image_size: int = 224  # frames and masks are resized to this (square) when smaller than stored
-    crop_size: int = 224  # crops are resized to this
+    crop_size: int = 224  # crops are resized to this (S4's packed ones; AVSS object crops are cut at it)
     # The global batch: videos per optimizer step over all ranks, which fixes the data order
     # (data/loader.py) whatever the number of nodes, ranks or workers. 0: batch_videos x
     # ranks x optim.grad_accum. When set, the per-rank batch is derived from it (global_batch).
@@ -54,6 +54,10 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", *(f"pvt_v2_b{i}" for i in range
 # The mask head's channels each subset needs: one sigmoid logit per pixel (S4, MS3), or a logit
 # per AVSBench-semantic class (71: background, index 0, and 70 objects; label2idx.json).
 SUBSET_MASK_CLASSES = {"s4": 1, "ms3": 1, "avss": 71}
+# An AVSS batch may hold a single object crop (S4 always has 5 per video): at data.crop_size <= 32
+# the crop ResNet's stride-32 map is 1x1, so its BatchNorm sees one value per channel (an error in
+# torch) or, with few crops, very few (gradient norms of 1e7 measured at 16 px on tiny_avss).
+AVSS_MIN_CROP = 64
 
 
 @dataclass
@@ -67,11 +71,13 @@ class ModelConfig:
     tpavi_mode: str = "dot"  # "dot" (audio-visual) or "self" (visual-only ablation)
     tpavi_impl: str = "factorized"  # "factorized" (exact, fast) or "reference" (quadratic oracle)
     audio_input: str = "logmel"  # "logmel" runs the frozen VGGish; "embedding" takes 128-d
-    crop_branch: bool = False  # the seed's second ResNet on the 5 sounding-object crops
+    # The seed's second ResNet on the sounding-object crops: S4's 5 packed crops per video, or
+    # on AVSS one per labelled object and frame, cut from the frames (models/system.py)
+    crop_branch: bool = False
     crop_depth: int = 50  # the crop branch is a ResNet whatever the main backbone
     crop_hidden: int = 512
     crop_relu: str = "between"  # "between" the two linears (sane), "end" (the seed's), "none"
-    num_classes: int = 23
+    num_classes: int = 23  # crop classes: S4's 23 categories; 71 on AVSS (its class indices)
     # ImageNet weights of the encoder (local file): a torchvision ResNet state dict, or for
     # PVT-v2 the release's pvt_v2_b*.pth or a timm state dict (classifier keys ignored)
     pretrained_backbone: str = ""
@@ -426,9 +432,14 @@ def _mask_head_problems(cfg: Config) -> list[str]:
             fits = "'avss' or 'avss_avsbench'" if classes > 1 else "'s4' or 'ms3'"
             problems.append(f"loss.avm_variant={cfg.loss.avm_variant!r} does not fit model.mask_classes={classes}: "
                             f"use {fits}")
-    if cfg.subset == "avss" and cfg.model.crop_branch:
-        problems.append("model.crop_branch: the crop branch has no AVSS targets (boxes and classes from the "
-                        "semantic masks) yet: set model.crop_branch=false")
+    if cfg.subset == "avss" and cfg.model.crop_branch and cfg.model.num_classes != need:
+        # AVSS crops are classified into their AVSS class index (losses.crop_ce_loss_objects)
+        problems.append(f"model.num_classes={cfg.model.num_classes} but the AVSS crop branch classifies each "
+                        f"object crop into the {need} AVSBench-semantic classes: set model.num_classes={need}")
+    if cfg.subset == "avss" and cfg.model.crop_branch and cfg.data.crop_size <= AVSS_MIN_CROP // 2:
+        problems.append(f"data.crop_size={cfg.data.crop_size} is too small for the AVSS crop branch: a batch may hold "
+                        f"one object crop, whose crop-ResNet stride-32 map must have more than one pixel for "
+                        f"BatchNorm: set data.crop_size >= {AVSS_MIN_CROP // 2 + 1} ({AVSS_MIN_CROP} or more advised)")
     return problems
 
 

@@ -4,7 +4,14 @@ and AVSS variants), and the seed's three crop-branch terms.
 `total, terms = compute_losses(out, batch, cfg.loss)`. `terms` maps each enabled term's name
 (bce, ce, avm, crop_ce, crop_pair, crop_audio) to its UNWEIGHTED value, not detached; `total` is
 the sum of weight * term. Everything is a masked mean over tensors: no boolean indexing or
-.item(), so no host synchronisation in the training step.
+.item(), so no host synchronisation in the losses (an AVSS crop branch synchronises once in the
+model, to count its objects: models/system.py).
+
+The crop terms have two forms. S4 (the seed's): 5 packed crops per video of its one sounding
+object, the video's class (batch["label"]). AVSS (out["crop_objects"] is an avss/objects.py
+ObjectBoxes): one crop per labelled frame and object class present in it, N per batch, N = 0
+possible, each term 0 then (a masked mean, with a gradient of zeros reaching the branch); see
+the `*_objects` functions for how each seed term carries over.
 """
 from __future__ import annotations
 
@@ -191,6 +198,57 @@ def crop_audio_loss(crop_proj: torch.Tensor, audio_proj: torch.Tensor) -> torch.
     return (1 - F.cosine_similarity(crops, audio_proj.float()[:, None], dim=-1)).mean()
 
 
+
+def crop_ce_loss_objects(crop_logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """AVSS crop CE: cross-entropy of each object crop against its own class, mean over the N
+    crops (0 when N = 0). crop_logits [N, K], cls int64 [N] in 1..K-1.
+
+    The seed's crop CE classifies a video's crops into its clip class (S4's 23 categories); an
+    AVSS clip has no one class but each object its AVSBench-semantic class, so each crop is
+    classified into that. K = model.num_classes = 71, the AVSS class indices themselves
+    (label2idx.json, avs_dist/avss/classes.py): no offset to keep in step, and the background
+    logit (class 0), never a target, only learns to lose (config.py refuses another K)."""
+    ce = F.cross_entropy(crop_logits.float(), cls.to(crop_logits.device), reduction="none")
+    return _masked_mean(ce, torch.ones_like(ce))
+
+
+def _same_object_pairs(clip: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """bool [N, N]: i < j, same clip and same class (so different frames: one entry per frame
+    and class)."""
+    n = cls.shape[0]
+    upper = torch.ones(n, n, dtype=torch.bool, device=cls.device).triu(1)
+    return upper & (clip[:, None] == clip[None, :]) & (cls[:, None] == cls[None, :])
+
+
+def crop_pair_loss_objects(crop_embed: torch.Tensor, clip: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """AVSS crop pairwise: the mean L2 distance (torch PairwiseDistance, as the seed: ||e_i -
+    e_j + 1e-6||) over every pair i < j of crops of one object (same clip, same class) in two
+    of its frames; 0 when there is no such pair. crop_embed [N, D]; clip, cls int64 [N].
+
+    The seed pulls the 5 crops of a video's one sounding object together: here each object's
+    crops across the frames where it is labelled, pooled over all pairs of the batch as S4's
+    mean over its videos' pairs (a clip whose object is in all its frames gives S4's value).
+    Dense [N, N] distances (N ~ B x T x objects per frame, ~100 at 4 clips): no host sync."""
+    e = crop_embed.float()
+    n, d = e.shape
+    pairs = _same_object_pairs(clip.to(e.device), cls.to(e.device))
+    dist = nn.PairwiseDistance(p=2)(e[:, None, :].expand(n, n, d), e[None, :, :].expand(n, n, d))  # [N, N]
+    return _masked_mean(dist, pairs)
+
+
+def crop_audio_loss_objects(crop_proj: torch.Tensor, audio_proj: torch.Tensor) -> torch.Tensor:
+    """AVSS crop-audio: 1 - cos(each object crop's projection, the projection of its own
+    frame's audio embedding), mean over the N crops (0 when N = 0). crop_proj, audio_proj
+    [N, D] (models/crop_branch.py pairs them).
+
+    Its own second, not the clip mean S4 uses: S4's one object sounds through its video, so the
+    mean is its sound; an AVSS mask labels the objects sounding at that second, which change
+    within a clip (a 10-second v2 clip often has several in turn), so the clip mean would pull
+    each crop toward the others' sounds too; and the mean of a padded clip would count its zeroed
+    padded seconds (models/system.py), which no object crop comes from (they are unlabelled)."""
+    cos = F.cosine_similarity(crop_proj.float(), audio_proj.float(), dim=-1)
+    return _masked_mean(1 - cos, torch.ones_like(cos))
+
 @dataclass(frozen=True)
 class LossTerm:
     """One loss term: the model outputs it reads (architecture.md "Model"), and its value.
@@ -203,9 +261,25 @@ class LossTerm:
     compute: Callable[[dict, dict, LossConfig, int], torch.Tensor]  # (out, batch, cfg, frames per video)
 
 
+def _crop_ce(out: dict, batch: dict, cfg: LossConfig, frames: int) -> torch.Tensor:
+    objects = out.get("crop_objects")
+    if objects is not None:  # AVSS: each object's class
+        return crop_ce_loss_objects(out["crop_logits"], objects.cls)
+    return crop_ce_loss(out["crop_logits"], batch["label"], frames)
+
+
+def _crop_pair(out: dict, batch: dict, cfg: LossConfig, frames: int) -> torch.Tensor:
+    objects = out.get("crop_objects")
+    if objects is not None:  # AVSS: one object's crops across its frames
+        return crop_pair_loss_objects(out["crop_embed"], objects.clip, objects.cls)
+    return crop_pair_loss(out["crop_embed"], frames)
+
+
 def _crop_audio(out: dict, batch: dict, cfg: LossConfig, frames: int) -> torch.Tensor:
     if out.get("audio_proj") is None:
         raise ValueError("loss.crop_audio needs audio features (out['audio_proj'] is None)")
+    if out.get("crop_objects") is not None:  # AVSS: each crop against its own frame's audio
+        return crop_audio_loss_objects(out["crop_proj"], out["audio_proj"])
     return crop_audio_loss(out["crop_proj"], out["audio_proj"])
 
 
@@ -219,9 +293,8 @@ TERMS: dict[str, LossTerm] = {
     "avm": LossTerm(("logits", "avm"), lambda out, batch, cfg, frames: avm_loss(
         out["logits"], out["avm"], cfg.avm_stages, cfg.avm_variant, sum_frames=cfg.avm_sum_videos * frames,
         valid=batch["mask_valid"])),
-    "crop_ce": LossTerm(("crop_logits",), lambda out, batch, cfg, frames: crop_ce_loss(out["crop_logits"],
-                                                                                       batch["label"], frames)),
-    "crop_pair": LossTerm(("crop_embed",), lambda out, batch, cfg, frames: crop_pair_loss(out["crop_embed"], frames)),
+    "crop_ce": LossTerm(("crop_logits",), _crop_ce),
+    "crop_pair": LossTerm(("crop_embed",), _crop_pair),
     "crop_audio": LossTerm(("crop_proj", "audio_proj"), _crop_audio),
 }
 

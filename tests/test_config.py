@@ -59,7 +59,16 @@ def test_avss_presets_are_the_reference_recipe():
         assert (cfg.subset, cfg.model.mask_classes, cfg.model.tpavi_frames_per_group) == ("avss", 71, 5)
         assert not cfg.model.tpavi_audio_bias and cfg.model.tpavi_stages == [0, 1, 2, 3]
         assert (cfg.loss.bce, cfg.loss.ce, cfg.loss.avm, cfg.loss.avm_weight) == (False, True, True, 0.5)
-        assert cfg.loss.avm_stages == [0, 1, 2, 3] and not cfg.model.crop_branch
+        assert cfg.loss.avm_stages == [0, 1, 2, 3]
+    assert not ref.model.crop_branch and not tiny.model.crop_branch
+    # the seed's crop branch and its three losses at s4_seed's weights, classifying the 71 classes
+    s4 = load_config("s4_seed")
+    assert seed.model.crop_branch and seed.model.num_classes == 71
+    assert [getattr(seed.model, k) for k in ("crop_depth", "crop_hidden", "crop_relu")] == \
+        [getattr(s4.model, k) for k in ("crop_depth", "crop_hidden", "crop_relu")]
+    for term in ("crop_ce", "crop_pair", "crop_audio"):
+        assert getattr(seed.loss, term) and getattr(seed.loss, f"{term}_weight") == getattr(s4.loss, f"{term}_weight")
+    assert load_config("tiny_avss", ["model.crop_branch=true"]).model.num_classes == 71
     for cfg in (ref, seed):
         assert (cfg.model.backbone, cfg.train.epochs, cfg.data.batch_videos, cfg.optim.lr) == ("pvt_v2_b5", 60, 4, 1e-4)
     assert ref.loss.avm_variant == "avss_avsbench" and seed.loss.avm_variant == "avss"
@@ -75,7 +84,11 @@ def test_avss_presets_are_the_reference_recipe():
     ("tiny_avss", ["loss.ce=false"], "no mask loss: set loss.ce=true"),
     ("tiny_avss", ["loss.avm_variant=ms3"], "loss.avm_variant='ms3' does not fit model.mask_classes=71"),
     ("ms3_avsbench", ["loss.avm_variant=avss"], "loss.avm_variant='avss' does not fit model.mask_classes=1"),
-    ("tiny_avss", ["model.crop_branch=true"], "the crop branch has no AVSS targets"),
+    ("tiny_avss", ["model.crop_branch=true", "model.num_classes=23"],
+     "model.num_classes=23 but the AVSS crop branch classifies each object crop into the 71 AVSBench-semantic "
+     "classes: set model.num_classes=71"),
+    ("tiny_avss", ["model.crop_branch=true", "data.crop_size=32"],
+     "data.crop_size=32 is too small for the AVSS crop branch"),
     ("tiny_avss", ["model.tpavi_frames_per_group=-5"], "model.tpavi_frames_per_group must be >= 0"),
     ("tiny_avss", ["model.mask_classes=0"], "model.mask_classes must be > 0"),
 ])

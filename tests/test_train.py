@@ -113,13 +113,17 @@ def test_floatify_casts_nested_half_outputs():
 
 def test_strategy_hands_the_model_frame_exists():
     """AVSS batches carry frame_exists (padded clips); the strategies pass it to the model as is
-    (bool, not cast to ZeRO's input dtype), and None for S4 / MS3 batches, which have none."""
+    (bool, not cast to ZeRO's input dtype), and None for S4 / MS3 batches, which have none. The
+    masks and mask_valid go as they are too (an AVSS crop branch cuts its crops with them)."""
     from avs_dist.train.strategy import _inputs
 
     exists = torch.tensor([[True, True, False]])
-    batch = {"frames": torch.zeros(1, 3, 3, 32, 32), "audio": torch.zeros(1, 3, 1, 96, 64), "frame_exists": exists}
-    frames, audio, crops, flags = _inputs(batch, torch.bfloat16)
+    masks, valid = torch.zeros(1, 3, 32, 32, dtype=torch.long), exists.clone()
+    batch = {"frames": torch.zeros(1, 3, 3, 32, 32), "audio": torch.zeros(1, 3, 1, 96, 64), "frame_exists": exists,
+             "masks": masks, "mask_valid": valid}
+    frames, audio, crops, flags, got_masks, got_valid = _inputs(batch, torch.bfloat16)
     assert frames.dtype == torch.bfloat16 and crops is None and flags is exists
+    assert got_masks is masks and got_valid is valid
     del batch["frame_exists"]
     assert _inputs(batch, None)[3] is None
 

@@ -156,6 +156,7 @@ def check_shards_fit(cfg: Config, manifest: dict, frame_size: tuple[int, int] | 
     - crop size (when the crop branch is on): the loader would resize every crop at every step,
       after reading crops packed bigger (or smaller: blurred) than the model sees; the error
       gives the `avs-dist pack` command that fits, or the data.crop_size that fits the shards;
+      AVSS shards pack no crops (no options.crop_size): the model cuts them at data.crop_size;
     - image size: frames smaller than data.image_size would be upsampled (blurred) at every
       step. Larger frames are fine: data.image_size is what they are resized to (the reference
       resizes AVSBench's 224 px frames the same way).

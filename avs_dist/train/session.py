@@ -43,7 +43,7 @@ def build_model_for_training(cfg: Config, d) -> nn.Module:
     from avs_dist.models import build_model, to_channels_last
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, crop_size=cfg.data.crop_size)
     if cfg.train.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(d.device)

@@ -92,12 +92,13 @@ def state_dict_fp32(module: nn.Module) -> dict:
 
 def _inputs(batch: dict, dtype) -> tuple:
     """The model's positional inputs (models/system.py): frames, audio, crops, frame_exists
-    (AVSS clips padded to 10 frames; None for S4 / MS3)."""
+    (AVSS clips padded to 10 frames; None for S4 / MS3), masks and mask_valid (an AVSS crop
+    branch cuts its object crops from the frames with them)."""
     frames, audio, crops = batch["frames"], batch["audio"], batch.get("crops")
     if dtype is not None:
         frames, audio = frames.to(dtype), audio.to(dtype)
         crops = crops.to(dtype) if crops is not None else None
-    return frames, audio, crops, batch.get("frame_exists")
+    return frames, audio, crops, batch.get("frame_exists"), batch.get("masks"), batch.get("mask_valid")
 
 
 class DDPStrategy:
