@@ -69,14 +69,17 @@ def _avm_inputs(avm: list, stages) -> dict:
     return by_stage
 
 
-def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log(softmax(x)) over the last dim, as torch.log_softmax: the reference's
-    ``softmax(dim=-1).log()`` to float32 rounding wherever that is finite (tests/test_losses.py),
-    without its backward. Once one channel's probability is denormal (a channel ~90 below the
-    largest, reached by the pooled AVSS features around step 100 of a tiny_avss run) the
-    forward stays finite but the gradient of log() overflows to inf and the step's gradient is
-    NaN: every step of that run was then skipped as non-finite."""
-    return torch.log_softmax(x, dim=-1)
+def _kl_softmax(visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    """The reference's ``F.kl_div(softmax(visual).log(), softmax(audio), reduction='none')``
+    ([N, C] -> [N, C]; both sides keep their gradient, as in the reference), computed from
+    log-probabilities (``log_softmax`` both sides, ``log_target=True``): the same values to
+    float32 rounding wherever the reference's are finite (tests/test_losses.py), without its
+    NaN gradients. Once a channel's probability is denormal or 0 (channels ~90 apart, which
+    the pooled AVSS features and TPAVI audio reach within ~50 steps of a tiny_avss run), the
+    reference's forward stays finite but log()'s backward overflows (visual side) and xlogy's
+    backward is 0/0 (audio side): every step of that run was then skipped as non-finite."""
+    return F.kl_div(torch.log_softmax(visual, dim=-1), torch.log_softmax(audio, dim=-1), reduction="none",
+                    log_target=True)
 
 
 def avm_loss_s4(logits: torch.Tensor, avm: list, stages) -> torch.Tensor:
@@ -105,7 +108,7 @@ def avm_loss_ms3(logits: torch.Tensor, avm: list, stages, sum_frames: int | None
 
     Per stage: mask = sigmoid(logits average-pooled to the stage size), a soft mask that
     passes gradient to the logits; pooled = mean over h, w of visual * mask [B*T, C];
-    loss = kl_div(softmax(pooled).log() (as _log_softmax), softmax(a'), reduction='sum'): summed over the
+    loss = kl_div(softmax(pooled).log() (as _kl_softmax), softmax(a'), reduction='sum'): summed over the
     B*T frames and the C channels, not averaged. Computed in float32 whatever the autocast.
 
     `sum_frames`: rescale the sum to that many frames (sum x sum_frames / (B*T)). The reference
@@ -119,8 +122,7 @@ def avm_loss_ms3(logits: torch.Tensor, avm: list, stages, sum_frames: int | None
         visual, audio = by_stage[s]
         mask = torch.sigmoid(F.adaptive_avg_pool2d(logits.float(), visual.shape[-2:]))  # [B*T, 1, h, w]
         pooled = torch.mul(visual.float(), mask).mean(-1).mean(-1)  # [B*T, C], the reference's reduction order
-        target = audio.float().reshape(-1, audio.shape[-1]).softmax(dim=-1)
-        total = total + F.kl_div(_log_softmax(pooled), target, reduction="sum")
+        total = total + _kl_softmax(pooled, audio.float().reshape(-1, audio.shape[-1])).sum()
     scale = 1.0 if sum_frames is None else sum_frames / logits.shape[0]
     return total * scale / len(stages)
 
@@ -135,7 +137,7 @@ def avm_loss_avss(logits: torch.Tensor, avm: list, stages, valid: torch.Tensor,
     the reference's gt_temporal_mask_flag). The mask is "argmax of softmax(logits) is not
     `background`" (a hard mask: no gradient to the logits), average-pooled to the stage size;
     pooled = mean over h, w of visual x mask [B*T, C]; per frame
-    kl_div(softmax(pooled).log() (as _log_softmax), softmax(a'), reduction='none') summed over C; the mean over
+    kl_div(softmax(pooled).log() (as _kl_softmax), softmax(a'), reduction='none') summed over C; the mean over
     the labelled frames. Float32. `background`: 0 is AVSS's background class; the reference's
     code uses K - 1 (see loss.avm_variant "avss_avsbench").
     """
@@ -150,8 +152,7 @@ def avm_loss_avss(logits: torch.Tensor, avm: list, stages, valid: torch.Tensor,
         visual, audio = by_stage[s]
         pooled_mask = F.adaptive_avg_pool2d(mask, visual.shape[-2:])  # [B*T, 1, h, w]
         pooled = torch.mul(visual.float(), pooled_mask).mean(-1).mean(-1)  # [B*T, C]
-        target = audio.float().reshape(-1, audio.shape[-1]).softmax(dim=-1)
-        kl = F.kl_div(_log_softmax(pooled), target, reduction="none").sum(-1)  # [B*T]
+        kl = _kl_softmax(pooled, audio.float().reshape(-1, audio.shape[-1])).sum(-1)  # [B*T]
         total = total + _masked_mean(kl, frames)
     return total / len(stages)
 

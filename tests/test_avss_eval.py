@@ -251,18 +251,6 @@ def _clip_batches(shard_dir, split):
     return out
 
 
-@pytest.fixture(scope="module")
-def avss_shards(tmp_path_factory):
-    from avs_dist.data import synth
-    from avs_dist.data.pack import pack
-
-    src = tmp_path_factory.mktemp("avss_synth")
-    synth.generate(src, videos=9, size=40, subset="avss", seed=2)
-    out = tmp_path_factory.mktemp("avss_shards")
-    pack(src, "avss", out, image_size=PACKED, shard_videos=4, progress=False, log=lambda *a, **k: None)
-    return out
-
-
 def test_eval_cli_on_an_avss_checkpoint(avss_shards, tmp_path, capsys):
     """The real eval loader (bucketed AVSS batches, 5 and 10 frames) under `avs-dist eval`."""
     from avs_dist.config import load_config, to_dict

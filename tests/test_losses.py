@@ -349,35 +349,42 @@ def test_avm_avss_equals_the_reference(variant, bg):
 
 
 @pytest.mark.parametrize("variant", ["ms3", "avss", "avss_avsbench"])
-def test_avm_kl_gradient_stays_finite_when_a_channel_probability_is_denormal(variant):
-    """The KL forms take log_softmax, not the reference's softmax().log(): the same value to
-    rounding, but when pooled features spread ~90 apart (reached around step 100 of a
-    tiny_avss run) softmax().log() stays finite forward while its gradient is NaN, and every
-    step of the run was skipped. The reference's formula here gives a finite loss and a NaN
-    gradient; ours gives the same loss and a finite gradient."""
+@pytest.mark.parametrize("side", ["visual", "audio"])
+def test_avm_kl_gradient_stays_finite_when_a_probability_underflows(variant, side):
+    """The KL forms work on log-probabilities (losses._kl_softmax), not the reference's
+    kl_div(softmax(v).log(), softmax(a)): the same loss to rounding, but once channels of the
+    pooled visual features are ~95 apart (a denormal probability: log()'s backward overflows)
+    or those of the audio features ~120 apart (a probability of 0: xlogy's backward is 0/0),
+    the reference's formula keeps a finite loss and gives a NaN gradient; a tiny_avss run then
+    skipped every step from ~step 60 on. Ours: the same loss, a finite gradient."""
     torch.manual_seed(0)
     k = 71 if variant != "ms3" else 1
     logits = torch.randn(4, k, 8, 8) + (20.0 if variant == "ms3" else 0.0)  # ms3: sigmoid 1.0, a mask of ones
     if variant != "ms3":
         logits[:, 5] += 10.0  # every pixel an object: the mask is all ones under either variant's background
-        logits[:, -1] -= 10.0
     visual = torch.rand(4, 6, 4, 4)
-    visual[:, 1] += 95.0  # one channel ~95 above the rest after pooling: the others' softmax ~e^-95, denormal
-    visual.requires_grad_(True)
     audio = torch.randn(2, 2, 6)
+    if side == "visual":
+        visual[:, 1] += 95.0  # the other channels' softmax ~e^-95: denormal
+    else:
+        audio[..., 2] += 120.0  # the other channels' softmax underflows to 0
+    visual.requires_grad_(True)
+    audio.requires_grad_(True)
     valid = torch.ones(2, 2, dtype=torch.bool)
     loss = avm_loss(logits, [(0, visual, audio)], [0], variant, valid=valid)
-    (g,) = torch.autograd.grad(loss, [visual])
-    assert torch.isfinite(loss) and torch.isfinite(g).all() and g.abs().sum() > 0
+    grads = torch.autograd.grad(loss, [visual, audio])
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads) and grads[0].abs().sum() > 0
     # the reference's formula: the same loss, a NaN gradient
-    v2 = visual.detach().clone().requires_grad_(True)
+    v2, a2 = visual.detach().clone().requires_grad_(True), audio.detach().clone().requires_grad_(True)
+    bg = 0 if variant == "avss" else k - 1
     mask = (torch.sigmoid(F.adaptive_avg_pool2d(logits, (4, 4))) if variant == "ms3"
-            else F.adaptive_avg_pool2d((logits.softmax(1).argmax(1, keepdim=True) != (0 if variant == "avss" else k - 1)).float(), (4, 4)))
+            else F.adaptive_avg_pool2d((logits.softmax(1).argmax(1, keepdim=True) != bg).float(), (4, 4)))
     pooled = (v2 * mask).mean(-1).mean(-1)
-    kl = F.kl_div(pooled.softmax(dim=-1).log(), audio.reshape(-1, 6).softmax(-1), reduction="none").sum(-1)
+    kl = F.kl_div(pooled.softmax(dim=-1).log(), a2.reshape(-1, 6).softmax(-1), reduction="none").sum(-1)
     ref = kl.sum() if variant == "ms3" else kl.mean()
-    (g_ref,) = torch.autograd.grad(ref, [v2])
-    assert ref.item() == pytest.approx(loss.item(), rel=1e-5) and not torch.isfinite(g_ref).all()
+    ref_grads = torch.autograd.grad(ref, [v2, a2])
+    assert ref.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert not all(torch.isfinite(g).all() for g in ref_grads)
 
 
 def test_avm_avss_mask_passes_no_gradient_to_the_logits():
