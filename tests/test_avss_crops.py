@@ -164,6 +164,7 @@ def test_two_process_ddp_run_with_the_crop_branch(avss_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny_avss", "--shards", str(avss_shards),
            "--run-dir", str(run_dir), "--nproc", "2", "model.crop_branch=true", *ON,
+           "loss.avm=true",  # avss_seed's whole objective (tiny_avss trains without the AVM term)
            "data.image_size=32", "data.crop_size=48", "data.batch_videos=2", "data.num_workers=0",
            "train.max_steps=2", "train.log_every_steps=1", "train.image_every_steps=0", "train.eval_every_steps=0",
            "train.ckpt_every_steps=2", "train.audio_gap_eval=false"]
