@@ -34,7 +34,8 @@ clip's audio; `audio_gap = miou - miou_mismatched` and `f_mismatched`, with `mio
 (ClipAudioBank): among the first `per_length` clips (index order, over all ranks) of the same
 length (5 or 10 frames, so every existing frame gets a second of real audio), the first one in
 cyclic order from the clip's index whose labelled object classes share none with the clip's;
-when no such clip exists, any other clip of that length; the choice depends only on the split.
+when no such clip exists, any other clip of that length; a clip alone of its length takes a
+clip of the other length, cut or zero-padded to its frames; the choice depends only on the split.
 `audio_gap_per_class` (with `per_class`): {class name: iou_frame matched - mismatched} for the
 object classes present in the ground truth (background apart).
 
