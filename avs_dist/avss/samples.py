@@ -18,28 +18,12 @@ order), members:
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 
+from avs_dist.data.shards import encode_members, stack_members
+
 SUBSET = "avss"
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _image(arr: np.ndarray, fmt: str, quality: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    if fmt == "png":
-        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
-    else:
-        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def clip_meta(rec, clip: dict, split: str, index: int) -> dict:
@@ -55,31 +39,9 @@ def clip_meta(rec, clip: dict, split: str, index: int) -> dict:
 
 
 def encode_clip(clip: dict, meta: dict, image_format: str = "npy", jpeg_quality: int = 95) -> dict:
-    """Arrays + meta -> {"__key__", member: bytes} for one WebDataset sample."""
-    sample = {"__key__": f"{meta['index']:06d}"}
-    if image_format == "npy":
-        sample["frames.npy"] = _npy(clip["frames"])
-    else:
-        ext = "png" if image_format == "png" else "jpg"
-        for i, img in enumerate(clip["frames"]):
-            sample[f"frame{i}.{ext}"] = _image(img, image_format, jpeg_quality)
-    sample["masks.npy"] = _npy(clip["masks"].astype(np.uint8))
-    sample["audio.npy"] = _npy(clip["audio"].astype(np.float32))
-    sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
-    return sample
-
-
-def _frames(raw: dict, n: int) -> np.ndarray:
-    if "frames.npy" in raw:
-        return np.load(io.BytesIO(raw["frames.npy"]), allow_pickle=False)
-    from PIL import Image
-
-    ext = "png" if "frame0.png" in raw else "jpg"
-    out = []
-    for i in range(n):
-        with Image.open(io.BytesIO(raw[f"frame{i}.{ext}"])) as im:
-            out.append(np.asarray(im.convert("RGB")))
-    return np.stack(out)
+    """Arrays + meta -> {"__key__", member: bytes} for one WebDataset sample (data/shards.py:encode_members)."""
+    return encode_members(meta["index"], {"frame": clip["frames"]}, clip["masks"], clip["audio"], meta,
+                          image_format, jpeg_quality)
 
 
 def decode_clip(raw: dict, meta: dict) -> dict:
@@ -91,7 +53,7 @@ def decode_clip(raw: dict, meta: dict) -> dict:
     mask_source, audio_examples. Raises KeyError for a missing member or key."""
     n = int(meta["num_frames"])
     video = {
-        "frames": _frames(raw, n),
+        "frames": stack_members(raw, "frame", n),
         "masks": np.load(io.BytesIO(raw["masks.npy"]), allow_pickle=False),
         "mask_frames": np.asarray(meta["mask_frames"], dtype=np.int64),
         "audio": np.load(io.BytesIO(raw["audio.npy"]), allow_pickle=False),

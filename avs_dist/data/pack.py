@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
@@ -64,7 +63,7 @@ from avs_dist.avss.samples import clip_meta, encode_clip
 from avs_dist.data.classes import S4_CLASSES, class_index
 from avs_dist.data.layout import FRAMES_PER_VIDEO, SPLITS, SUBSET_DIRS, LayoutError, VideoRecord, read_subset, subset_root
 from avs_dist.data.masks import stored_mask
-from avs_dist.data.shards import MANIFEST, SCHEMA_VERSION
+from avs_dist.data.shards import MANIFEST, SCHEMA_VERSION, encode_members
 from avs_dist.errors import UserError
 from avs_dist.fileio import fsync_dir, sha256_file, write_text_atomic
 
@@ -226,35 +225,10 @@ def load_video(rec: VideoRecord, opts: PackOptions, csv_path: Path | str = "meta
 # ----------------------------------------------------------------------------- encoding
 
 
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _image(arr: np.ndarray, fmt: str, quality: int) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "png":
-        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
-    else:
-        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def encode_sample(video: dict, meta: dict, opts: PackOptions) -> dict:
-    """Arrays + meta -> {"__key__", suffix: bytes} for one WebDataset sample."""
-    sample = {"__key__": f"{meta['index']:06d}"}
-    for name, stack in (("frame", video["frames"]), ("crop", video["crops"])):
-        if opts.image_format == "npy":
-            sample[f"{name}s.npy"] = _npy(stack)
-        else:
-            ext = "png" if opts.image_format == "png" else "jpg"
-            for i, img in enumerate(stack):
-                sample[f"{name}{i}.{ext}"] = _image(img, opts.image_format, opts.jpeg_quality)
-    sample["masks.npy"] = _npy(video["masks"].astype(np.uint8))
-    sample["audio.npy"] = _npy(video["audio"].astype(np.float32))
-    sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
-    return sample
+    """Arrays + meta -> {"__key__", suffix: bytes} for one WebDataset sample (data/shards.py:encode_members)."""
+    return encode_members(meta["index"], {"frame": video["frames"], "crop": video["crops"]}, video["masks"],
+                          video["audio"], meta, opts.image_format, opts.jpeg_quality)
 
 
 class _HashingWriter:

@@ -155,6 +155,47 @@ def verify_shards(shard_dir: str | Path) -> dict:
     return {"ok": not problems, "checked": checked, "problems": problems, "extra": extra}
 
 
+# ----------------------------------------------------------------------------- encoding
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _image_bytes(arr: np.ndarray, fmt: str, quality: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    else:
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_members(index: int, stacks: dict, masks: np.ndarray, audio: np.ndarray, meta: dict,
+                   image_format: str = "npy", jpeg_quality: int = 95) -> dict:
+    """One WebDataset sample {"__key__": index as 6 digits, member: bytes}, the members
+    decode_sample reads: each image stack {name: uint8 [N,H,W,3]} as `{name}s.npy` (image_format
+    "npy") or `{name}0.png` .. (`png`) / `.jpg` (`jpeg`, at jpeg_quality); masks as uint8 and
+    audio as float32 `.npy`; meta as sorted-key `meta.json`. S4 / MS3 (data/pack.py) and AVSS
+    clips (avss/samples.py) are written by this one function."""
+    sample = {"__key__": f"{index:06d}"}
+    for name, stack in stacks.items():
+        if image_format == "npy":
+            sample[f"{name}s.npy"] = _npy_bytes(stack)
+        else:
+            ext = "png" if image_format == "png" else "jpg"
+            for i, img in enumerate(stack):
+                sample[f"{name}{i}.{ext}"] = _image_bytes(img, image_format, jpeg_quality)
+    sample["masks.npy"] = _npy_bytes(masks.astype(np.uint8))
+    sample["audio.npy"] = _npy_bytes(audio.astype(np.float32))
+    sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+    return sample
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -169,12 +210,14 @@ def _image(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _stack(raw: dict, name: str) -> np.ndarray:
+def stack_members(raw: dict, name: str, count: int = FRAMES_PER_VIDEO) -> np.ndarray:
+    """The image stack `name` of a raw sample, uint8 [count,H,W,3], as encode_members wrote it
+    (`{name}s.npy`, or `count` PNG / JPEG members). ShardError when it has none."""
     if f"{name}s.npy" in raw:
         return _npy(raw[f"{name}s.npy"])
     for ext in ("png", "jpg"):
         if f"{name}0.{ext}" in raw:
-            return np.stack([_image(raw[f"{name}{i}.{ext}"]) for i in range(FRAMES_PER_VIDEO)])
+            return np.stack([_image(raw[f"{name}{i}.{ext}"]) for i in range(count)])
     raise ShardError(f"{raw.get('__url__')}: sample {raw.get('__key__')} has no {name}s")
 
 
@@ -191,8 +234,8 @@ def decode_sample(raw: dict, crops: bool = True) -> dict:
 
             return decode_clip(raw, meta)
         video = {
-            "frames": _stack(raw, "frame"),
-            **({"crops": _stack(raw, "crop")} if crops else {}),
+            "frames": stack_members(raw, "frame"),
+            **({"crops": stack_members(raw, "crop")} if crops else {}),
             "masks": _npy(raw["masks.npy"]),
             "mask_frames": np.asarray(meta["mask_frames"], dtype=np.int64),
             "audio": _npy(raw["audio.npy"]),
