@@ -180,6 +180,39 @@ def segment(model, frames: torch.Tensor, audio: torch.Tensor, frame_exists: torc
     return (out["logits"] if isinstance(out, dict) else out).float()
 
 
+class FirstPerKey:
+    """Per key, the (index, value) entries of the `k` smallest indices added, in index order.
+
+    The partner banks of the audio gap (AudioBank here, avss/evaluation.py:ClipAudioBank) keep
+    the first videos / clips of the split per class or length with it: `gather` merges the
+    ranks' entries (all_gather_object; every rank of `group` calls it), so what is kept does not
+    depend on how the split was shared out over ranks and batches."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.entries: dict = {}
+
+    def add(self, key, index: int, value) -> None:
+        kept = self.entries.setdefault(key, [])
+        if len(kept) < self.k or index < kept[-1][0]:
+            kept.append((index, value))
+            kept.sort(key=lambda e: e[0])
+            del kept[self.k:]
+
+    def gather(self, group=None) -> None:
+        if dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size(group)
+            dist.all_gather_object(parts, self.entries, group=group)
+            self.entries = {}
+            for part in parts:
+                for key, kept in part.items():
+                    for index, value in kept:
+                        self.add(key, index, value)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.entries.values())
+
+
 class AudioBank:
     """Partner audio for the mismatched pass, the same on every rank and for every batching.
 
@@ -192,29 +225,19 @@ class AudioBank:
     """
 
     def __init__(self, per_class: int = 4):
-        self.per_class = per_class
-        self.entries: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.kept = FirstPerKey(per_class)  # label -> [(video index, audio on the CPU)]
         self.audio = None  # [M,T,...] on the device after freeze()
         self.rows: dict[int, list[tuple[int, int]]] = {}  # label -> [(video index, row of self.audio)]
 
     def add(self, audio: torch.Tensor, labels: list[int], indices: list[int]) -> None:
         for a, label, index in zip(audio, labels, indices):
-            kept = self.entries.setdefault(int(label), [])
-            if len(kept) < self.per_class or index < kept[-1][0]:
-                kept.append((int(index), a.detach().to("cpu", copy=True)))
-                kept.sort(key=lambda e: e[0])
-                del kept[self.per_class:]
+            self.kept.add(int(label), int(index), a.detach().to("cpu", copy=True))
 
     def freeze(self, device, group=None) -> int:
         """Merge the ranks' entries, move them to `device`; returns how many videos it holds."""
-        if dist.is_available() and dist.is_initialized():
-            parts = [None] * dist.get_world_size(group)
-            dist.all_gather_object(parts, self.entries, group=group)
-            self.entries = {}
-            for part in parts:
-                for label, kept in part.items():
-                    self.add(torch.stack([a for _, a in kept]), [label] * len(kept), [i for i, _ in kept])
-        flat = [(label, index, a) for label in sorted(self.entries) for index, a in self.entries[label]]
+        self.kept.gather(group)
+        entries = self.kept.entries
+        flat = [(label, index, a) for label in sorted(entries) for index, a in entries[label]]
         self.rows = {}
         for row, (label, index, _) in enumerate(flat):
             self.rows.setdefault(label, []).append((index, row))

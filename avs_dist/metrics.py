@@ -144,6 +144,15 @@ def avsbench_fscore(logits: torch.Tensor, masks: torch.Tensor) -> float:
 _PER_FRAME = ("inter", "union", "bg", "gt", "npix", "tp", "pred")
 
 
+def refuse_duplicates(index: torch.Tensor, what: str = "videos") -> None:
+    """ValueError naming the first indices that occur more than once in `index` (int64 [N],
+    sorted): each video or clip of a split must be evaluated by exactly one rank, once."""
+    dup = index[1:][index[1:] == index[:-1]].unique()
+    if dup.numel():
+        raise ValueError(f"{what} with index {dup.tolist()[:10]} were evaluated more than once (a padded "
+                         f"sampler or overlapping rank shards); each must be evaluated exactly once")
+
+
 class StreamingEvaluator:
     """Accumulates per-frame statistics batch by batch; ``result`` gathers and regroups them.
 
@@ -207,12 +216,7 @@ class StreamingEvaluator:
             stats = local
         order = torch.argsort(stats["index"], stable=True)
         stats = {k: v[order] for k, v in stats.items()}
-        index = stats["index"]
-        dup = index[1:][index[1:] == index[:-1]].unique()
-        if dup.numel():
-            raise ValueError(f"videos with index {dup.tolist()[:10]} were evaluated more than once "
-                             "(a padded sampler or overlapping rank shards); each video must be "
-                             "evaluated exactly once")
+        refuse_duplicates(stats["index"], "videos")
         return stats
 
     def result(self, group=None) -> dict:

@@ -50,6 +50,8 @@ import torch.distributed as dist
 from avs_dist.avss.batches import reference_padding
 from avs_dist.avss.classes import AVSS_CLASSES, BACKGROUND, NUM_CLASSES
 from avs_dist.avss.metrics import SemanticEvaluator
+from avs_dist.evaluation import FirstPerKey
+from avs_dist.metrics import refuse_duplicates
 
 HEADLINE = {"miou": "miou_frame_all71", "f": "f_frame_all71"}  # headline key -> the figure it is
 # The result's first keys, in this order (the rest follow in summarize's order).
@@ -91,44 +93,30 @@ class ClipAudioBank:
     """
 
     def __init__(self, per_length: int = 8):
-        self.per_length = per_length
-        self.entries: dict[int, list[tuple[int, frozenset, torch.Tensor]]] = {}
+        self.kept = FirstPerKey(per_length)  # length -> [(clip index, (classes, audio on the CPU))]
 
     def add(self, batch: dict) -> None:
         lengths, classes = clip_lengths(batch), clip_classes(batch)
         for a, n, cls, index in zip(batch["audio"], lengths.tolist(), classes, batch["index"].tolist()):
-            self._keep(n, int(index), cls, a[:n].detach().to("cpu", copy=True))
-
-    def _keep(self, n: int, index: int, cls: frozenset, audio: torch.Tensor) -> None:
-        kept = self.entries.setdefault(n, [])
-        if len(kept) < self.per_length or index < kept[-1][0]:
-            kept.append((index, cls, audio))
-            kept.sort(key=lambda e: e[0])
-            del kept[self.per_length:]
+            self.kept.add(n, int(index), (cls, a[:n].detach().to("cpu", copy=True)))
 
     def freeze(self, group=None) -> int:
         """Merge the ranks' entries (every rank of `group` must call it); returns the clips held."""
-        if dist.is_available() and dist.is_initialized():
-            parts = [None] * dist.get_world_size(group)
-            dist.all_gather_object(parts, self.entries, group=group)
-            self.entries = {}
-            for part in parts:
-                for n, kept in part.items():
-                    for index, cls, audio in kept:
-                        self._keep(n, index, cls, audio)
-        return sum(len(v) for v in self.entries.values())
+        self.kept.gather(group)
+        return len(self.kept)
 
     def partner(self, n: int, index: int, cls: frozenset) -> tuple[int, torch.Tensor]:
         """(partner index, its audio [m,1,96,64]) for clip `index` of `n` frames and classes `cls`."""
-        same = [e for e in self.entries.get(n, []) if e[0] != index]
+        entries = self.kept.entries
+        same = [e for e in entries.get(n, []) if e[0] != index]
         if not same:  # the only clip of its length: another length, cut or zero-padded by the caller
-            same = [e for m in sorted(self.entries) for e in self.entries[m] if e[0] != index]
+            same = [e for m in sorted(entries) for e in entries[m] if e[0] != index]
         if not same:
             raise ValueError("the audio gap needs at least two clips")
         start = index % len(same)
         cyclic = same[start:] + same[:start]
-        chosen = next((e for e in cyclic if not (e[1] & cls)), cyclic[0])
-        return chosen[0], chosen[2]
+        chosen_index, (_, audio) = next((e for e in cyclic if not (e[1][0] & cls)), cyclic[0])
+        return chosen_index, audio
 
     def partner_audio(self, batch: dict, device) -> torch.Tensor:
         """float32 [B,T,1,96,64] on `device`: each clip's partner audio in its existing seconds, zeros after."""
@@ -158,11 +146,7 @@ def _check_once(indices: list[int], group) -> int:
         parts = [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, indices, group=group)
         indices = [i for p in parts for i in p]
-    seen = torch.as_tensor(sorted(indices), dtype=torch.int64)
-    dup = seen[1:][seen[1:] == seen[:-1]].unique()
-    if dup.numel():
-        raise ValueError(f"clips with index {dup.tolist()[:10]} were evaluated more than once (a padded sampler "
-                         "or overlapping rank shards); each clip must be evaluated exactly once")
+    refuse_duplicates(torch.as_tensor(sorted(indices), dtype=torch.int64), "clips")
     return len(indices)
 
 
