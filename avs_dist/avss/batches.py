@@ -42,6 +42,13 @@ def _padded(arr: np.ndarray, frames: int) -> np.ndarray:
     return out
 
 
+def _zero_missing(frames: torch.Tensor, exists: torch.Tensor) -> torch.Tensor:
+    """Normalised frames [B,T,3,H,W] with the padded ones (exists [B,T] False) set to 0.0, as the
+    reference's torch.zeros padding, in place."""
+    b, t = exists.shape
+    return frames.mul_(exists.view(b, t, 1, 1, 1).to(frames.dtype))
+
+
 def collate_clips(clips: list[dict], image_size: int, normalize: bool = True) -> dict:
     """Decoded AVSS clips, each with "hflip" -> one batch (module docstring).
 
@@ -75,7 +82,7 @@ def collate_clips(clips: list[dict], image_size: int, normalize: bool = True) ->
     exists_t = torch.from_numpy(exists)
     images = stack_images(frames, image_size, normalize)
     if normalize:
-        images.mul_(exists_t.view(B, T, 1, 1, 1).to(images.dtype))  # padded frames are 0.0, as the reference's
+        _zero_missing(images, exists_t)
     return {
         "frames": images,
         "masks": mask_out,
@@ -97,9 +104,7 @@ def finish(batch: dict) -> dict:
     -> the contract: frames normalised with the padded frames 0.0, masks int64. In place."""
     exists = batch["frame_exists"]
     if batch["frames"].dtype == torch.uint8:
-        frames = normalize_uint8(batch["frames"])
-        b, t = exists.shape
-        batch["frames"] = frames.mul_(exists.view(b, t, 1, 1, 1).to(frames.dtype))
+        batch["frames"] = _zero_missing(normalize_uint8(batch["frames"]), exists)
     if batch["masks"].dtype != torch.int64:
         batch["masks"] = batch["masks"].long()
     return batch

@@ -64,6 +64,7 @@ when the stored size differs from the configured one; masks with nearest.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -129,19 +130,21 @@ class TrainOrder:
         lengths = clip_frames(entries, manifest)
         return cls(refs, seed, global_batch, hflip, lengths, bucket and lengths is not None)
 
-    def _buckets(self) -> list[int] | None:
-        """The distinct clip lengths when the order is bucketed (two or more), else None."""
+    # Derived once per order (the loader asks per micro-batch); a cached_property writes the
+    # instance __dict__ directly, which a frozen dataclass allows.
+    @functools.cached_property
+    def _buckets(self) -> dict[int, int] | None:
+        """{clip length: clips} when the order is bucketed and has two or more lengths, else None."""
         if not self.bucket or self.lengths is None:
             return None
-        lengths = sorted(set(self.lengths))
-        return lengths if len(lengths) > 1 else None
+        counts = dict(sorted(collections.Counter(self.lengths).items()))
+        return counts if len(counts) > 1 else None
 
-    @property
+    @functools.cached_property
     def steps_per_epoch(self) -> int:
-        buckets = self._buckets()
-        if buckets is None:
+        if self._buckets is None:
             return math.ceil(len(self.refs) / self.global_batch)
-        return sum(math.ceil(self.lengths.count(n) / self.global_batch) for n in buckets)
+        return sum(math.ceil(count / self.global_batch) for count in self._buckets.values())
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(video index, flip) per position 0 .. S*G-1 of `epoch`."""
@@ -150,7 +153,7 @@ class TrainOrder:
         order = np.random.default_rng([self.seed, epoch, 0]).permutation(n)
         flips = (np.random.default_rng([self.seed, epoch, 3]).random(length) < 0.5 if self.hflip
                  else np.zeros(length, dtype=bool))
-        buckets = self._buckets()
+        buckets = self._buckets
         if buckets is None:
             return order[np.arange(length) % n], flips
         lengths = np.asarray(self.lengths)[order]
