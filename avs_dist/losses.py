@@ -5,7 +5,7 @@ and AVSS variants), and the seed's three crop-branch terms.
 (bce, ce, avm, crop_ce, crop_pair, crop_audio) to its UNWEIGHTED value, not detached; `total` is
 the sum of weight * term. Everything is a masked mean over tensors: no boolean indexing or
 .item(), so no host synchronisation in the losses (an AVSS crop branch synchronises in the
-model, where avss/objects.py:object_boxes checks the class range and counts its objects: a few
+model, where avss/objects.py:object_boxes checks the class range and counts its objects: two
 syncs per step; models/system.py).
 
 The crop terms have two forms. S4 (the seed's): 5 packed crops per video of its one sounding

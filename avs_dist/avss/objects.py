@@ -38,14 +38,15 @@ def object_boxes(masks: torch.Tensor, valid: torch.Tensor, classes: int) -> Obje
     """masks int64 [B, T, H, W] class indices 0..classes-1 (0 = background), valid bool [B, T]
     (the frame is labelled) -> one ObjectBoxes entry per (clip, labelled frame, class > 0 present).
 
-    One pass over the pixels (scatter_reduce of their coordinates per (frame, class)), then one
-    host synchronisation for the number of objects. ValueError for a class index out of range."""
+    One pass over the pixels (scatter_reduce of their coordinates per (frame, class); a (frame,
+    class) is present where its max x was set) and two host synchronisations: the class range
+    check and the number of objects. ValueError for a class index out of range."""
     if masks.dim() != 4 or tuple(valid.shape) != tuple(masks.shape[:2]):
         raise ValueError(f"object_boxes: masks must be [B, T, H, W] and valid [B, T], got "
                          f"{tuple(masks.shape)} and {tuple(valid.shape)}")
     b, t, h, w = masks.shape
     flat = masks.reshape(b * t, h * w).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= classes):
+    if flat.numel() and bool((flat.min() < 0) | (flat.max() >= classes)):  # one sync; the message only on failure
         raise ValueError(f"object_boxes: class indices must be in 0..{classes - 1}, got "
                          f"{int(flat.min())}..{int(flat.max())}")
     dev = masks.device
@@ -59,8 +60,7 @@ def object_boxes(masks: torch.Tensor, valid: torch.Tensor, classes: int) -> Obje
 
     x0, x1 = reduce(xs, "amin", w), reduce(xs, "amax", -1)
     y0, y1 = reduce(ys, "amin", h), reduce(ys, "amax", -1)
-    counts = torch.bincount(key, minlength=n).reshape(b * t, classes)
-    present = (counts > 0) & valid.reshape(-1, 1).to(dev)
+    present = (x1 >= 0).reshape(b * t, classes) & valid.reshape(-1, 1).to(dev)
     present[:, 0] = False  # background is no object
     idx = present.reshape(-1).nonzero().squeeze(1)  # (frame, class) order: clip, frame, class
     bt, cls = idx // classes, idx % classes

@@ -124,7 +124,7 @@ class AVSSystem(nn.Module):
         """frames [B, T, 3, H, W], masks int64 [B, T, H, W] class indices < model.mask_classes,
         mask_valid bool [B, T] -> (the N objects: one per labelled frame and class > 0 present,
         ordered by clip, frame, class; their crops [N, 3, crop_size, crop_size] in frames'
-        dtype, no gradient to the frames). A few host synchronisations (object_boxes: the class range, the objects' count).
+        dtype, no gradient to the frames). Two host synchronisations (object_boxes: the class range, the objects' count).
         ValueError when the masks do not cover the frames' pixels."""
         if masks.shape != (*frames.shape[:2], *frames.shape[-2:]) or mask_valid is None:
             raise ValueError(f"AVSS object crops need masks [B, T, H, W] = {(*frames.shape[:2], *frames.shape[-2:])} "
