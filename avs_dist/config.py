@@ -451,6 +451,7 @@ def _mask_head_problems(cfg: Config) -> list[str]:
 #            order) stays the checkpoint's, else refused; the elastic path is this rule
 #   shards:  applied when the train shards are the same files (the manifest's sha256s), else refused
 #   ddp:     applied under DDP, refused under ZeRO
+#   avss:    refused for AVSBench-semantic (clips of 5 and 10 frames), applied for S4 / MS3 (it has no effect)
 #   refused: the run stops before any process starts, naming the key, both values and what to do
 # launch/args.py check_run refuses; train/session.py checks again, applies, and prints one line per change.
 RESUME_RULES: dict[str, tuple[str, str]] = {
@@ -461,7 +462,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "data.global_batch_videos": ("batch", "the global batch"),
     "data.batch_videos": ("batch", "the global batch"),
     "data.eval_batch_videos": ("applied", "evaluation only"),
-    "data.avss_batching": ("refused", "it fixes which clips share a global batch (the data order)"),
+    "data.avss_batching": ("avss", "it fixes which clips share a global batch (the data order)"),
     "data.num_workers": ("applied", "the data order does not depend on the loader processes"),
     "data.prefetch_factor": ("applied", "the data order does not depend on the loader processes"),
     "model": ("refused", "the checkpoint's weights are those of its model"),
@@ -533,7 +534,8 @@ def resume_changes(saved: Config, cfg: Config, global_batches: tuple[int, int],
         kind, why = resume_rule(key)
         facts = {"batch": (batch_ok, f"the global batch stays {global_batches[1]} videos per step"),
                  "shards": (same_shards is not False, "the same train shards, by sha256"),
-                 "ddp": (cfg.train.strategy == "ddp", "under DDP")}
+                 "ddp": (cfg.train.strategy == "ddp", "under DDP"),
+                 "avss": (cfg.subset != "avss", f"{cfg.subset} clips all have 5 frames: the order does not depend on it")}
         fact = ""
         if kind in facts:
             ok, fact = facts[kind]

@@ -23,7 +23,7 @@ def _keys(obj, prefix=""):
 
 
 def test_every_config_key_has_a_rule():
-    kinds = {"applied", "refused", "batch", "shards", "ddp"}
+    kinds = {"applied", "refused", "batch", "shards", "ddp", "avss"}
     for key in _keys(Config()):
         kind, why = resume_rule(key)
         assert kind in kinds and why, key
@@ -77,6 +77,18 @@ def test_precision_applies_under_ddp_only_and_shards_by_content():
         'resume: data.shards "shards" -> "/elsewhere" (applied: the same train shards, by sha256)')
     with pytest.raises(ConfigError, match="data.shards is"):
         resume_changes(ddp, moved, (16, 16), False)
+
+
+def test_avss_batching_is_refused_for_avss_only():
+    """It fixes which AVSS clips share a global batch; S4 / MS3 clips all have 5 frames."""
+    for mode in ("pad", "bucket"):
+        other = "bucket" if mode == "pad" else "pad"
+        with pytest.raises(ConfigError, match="data.avss_batching is"):
+            resume_changes(load_config("tiny_avss", [f"data.avss_batching={mode}"]),
+                           load_config("tiny_avss", [f"data.avss_batching={other}"]), (8, 8), True)
+    change = resume_changes(load_config("tiny"), load_config("tiny", ["data.avss_batching=pad"]), (16, 16), True)
+    assert [c.line() for c in change] == ['resume: data.avss_batching "bucket" -> "pad" (applied: s4 clips all have 5 '
+                                          'frames: the order does not depend on it)']
 
 
 def _checkpoint(run_dir, cfg, step=4, world_size=2, manifest=None):
