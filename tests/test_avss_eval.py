@@ -12,6 +12,7 @@ from torch import nn
 
 from avs_dist.avss.classes import AVSS_CLASSES, NUM_CLASSES
 from avs_dist.avss.evaluation import ClipAudioBank
+from helpers import write_random_checkpoint
 from avs_dist.avss.metrics import SemanticEvaluator
 from avs_dist.evaluation import evaluate, segment
 
@@ -253,17 +254,10 @@ def _clip_batches(shard_dir, split):
 
 def test_eval_cli_on_an_avss_checkpoint(avss_shards, tmp_path, capsys):
     """The real eval loader (bucketed AVSS batches, 5 and 10 frames) under `avs-dist eval`."""
-    from avs_dist.config import load_config, to_dict
     from avs_dist.evaluate import main
-    from avs_dist.models.system import build_model
-    from avs_dist.train import checkpoint as ckpt
 
-    torch.manual_seed(0)
-    cfg = load_config("tiny_avss", [f"data.image_size={PACKED}", f"data.shards={avss_shards}"])
-    folder = tmp_path / "run" / "checkpoints" / "step_00000000"
-    folder.mkdir(parents=True)
-    ckpt.write_model_folder(folder, build_model(cfg.model, load_weights=False).state_dict(), to_dict(cfg), 0, 0, {})
-    ckpt.write_complete(folder, {"step": 0, "epoch": 0})
+    folder = write_random_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000000", "tiny_avss",
+                                     [f"data.image_size={PACKED}", f"data.shards={avss_shards}"])
     out = tmp_path / "eval.json"
     assert main(["--checkpoint", str(folder), "--shards", str(avss_shards), "--split", "test", "--out", str(out),
                  "--device", "cpu"]) == 0

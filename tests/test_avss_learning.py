@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from procs import run_session
+from helpers import videos_per_step
 
 pytestmark = pytest.mark.slow
 
@@ -56,13 +56,7 @@ def _train(shards, run_dir, nproc, steps, *extra, timeout=900):
     return out
 
 
-def _clips_per_step(run_dir) -> dict[int, list[str]]:
-    steps: dict[int, list[str]] = {}
-    for path in sorted((Path(run_dir) / "videos").glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            steps.setdefault(row["step"], []).extend(row["names"])
-    return {k: sorted(v) for k, v in sorted(steps.items())}
+
 
 
 def _planned(shards, steps, seed) -> tuple[dict[int, list[str]], dict[int, int]]:
@@ -110,7 +104,7 @@ def test_tiny_avss_learns_under_ddp_and_resumes_on_another_world_size(shards, tm
     assert "written by 2 ranks, this run has 1" in out and "resumed from" in out
 
     planned, frames = _planned(shards, STEPS, seed=123)  # tiny_avss's train.seed
-    assert _clips_per_step(run_dir) == planned  # every step's clips, across the resume
+    assert videos_per_step(run_dir) == planned  # every step's clips, across the resume
     assert {frames[s] for s in planned} >= {40, 80}  # global batches of 5-frame and of 10-frame clips
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and not any(r["skipped"] for r in rows)

@@ -14,7 +14,7 @@ from avs_dist.avss.metrics import SemanticEvaluator, batch_state, padding_state
 from avs_dist.config import ConfigError, DataConfig
 from avs_dist.data.loader import TrainOrder, TrainStream, collate, eval_loader, to_device, train_loader
 from avs_dist.data.shards import ShardError, iter_videos, read_manifest
-from avs_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from helpers import uint8_frames
 
 G = 6  # splits over 1, 2 and 3 ranks
 MODES = ("bucket", "pad")
@@ -26,13 +26,7 @@ def _cfg(mode, **kw):
     return DataConfig(**{**base, **kw})
 
 
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    """Normalised [...,3,H,W] -> uint8 [...,H,W,3]."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    y = (x * std + mean) * 255.0
-    assert (y - y.round()).abs().max() < 1e-3
-    return y.round().to(torch.uint8).movedim(-3, -1).numpy()
+
 
 
 def _lengths(shards, split="train"):
@@ -152,7 +146,7 @@ def test_batches_hold_the_shard_values(avss_shards):
             assert b["name"][i] == v["name"] and b["num_frames"][i] == n and b["set"][i] == v["set"]
             assert b["frame_exists"][i].tolist() == [t < n for t in range(T)]
             assert b["mask_valid"][i].tolist() == [t in v["mask_frames"].tolist() for t in range(T)]
-            np.testing.assert_array_equal(_uint8(b["frames"][i, :n]), frames)
+            np.testing.assert_array_equal(uint8_frames(b["frames"][i, :n]), frames)
             np.testing.assert_array_equal(b["masks"][i, v["mask_frames"]].numpy(), masks)
             assert not b["masks"][i, ~b["mask_valid"][i]].any()
             np.testing.assert_array_equal(b["audio"][i, :n, 0].numpy(), v["audio"])

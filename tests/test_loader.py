@@ -12,7 +12,7 @@ from avs_dist.config import ConfigError
 from avs_dist.data.masks import mask_targets
 from avs_dist.data.loader import TrainOrder, TrainStream, eval_loader, train_loader
 from avs_dist.data.shards import iter_videos, read_manifest
-from avs_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from helpers import uint8_frames
 
 WORLD = 2
 
@@ -23,13 +23,7 @@ def _cfg(**kw):
     return DataConfig(**{**base, **kw})
 
 
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    """Normalised [...,3,H,W] -> uint8 [...,H,W,3]."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    y = (x * std + mean) * 255.0
-    assert (y - y.round()).abs().max() < 1e-3
-    return y.round().to(torch.uint8).movedim(-3, -1).numpy()
+
 
 
 def _epoch(shards, cfg, seed=0, epoch=0, start_batch=0):
@@ -54,8 +48,8 @@ def test_eval_every_video_exactly_once(s4_shards, split):
     ref = {v["index"]: v for v in iter_videos(s4_shards, split)}
     b = next(iter(eval_loader(s4_shards, split, cfg, 1, WORLD)))
     for i, idx in enumerate(b["index"].tolist()):
-        np.testing.assert_array_equal(_uint8(b["frames"][i]), ref[idx]["frames"])
-        np.testing.assert_array_equal(_uint8(b["crops"][i]), ref[idx]["crops"])
+        np.testing.assert_array_equal(uint8_frames(b["frames"][i]), ref[idx]["frames"])
+        np.testing.assert_array_equal(uint8_frames(b["crops"][i]), ref[idx]["crops"])
         assert b["name"][i] == ref[idx]["name"] and b["label"][i] == ref[idx]["label"]
         np.testing.assert_array_equal(b["audio"][i, :, 0].numpy(), ref[idx]["audio"])
 
@@ -123,8 +117,8 @@ def test_flip_is_consistent(s4_shards):
                     flipped += 1
                 else:
                     unflipped += 1
-                np.testing.assert_array_equal(_uint8(b["frames"][i]), frames)
-                np.testing.assert_array_equal(_uint8(b["crops"][i]), crops)
+                np.testing.assert_array_equal(uint8_frames(b["frames"][i]), frames)
+                np.testing.assert_array_equal(uint8_frames(b["crops"][i]), crops)
                 np.testing.assert_array_equal(b["masks"][i, 0].numpy(), mask_targets(mask))
     assert flipped and unflipped
     cfg.hflip = False

@@ -4,26 +4,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from avs_dist.predict import PredictInputError, iter_inputs, main, overlay
+from helpers import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from avs_dist.config import load_config, to_dict
-    from avs_dist.models.system import build_model
-
-    torch.manual_seed(0)
-    cfg = load_config("tiny")
-    folder = tmp_path_factory.mktemp("ckpt") / "step_00000000"
-    folder.mkdir()
-    from avs_dist.train import checkpoint as ckpt
-
-    ckpt.write_model_folder(folder, build_model(cfg.model).state_dict(), to_dict(cfg), 0, 0, {})
-    ckpt.write_complete(folder, {"step": 0, "epoch": 0})
-    return folder
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "step_00000000")
 
 
 def _check_outputs(folder, name, size):

@@ -6,28 +6,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("imageio_ffmpeg")
 
 from avs_dist.cli import main  # noqa: E402
 from videos import make_clip  # noqa: E402
+from helpers import write_random_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from avs_dist.config import load_config, to_dict
-    from avs_dist.models.system import build_model
-    from avs_dist.train import checkpoint as ckpt
-
-    torch.manual_seed(0)
-    cfg = load_config("tiny")
-    folder = tmp_path_factory.mktemp("ckpt") / "step_00000000"
-    folder.mkdir()
-    ckpt.write_model_folder(folder, build_model(cfg.model).state_dict(), to_dict(cfg), 0, 0, {})
-    ckpt.write_complete(folder, {"step": 0, "epoch": 0})
-    return folder
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "step_00000000")
 
 
 def _run(checkpoint, out, *videos_and_flags):

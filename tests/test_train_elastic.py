@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from procs import run_session
+from helpers import videos_per_step
 from avs_dist.data.loader import TrainOrder
 
 pytestmark = pytest.mark.slow
@@ -35,13 +35,7 @@ def _train(shards, run_dir, nproc, steps, *extra):
     return out
 
 
-def _videos_per_step(run_dir) -> dict[int, list[str]]:
-    steps: dict[int, list[str]] = {}
-    for path in sorted((Path(run_dir) / "videos").glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            steps.setdefault(row["step"], []).extend(row["names"])
-    return {k: sorted(v) for k, v in sorted(steps.items())}
+
 
 
 def _planned(shards, steps) -> dict[int, list[str]]:
@@ -69,7 +63,7 @@ def test_resume_on_another_world_size(s4_shards, tmp_path, strategy):
     assert "written by 2 ranks, this run has 4" in out
     assert "resume: optim.lr 0.002 -> 0.001 (applied)" in out
 
-    assert _videos_per_step(run_dir) == _planned(s4_shards, 6)  # no video twice or skipped in any step
+    assert videos_per_step(run_dir) == _planned(s4_shards, 6)  # no video twice or skipped in any step
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
