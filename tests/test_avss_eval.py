@@ -15,6 +15,7 @@ from avs_dist.avss.evaluation import ClipAudioBank
 from helpers import write_random_checkpoint
 from avs_dist.avss.metrics import SemanticEvaluator
 from avs_dist.evaluation import evaluate, segment
+from avs_dist.distributed import free_port
 
 S = 8  # pixels per side
 
@@ -193,14 +194,6 @@ def test_segment_passes_frame_exists_to_the_real_model():
 
 # ---- two processes over gloo ----
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eval_worker(rank, world, port, out_dir):
     import os
 
@@ -222,7 +215,7 @@ def _eval_worker(rank, world, port, out_dir):
 def test_two_process_evaluation_equals_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_eval_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = evaluate(AudioClasses(), batches_of(make_clips(7), 3, pad_to=10), "cpu", per_class=True)
     assert expected["audio_gap"] > 0
     for rank in range(2):

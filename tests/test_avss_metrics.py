@@ -1,7 +1,6 @@
 """AVSS metrics: equal to a transcription of the reference, hand-computed cases, exact merging."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from avs_dist.avss.metrics import (
     semantic_metrics,
 )
 from avs_dist.avss.report import format_per_class
+from avs_dist.distributed import free_port
 
 T = 10  # frames per padded clip
 
@@ -404,12 +404,6 @@ def test_per_class_table():
 
 # ---- two processes over gloo ----
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reduce_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -430,7 +424,7 @@ def _reduce_worker(rank, world, port, out_dir):
 @pytest.mark.slow
 def test_two_process_all_reduce_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_reduce_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = semantic_metrics(*random_case(7, 31))
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == expected

@@ -1,11 +1,11 @@
 """AVSBench metrics: hand-computed cases, a loop re-implementation of the reference, streaming."""
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 
+from avs_dist.distributed import free_port
 from avs_dist.metrics import (
     NUM_THRESHOLDS,
     StreamingEvaluator,
@@ -356,12 +356,6 @@ def test_streaming_rejects_mismatched_sizes():
 
 # ---- two processes over gloo ----
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -384,7 +378,7 @@ def _gather_worker(rank, world, port, out_dir):
 @pytest.mark.slow
 def test_two_process_gather_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     logits, masks = random_case(9, seed=7)
     single = StreamingEvaluator(batch_videos=4)
     for lg, batch in _batches(logits, masks, list(range(9)), 4):
