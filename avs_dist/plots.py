@@ -225,12 +225,16 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path | None:
 
 def plot_eval(rows: list[dict], path: Path, title: str) -> Path | None:
     """val mIoU / F (and AVSBench mIoU) against the step; the test evaluations as points in
-    the colour of the same metric's val line, labelled with the weights they scored."""
+    the colour of the same metric's val line, labelled with the weights they scored. AVSS
+    results add the object classes' mIoU (`miou_frame_objects`): their `miou` is the mean over
+    all 71 classes, a few hundredths on a set of a few classes, where learning cannot be seen."""
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     styles = {"miou": ("-o", "*", 13), "miou_avsbench": ("--", "X", 9), "f": ("-s", "D", 7)}
+    if any("miou_frame_objects" in r for r in rows):
+        styles["miou_frame_objects"] = ("-^", "P", 11)
     for i, (key, (line, point, size)) in enumerate(styles.items()):
         steps, values = _series([r for r in rows if r.get("split") == "val"], key)
         if steps:
@@ -244,7 +248,7 @@ def plot_eval(rows: list[dict], path: Path, title: str) -> Path | None:
                     linestyle="none", label=f"test {key}{weights}")
     ax.set(xlabel="optimizer step", ylabel="score", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")  # a few evaluations: cheap to place where no curve is
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,14 +1,12 @@
 """The seed's crop branch on AVSBench-semantic: object crops cut in the training forward, the
-three crop terms on them, the no-object batch, and a 2-process DDP run of tiny_avss with it."""
+three crop terms on them, the no-object batch. The 2-process runs of tiny_avss with the branch
+(DDP and ZeRO-2, every term finite and equal) are in tests/test_avss_learning.py."""
 from __future__ import annotations
 
-import json
 import math
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from avs_dist.avss.objects import ObjectBoxes, crops_from_boxes, object_boxes
 from avs_dist.config import LossConfig, ModelConfig, load_config
@@ -16,7 +14,6 @@ from avs_dist.data.loader import train_loader
 from avs_dist.losses import (compute_losses, crop_audio_loss_objects, crop_ce_loss_objects, crop_pair_loss,
                              crop_pair_loss_objects, unreached_parameters)
 from avs_dist.models import build_model
-from procs import run_session
 
 K = 71
 CROP_TERMS = ("crop_ce", "crop_pair", "crop_audio")
@@ -157,23 +154,3 @@ def test_training_forward_without_masks_is_refused():
     model, batch = _model_and_empty_batch()
     with pytest.raises(ValueError, match="no crops were given"):
         model(batch["frames"], batch["audio"], None, batch["frame_exists"])
-
-
-@pytest.mark.slow  # two processes (tests/ convention: multi-process tests are `-m slow`)
-def test_two_process_ddp_run_with_the_crop_branch(avss_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "avs_dist.cli", "train", "--config", "tiny_avss", "--shards", str(avss_shards),
-           "--run-dir", str(run_dir), "--nproc", "2", "model.crop_branch=true", *ON,
-           "loss.avm=true",  # avss_seed's whole objective (tiny_avss trains without the AVM term)
-           "data.image_size=32", "data.crop_size=48", "data.batch_videos=2", "data.num_workers=0",
-           "train.max_steps=2", "train.log_every_steps=1", "train.image_every_steps=0", "train.eval_every_steps=0",
-           "train.ckpt_every_steps=2", "train.audio_gap_eval=false"]
-    code, log = run_session(cmd, timeout=300)
-    assert code == 0, log[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "crop_ce" in r]
-    assert [r["step"] for r in steps] == [1, 2], rows
-    for r in steps:
-        for key in ("total", "ce", "avm", *CROP_TERMS, "grad_norm"):
-            assert math.isfinite(r[key]), (r["step"], key, r[key])
-        assert r["crop_ce"] > 0
